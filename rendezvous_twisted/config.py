@@ -1,0 +1,91 @@
+"""
+Every limit and default of the server, in one place.
+
+The command line (L{rendezvous_twisted.tap}) and the C{.tac} file build a
+L{Config}; everything else receives one and never reads the environment or
+the command line itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+#: Where a newcomer's server listens when no C{--listen} is given.
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """
+    The server's limits, with their units in their names.
+
+    Invariants (checked on construction, so an impossible configuration
+    never starts):
+      - every count, size and duration is positive;
+      - the per-address cap on rendezvous is at most the global one, and the
+        per-rendezvous cap on parked readers at most the global one (a larger
+        local cap could never be reached);
+      - the poll timeout may exceed the TTL, but a parked reader is never
+        held past its rendezvous' expiry: the store caps each wait at the
+        time the rendezvous has left, and its expiry answers the reader.
+    """
+
+    #: Lifetime of a rendezvous, fixed at creation; writes do not extend it.
+    ttl_seconds: float = 60.0
+    #: Largest payload accepted on create and on write.
+    max_bytes: int = 10240
+    #: Longest time a GET with a matching If-None-Match is held.
+    poll_timeout_seconds: float = 20.0
+    #: Rendezvous alive at once, across the server.
+    max_rendezvous: int = 10000
+    #: Rendezvous alive at once that one client address created.
+    max_rendezvous_per_address: int = 32
+    #: Parked GETs across the server.
+    max_parked: int = 50000
+    #: Parked GETs on one rendezvous.
+    max_parked_per_rendezvous: int = 8
+    #: Longest Content-Type a writer may store, so that a header cannot
+    #: smuggle more bytes into memory than the payload limit admits.
+    max_content_type_bytes: int = 255
+    #: Base URL for Location (scheme, host and any path prefix); None means
+    #: the request's own scheme and Host.
+    public_url: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "ttl_seconds",
+            "max_bytes",
+            "poll_timeout_seconds",
+            "max_rendezvous",
+            "max_rendezvous_per_address",
+            "max_parked",
+            "max_parked_per_rendezvous",
+            "max_content_type_bytes",
+        ):
+            value = getattr(self, name)
+            # NaN fails every comparison, so "not > 0" also refuses it.
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+        if self.max_rendezvous_per_address > self.max_rendezvous:
+            raise ValueError("max_rendezvous_per_address must not exceed max_rendezvous")
+        if self.max_parked_per_rendezvous > self.max_parked:
+            raise ValueError("max_parked_per_rendezvous must not exceed max_parked")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(
+                    f"public_url must be an absolute http(s) URL, not {self.public_url!r}"
+                )
+            if parts.query or parts.fragment:
+                raise ValueError("public_url must not have a query or a fragment")
+
+    @property
+    def base_url(self) -> str | None:
+        """
+        The public URL with exactly one trailing slash, ready to have an id
+        appended, or None when Location follows each request's Host.
+        """
+        if self.public_url is None:
+            return None
+        return self.public_url.rstrip("/") + "/"

@@ -1,0 +1,47 @@
+"""
+The store's lifecycle as a Twisted service.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.store import RendezvousStore
+
+
+class StoreService(Service):
+    """
+    Owns a store for the life of the process: logs the limits it serves
+    with on start, and on stop answers every parked reader (304, so clients
+    poll again) before the process goes.
+
+    Put it first in its parent, so that it stops last, after the listeners.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: RendezvousStore, config: Config) -> None:
+        self.store = store
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.config
+        self.log.info(
+            "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
+            "{poll}s, {max_rendezvous} rendezvous ({per_address} per address), "
+            "{max_parked} parked readers ({per_rendezvous} per rendezvous)",
+            ttl=c.ttl_seconds,
+            max_bytes=c.max_bytes,
+            poll=c.poll_timeout_seconds,
+            max_rendezvous=c.max_rendezvous,
+            per_address=c.max_rendezvous_per_address,
+            max_parked=c.max_parked,
+            per_rendezvous=c.max_parked_per_rendezvous,
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.shutdown()

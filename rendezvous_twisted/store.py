@@ -1,0 +1,412 @@
+"""
+The core: rendezvous records, ETags, expiry, capacity and parked readers.
+
+Nothing here knows of HTTP.  Operations return Deferreds and fail with the
+domain errors below, so that a store kept elsewhere (Redis) can stand in for
+L{MemoryStore} behind the same L{RendezvousStore} interface.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from itertools import count
+from typing import Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from rendezvous_twisted.conditions import ANY, Condition
+from rendezvous_twisted.config import Config
+
+
+class RendezvousError(Exception):
+    """
+    A request the store refuses; the web layer maps each kind to a status.
+    """
+
+
+class NotFound(RendezvousError):
+    """
+    No such rendezvous: never created, deleted, or expired.
+    """
+
+
+class PreconditionFailed(RendezvousError):
+    """
+    C{If-Match} matched nothing current.  C{current} is what is stored, so
+    that the writer can be told its ETag and re-read.
+    """
+
+    def __init__(self, current: Version) -> None:
+        super().__init__("If-Match matches no current ETag")
+        self.current = current
+
+
+class TooLarge(RendezvousError):
+    """
+    The payload is over C{max_bytes}.
+    """
+
+
+class Full(RendezvousError):
+    """
+    A capacity limit is reached; nothing was evicted to make room.
+    C{retry_after_seconds} is when room is expected to free up.
+    """
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """
+    One payload of one rendezvous, as a write left it.  Immutable: a write
+    makes a new Version, so a reader holding one never sees it change.
+
+    Times are seconds since the epoch, on the store's clock.
+    """
+
+    rendezvous_id: str
+    body: bytes
+    content_type: bytes
+    #: Quoted, strong, unique to this rendezvous and this write.
+    etag: bytes
+    last_modified: float
+    expires: float
+
+
+class RendezvousStore(Protocol):
+    """
+    What the web layer needs of a store.  Every operation returns a
+    Deferred; the failures are the L{RendezvousError} subclasses named.
+    """
+
+    max_bytes: int
+
+    def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
+        """
+        Create a rendezvous holding C{body}, on behalf of client address
+        C{owner}.  Fails with L{TooLarge} or L{Full}.
+        """
+
+    def read(self, rendezvous_id: str) -> Deferred[Version]:
+        """
+        The current payload.  Fails with L{NotFound}.
+        """
+
+    def write(
+        self, rendezvous_id: str, body: bytes, content_type: bytes, if_match: Condition
+    ) -> Deferred[Version]:
+        """
+        Replace the payload if C{if_match} holds (strong comparison), as one
+        atomic step: of two writers racing with the same condition exactly
+        one wins.  Fails with L{NotFound}, L{PreconditionFailed} or
+        L{TooLarge}.
+        """
+
+    def delete(self, rendezvous_id: str) -> Deferred[None]:
+        """
+        Forget a rendezvous and answer its parked readers with L{NotFound}.
+        Fails with L{NotFound}.
+        """
+
+    def wait_for_change(
+        self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float
+    ) -> Deferred[Version]:
+        """
+        The first payload that C{if_none_match} does not match (weak
+        comparison).  If the current one does not match, it is returned at
+        once; otherwise the caller is parked until a write (the new
+        Version), a delete or expiry (L{NotFound}), or C{timeout_seconds}
+        or shutdown (the unchanged Version, which the caller tells apart by
+        matching it again).  A timeout of 0 never parks.  Cancelling the
+        Deferred drops the parked reader at once.  Fails at once with
+        L{NotFound}, or with L{Full} when too many readers are parked.
+        """
+
+    def shutdown(self) -> None:
+        """
+        Answer every parked reader with its unchanged Version, so that
+        clients poll again elsewhere, and park no one from then on.  Other
+        operations keep working until the process exits.
+        """
+
+
+class _Waiter:
+    """
+    One parked reader: its Deferred and its poll timer.
+    """
+
+    __slots__ = ("deferred", "timer", "deadline")
+
+    def __init__(self, deferred: Deferred[Version], deadline: float) -> None:
+        self.deferred = deferred
+        self.deadline = deadline
+        self.timer: IDelayedCall | None = None
+
+
+class _Record:
+    """
+    A live rendezvous: its current Version, owner and timers.
+    """
+
+    __slots__ = ("version", "owner", "expiry", "waiters")
+
+    def __init__(self, version: Version, owner: str, expiry: IDelayedCall) -> None:
+        self.version = version
+        self.owner = owner
+        self.expiry = expiry
+        # Insertion-ordered, so a wake answers readers in the order they came.
+        self.waiters: dict[_Waiter, None] = {}
+
+
+def _retry_after(seconds: float) -> int:
+    """
+    A Retry-After value: whole seconds, rounded up, at least one.
+    """
+    return max(1, math.ceil(seconds))
+
+
+class MemoryStore:
+    """
+    Rendezvous held in this process' memory: the default store.
+
+    All bookkeeping happens synchronously inside each call, so every
+    operation is atomic with respect to every other.  Memory is bounded by
+    the L{Config} caps; nothing is ever evicted to make room.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, clock: IReactorTime) -> None:
+        self._config = config
+        self._clock = clock
+        self.max_bytes = config.max_bytes
+        # Insertion order is creation order and the TTL is fixed, so the
+        # first record is always the next to expire.
+        self._records: dict[str, _Record] = {}
+        # owner -> ids it created, oldest first.
+        self._by_owner: dict[str, dict[str, None]] = {}
+        self._parked = 0
+        self._stopped = False
+        # A random prefix per store and a counter per write: ETags never
+        # repeat, whatever the bytes, and reveal nothing guessable.
+        self._etag_prefix = secrets.token_urlsafe(9).encode("ascii")
+        self._etag_serial = count(1)
+
+    # Introspection, for tests, metrics and logs.
+
+    @property
+    def rendezvous_count(self) -> int:
+        """
+        How many rendezvous are held, expired ones not yet reclaimed included.
+        """
+        return len(self._records)
+
+    @property
+    def parked_count(self) -> int:
+        """
+        How many readers are parked.
+        """
+        return self._parked
+
+    # The operations.
+
+    def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
+        if len(body) > self.max_bytes:
+            return fail(TooLarge())
+        now = self._clock.seconds()
+        mine = self._by_owner.get(owner)
+        if mine is not None and len(mine) >= self._config.max_rendezvous_per_address:
+            # Refuse on live rendezvous only: one whose timer is due but has
+            # not run yet must not count.  Only checked when at the cap.
+            for rendezvous_id in list(mine):
+                self._live(rendezvous_id)
+            mine = self._by_owner.get(owner)
+            if mine is not None and len(mine) >= self._config.max_rendezvous_per_address:
+                oldest = self._records[next(iter(mine))]
+                return fail(
+                    Full(
+                        "too many rendezvous from this address",
+                        _retry_after(oldest.version.expires - now),
+                    )
+                )
+        if len(self._records) >= self._config.max_rendezvous:
+            self._reclaim_expired(now)
+            if len(self._records) >= self._config.max_rendezvous:
+                oldest = next(iter(self._records.values()))
+                return fail(
+                    Full("the server is full", _retry_after(oldest.version.expires - now))
+                )
+        rendezvous_id = secrets.token_urlsafe(16)
+        while rendezvous_id in self._records:  # pragma: no cover - 2**-128
+            rendezvous_id = secrets.token_urlsafe(16)
+        ttl = self._config.ttl_seconds
+        version = Version(rendezvous_id, body, content_type, self._mint_etag(), now, now + ttl)
+        expiry = self._clock.callLater(ttl, self._expire, rendezvous_id)
+        self._records[rendezvous_id] = _Record(version, owner, expiry)
+        self._by_owner.setdefault(owner, {})[rendezvous_id] = None
+        return succeed(version)
+
+    def read(self, rendezvous_id: str) -> Deferred[Version]:
+        record = self._live(rendezvous_id)
+        if record is None:
+            return fail(NotFound())
+        return succeed(record.version)
+
+    def write(
+        self, rendezvous_id: str, body: bytes, content_type: bytes, if_match: Condition = ANY
+    ) -> Deferred[Version]:
+        record = self._live(rendezvous_id)
+        if record is None:
+            return fail(NotFound())
+        current = record.version
+        if not if_match.matches_strong(current.etag):
+            return fail(PreconditionFailed(current))
+        if len(body) > self.max_bytes:
+            return fail(TooLarge())
+        version = Version(
+            rendezvous_id,
+            body,
+            content_type,
+            self._mint_etag(),
+            self._clock.seconds(),
+            current.expires,
+        )
+        record.version = version
+        self._answer(record, version)
+        return succeed(version)
+
+    def delete(self, rendezvous_id: str) -> Deferred[None]:
+        record = self._live(rendezvous_id)
+        if record is None:
+            return fail(NotFound())
+        self._forget(rendezvous_id, record)
+        return succeed(None)
+
+    def wait_for_change(
+        self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float
+    ) -> Deferred[Version]:
+        record = self._live(rendezvous_id)
+        if record is None:
+            return fail(NotFound())
+        current = record.version
+        if (
+            not if_none_match.matches_weak(current.etag)
+            or timeout_seconds <= 0
+            or self._stopped
+        ):
+            return succeed(current)
+        if len(record.waiters) >= self._config.max_parked_per_rendezvous:
+            soonest = min(waiter.deadline for waiter in record.waiters)
+            return fail(
+                Full(
+                    "too many readers wait on this rendezvous",
+                    _retry_after(soonest - self._clock.seconds()),
+                )
+            )
+        if self._parked >= self._config.max_parked:
+            return fail(Full("too many readers wait on this server", 1))
+        return self._park(record, timeout_seconds)
+
+    def shutdown(self) -> None:
+        # Payloads stay readable until the process exits; only parking ends.
+        self._stopped = True
+        for record in self._records.values():
+            if record.expiry.active():
+                record.expiry.cancel()
+            self._answer(record, record.version)
+
+    # Parking.
+
+    def _park(self, record: _Record, timeout_seconds: float) -> Deferred[Version]:
+        now = self._clock.seconds()
+        remaining = record.version.expires - now
+
+        def cancel(deferred: Deferred[Version]) -> None:
+            # The client hung up: forget it now, not when its timer is due.
+            self._unpark(record, waiter)
+
+        deferred: Deferred[Version] = Deferred(cancel)
+        waiter = _Waiter(deferred, now + min(timeout_seconds, remaining))
+        if timeout_seconds < remaining:
+            waiter.timer = self._clock.callLater(timeout_seconds, self._timed_out, record, waiter)
+        # Otherwise the rendezvous expires first, and its expiry answers
+        # the reader with 404: a wait never outlives its rendezvous.
+        record.waiters[waiter] = None
+        self._parked += 1
+        return deferred
+
+    def _unpark(self, record: _Record, waiter: _Waiter) -> None:
+        if waiter in record.waiters:
+            del record.waiters[waiter]
+            self._parked -= 1
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+
+    def _timed_out(self, record: _Record, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._unpark(record, waiter)
+        waiter.deferred.callback(record.version)
+
+    def _answer(self, record: _Record, version: Version | None) -> None:
+        """
+        Answer every reader parked on C{record}: with C{version}, or with
+        L{NotFound} when it is None.  The waiters are detached first, so a
+        callback that parks again joins the next round, not this one.
+        """
+        waiters, record.waiters = record.waiters, {}
+        self._parked -= len(waiters)
+        for waiter in waiters:
+            if waiter.timer is not None and waiter.timer.active():
+                waiter.timer.cancel()
+            if version is None:
+                waiter.deferred.errback(NotFound())
+            else:
+                waiter.deferred.callback(version)
+
+    # Lifetime.
+
+    def _mint_etag(self) -> bytes:
+        return b'"%s%x"' % (self._etag_prefix, next(self._etag_serial))
+
+    def _live(self, rendezvous_id: str) -> _Record | None:
+        """
+        The record for an id, if it exists and has not expired.  Expiry is
+        judged here, on every access, not left to the timer alone.
+        """
+        record = self._records.get(rendezvous_id)
+        if record is not None and record.version.expires <= self._clock.seconds():
+            self._expire(rendezvous_id)
+            return None
+        return record
+
+    def _expire(self, rendezvous_id: str) -> None:
+        record = self._records.get(rendezvous_id)
+        if record is not None:
+            self.log.debug("rendezvous expired")
+            self._forget(rendezvous_id, record)
+
+    def _reclaim_expired(self, now: float) -> None:
+        # Creation order is expiry order: stop at the first live record.
+        while self._records:
+            rendezvous_id, record = next(iter(self._records.items()))
+            if record.version.expires > now:
+                return
+            self._forget(rendezvous_id, record)
+
+    def _forget(self, rendezvous_id: str, record: _Record) -> None:
+        del self._records[rendezvous_id]
+        mine = self._by_owner[record.owner]
+        del mine[rendezvous_id]
+        if not mine:
+            del self._by_owner[record.owner]
+        if record.expiry.active():
+            record.expiry.cancel()
+        self._answer(record, None)
+

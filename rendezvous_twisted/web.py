@@ -1,0 +1,512 @@
+"""
+The HTTP face of the store: a Klein app, the request class that enforces the
+body limit as bytes arrive, and the one place where headers are applied and
+domain errors become status codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, cast
+
+from klein import Klein
+from klein.resource import KleinResource
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
+
+from rendezvous_twisted import conditions
+from rendezvous_twisted.conditions import ANY
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.store import (
+    Full,
+    NotFound,
+    PreconditionFailed,
+    RendezvousError,
+    RendezvousStore,
+    TooLarge,
+    Version,
+)
+
+#: What SPEC.md's "Every response" and "CORS" sections put on every answer.
+EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
+    (b"Access-Control-Allow-Origin", b"*"),
+    (
+        b"Access-Control-Expose-Headers",
+        b"ETag, Location, X-Max-Bytes, Expires, Last-Modified, Retry-After",
+    ),
+    (b"Cache-Control", b"no-store, no-transform"),
+    (b"Pragma", b"no-cache"),
+    (b"X-Content-Type-Options", b"nosniff"),
+    # Whatever a payload holds, a browser that opens it runs and loads
+    # nothing.  Harmless on the other answers, so it goes on all of them.
+    (b"Content-Security-Policy", b"sandbox; default-src 'none'"),
+    # No version: it helps no client and tells an attacker what to try.
+    (b"Server", b"rendezvous-twisted"),
+)
+
+#: Added to the every-response headers on a CORS preflight.
+PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
+    (b"Access-Control-Allow-Methods", b"GET, PUT, POST, DELETE"),
+    (b"Access-Control-Allow-Headers", b"Content-Type, If-Match, If-None-Match, Prefer"),
+    (b"Access-Control-Max-Age", b"86400"),
+)
+
+JSON = b"application/json"
+OCTET_STREAM = b"application/octet-stream"
+#: Statuses whose answer has no body and so no Content-Length (RFC 9110 8.6).
+NO_BODY = frozenset((204, 304))
+
+ALLOW_ROOT = b"POST, OPTIONS"
+ALLOW_RENDEZVOUS = b"GET, PUT, DELETE, OPTIONS"
+
+# Ids are minted by secrets.token_urlsafe(16): 22 URL-safe characters.  A
+# little slack costs nothing; anything else can never name a rendezvous.
+_ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
+# A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
+# literal, and an optional port.  Anything else falls back to our own address.
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+# RFC 7240: wait=<delta-seconds>, possibly quoted, among other preferences.
+_PREFER_WAIT = re.compile(rb'(?:^|[,\s])wait[ \t]*=[ \t]*"?([0-9]{1,10})"?[ \t]*(?:[;,]|\Z)', re.I)
+
+
+def error_body(errcode: str, message: str) -> bytes:
+    """
+    The JSON body of every error: C{{"errcode": ..., "error": ...}}.
+    """
+    return json.dumps({"errcode": errcode, "error": message}).encode("ascii")
+
+
+def redact(rendezvous_id: str) -> str:
+    """
+    A short, stable stand-in for an id in logs.  Ids are bearer secrets and
+    never appear in full outside a client's own requests.
+    """
+    return hashlib.blake2b(rendezvous_id.encode("utf-8", "replace"), digest_size=4).hexdigest()
+
+
+def prefer_wait(values: list[bytes] | None) -> float | None:
+    """
+    The C{wait} preference of RFC 7240, in seconds, or None.  Only the first
+    C{wait} counts; a value that does not parse is ignored, as a preference
+    may be.
+    """
+    if not values:
+        return None
+    match = _PREFER_WAIT.search(b",".join(values))
+    return None if match is None else float(match.group(1))
+
+
+def _http_date(seconds: float) -> bytes:
+    return http.datetimeToString(int(seconds))
+
+
+class HTTPError(Exception):
+    """
+    A refusal that belongs to HTTP rather than to the store.
+    """
+
+    code = 400
+    errcode = "M_BAD_REQUEST"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class BadRequest(HTTPError):
+    def __init__(self, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.errcode = errcode
+
+
+class Forbidden(HTTPError):
+    code = 403
+    errcode = "M_FORBIDDEN"
+
+
+class UnknownPath(HTTPError):
+    code = 404
+    errcode = "M_UNRECOGNIZED"
+
+    def __init__(self) -> None:
+        super().__init__("no such endpoint")
+
+
+class MethodNotAllowed(HTTPError):
+    code = 405
+    errcode = "M_UNRECOGNIZED"
+
+    def __init__(self, allow: bytes) -> None:
+        super().__init__("method not allowed here")
+        self.headers = ((b"Allow", allow),)
+
+
+class RendezvousRequest(Request):
+    """
+    A request that enforces the payload limit before and while its body is
+    read (C{twisted.web} reads a whole body before any resource runs, so no
+    route could), and that never spools a body to disk.
+    """
+
+    _refused = False
+
+    @property
+    def _max_bytes(self) -> int:
+        return cast(RendezvousSite, self.channel.site).max_body_bytes
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted spools bodies of unknown or large length to a temporary
+        # file; ours are small and must never touch a disk.
+        self.content = BytesIO()
+        if length is not None and length > self._max_bytes:
+            self._refuse_oversize()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.content.tell() + len(data) > self._max_bytes:
+            self._refuse_oversize()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+
+    def _refuse_oversize(self) -> None:
+        """
+        Answer 413 now, before the rest of the body, and close the
+        connection: its remaining bytes can no longer be framed.
+        """
+        self._refused = True
+        self.content = BytesIO()
+        # Twisted would otherwise invite the body with "100 Continue".
+        self.requestHeaders.removeHeader(b"Expect")
+        body = error_body("M_TOO_LARGE", f"the payload is over {self._max_bytes} bytes")
+        head = [b"HTTP/1.1 413 Payload Too Large"]
+        for name, value in (
+            *EVERY_RESPONSE,
+            (b"Date", http.datetimeToString()),
+            (b"Content-Type", JSON),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ):
+            head.append(name + b": " + value)
+        transport = self.channel.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        transport.loseConnection()
+
+
+class RendezvousSite(Site):
+    """
+    The C{Site} for L{RendezvousAPI}: its requests enforce the body limit,
+    and its access log shows ids only as short hashes.
+    """
+
+    requestFactory = RendezvousRequest
+
+    def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
+        super().__init__(resource, logFormatter=_access_log_line, reactor=reactor)
+        self.max_body_bytes = max_body_bytes
+
+
+def _access_log_line(timestamp: str, request: Request) -> str:
+    """
+    One access-log line: client, method, path with any id redacted, status
+    and length.  No query, no referrer, no agent: nothing a client could
+    use to smuggle a secret or a forged line into the log.
+    """
+    path = request.path.decode("ascii", "backslashreplace")
+    if path != "/":
+        path = "/~" + redact(path.removeprefix("/"))
+    address = request.getClientAddress()
+    client = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
+    method = request.method.decode("ascii", "backslashreplace")
+    proto = request.clientproto.decode("ascii", "backslashreplace")
+    return f'{client} - - {timestamp} "{method} {path} {proto}" {request.code} {request.sentLength}'
+
+
+class _GuardedResource(KleinResource):
+    """
+    Klein's resource, minus its answers to input it cannot route: it answers
+    a non-UTF-8 path or Host with a plain-text 400 (and logs an error), and
+    lets werkzeug's refusal of an unencodable Host escape as a 500.  Such
+    requests get the same JSON answers as any other here.
+    """
+
+    def __init__(self, app: Klein, api: RendezvousAPI) -> None:
+        super().__init__(app)
+        self._api = api
+
+    def render(self, request: Request) -> Any:  # type: ignore[override]
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse(request, UnknownPath())
+        try:
+            request.getRequestHostname().decode("utf-8")
+            return super().render(request)
+        except (UnicodeError, WerkzeugHTTPException):
+            return self._refuse(request, BadRequest("M_BAD_REQUEST", "unusable Host header"))
+
+    def _refuse(self, request: Request, error: HTTPError) -> bytes:
+        # A preflight succeeds whatever the path: a failed one is a broken
+        # browser client, and it reveals nothing.
+        if request.method == b"OPTIONS":
+            return self._api.preflight(request)
+        return self._api.refuse(request, error)
+
+
+class RendezvousAPI:
+    """
+    The routes of SPEC.md over a L{RendezvousStore}.
+
+    Each handler returns the response body (bytes, or a Deferred of it); the
+    status and headers are set through L{_respond}, and every refusal is a
+    L{RendezvousError} (or one of the errors below) mapped in one place,
+    L{_domain_error}.
+    """
+
+    app = Klein()
+    # One canonical form per URL: no redirects for doubled or trailing
+    # slashes, which would only send clients elsewhere with a 308.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
+    log = Logger()
+
+    def __init__(self, store: RendezvousStore, config: Config) -> None:
+        self._store = store
+        self._config = config
+        self._root_methods: dict[bytes, Callable[[Request], Any]] = {
+            b"POST": self.create,
+            b"OPTIONS": self.preflight,
+        }
+        self._rendezvous_methods: dict[bytes, Callable[[Request, str], Any]] = {
+            b"GET": self.read,
+            b"PUT": self.write,
+            b"DELETE": self.delete,
+            b"OPTIONS": lambda request, rendezvous_id: self.preflight(request),
+        }
+
+    def resource(self) -> IResource:
+        """
+        The C{twisted.web} resource that serves this API.
+        """
+        return _GuardedResource(self.app, self)
+
+    def site(self, reactor: Any = None) -> RendezvousSite:
+        """
+        A C{Site} serving this API, its requests bounded by C{max_bytes}.
+        """
+        return RendezvousSite(self.resource(), self._config.max_bytes, reactor)
+
+    # Routing.  Methods are dispatched here rather than by werkzeug, so that
+    # a wrong method is a JSON 405 with Allow, and HEAD is not silently GET.
+
+    @app.route("/")
+    def _root(self, request: Request) -> Any:
+        handler = self._root_methods.get(request.method)
+        if handler is None:
+            raise MethodNotAllowed(ALLOW_ROOT)
+        return handler(request)
+
+    @app.route("/<rendezvous_id>")
+    def _rendezvous(self, request: Request, rendezvous_id: str) -> Any:
+        handler = self._rendezvous_methods.get(request.method)
+        if handler is None:
+            raise MethodNotAllowed(ALLOW_RENDEZVOUS)
+        if _ID.match(rendezvous_id) is None:
+            # Malformed ids are as unknown as any other: 404, and a
+            # preflight still succeeds.
+            if request.method == b"OPTIONS":
+                return self.preflight(request)
+            raise NotFound()
+        return handler(request, rendezvous_id)
+
+    @app.route("/<path:rest>")
+    def _elsewhere(self, request: Request, rest: str) -> Any:
+        if request.method == b"OPTIONS":
+            return self.preflight(request)
+        raise UnknownPath()
+
+    # The protocol.
+
+    def create(self, request: Request) -> Deferred[bytes]:
+        body = self._body(request)
+        content_type = self._content_type(request)
+        d = self._store.create(body, content_type, self._client_address(request))
+
+        def created(version: Version) -> bytes:
+            location = self._base_url(request) + version.rendezvous_id
+            request.responseHeaders.setRawHeaders(b"Location", [location.encode("ascii")])
+            request.responseHeaders.setRawHeaders(b"X-Max-Bytes", [b"%d" % self._store.max_bytes])
+            payload = json.dumps(
+                {"id": version.rendezvous_id, "max_bytes": self._store.max_bytes}
+            ).encode("ascii")
+            return self._respond(request, 200, payload, JSON, version)
+
+        return d.addCallback(created)
+
+    def write(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+        body = self._body(request)
+        content_type = self._content_type(request)
+        if_match = conditions.parse(request.requestHeaders.getRawHeaders(b"If-Match"))
+        d = self._store.write(rendezvous_id, body, content_type, ANY if if_match is None else if_match)
+        return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
+
+    def read(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+        headers = request.requestHeaders
+        if (headers.getRawHeaders(b"Sec-Fetch-Mode") or [b""])[-1] == b"navigate" or (
+            headers.getRawHeaders(b"Sec-Fetch-Dest") or [b""]
+        )[-1] == b"document":
+            raise Forbidden("payloads cannot be opened as pages")
+        if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
+        if if_none_match is None:
+            return self._store.read(rendezvous_id).addCallback(self._payload, request)
+        timeout = self._config.poll_timeout_seconds
+        wait = prefer_wait(headers.getRawHeaders(b"Prefer"))
+        if wait is not None:
+            timeout = min(timeout, wait)
+
+        def answer(version: Version) -> bytes:
+            if if_none_match.matches_weak(version.etag):
+                return self._respond(request, 304, b"", version.content_type, version)
+            return self._payload(version, request)
+
+        return self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(
+            answer
+        )
+
+    def delete(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+        d = self._store.delete(rendezvous_id)
+        return d.addCallback(lambda _: self._respond(request, 204, b"", JSON))
+
+    def preflight(self, request: Request) -> bytes:
+        for name, value in PREFLIGHT:
+            request.responseHeaders.setRawHeaders(name, [value])
+        return self._respond(request, 204, b"", JSON)
+
+    # Errors: the one place where a refusal becomes a status and a body.
+
+    @app.handle_errors(RendezvousError, HTTPError)
+    def _domain_error(self, request: Request, failure: Failure) -> bytes:
+        return self.refuse(request, failure.value)
+
+    def refuse(self, request: Request, error: BaseException) -> bytes:
+        """
+        Answer a refusal: status, JSON error body and any headers it needs.
+        """
+        version: Version | None = None
+        if isinstance(error, NotFound):
+            code, errcode, message = 404, "M_NOT_FOUND", "no such rendezvous"
+        elif isinstance(error, PreconditionFailed):
+            code, errcode, message = 412, "M_CONCURRENT_WRITE", "If-Match matches no current ETag"
+            version = error.current
+        elif isinstance(error, TooLarge):
+            code, errcode = 413, "M_TOO_LARGE"
+            message = f"the payload is over {self._store.max_bytes} bytes"
+        elif isinstance(error, Full):
+            code, errcode, message = 429, "M_LIMIT_EXCEEDED", str(error)
+            request.responseHeaders.setRawHeaders(
+                b"Retry-After", [b"%d" % error.retry_after_seconds]
+            )
+        elif isinstance(error, HTTPError):
+            code, errcode, message = error.code, error.errcode, str(error)
+            for name, value in error.headers:
+                request.responseHeaders.setRawHeaders(name, [value])
+        else:  # pragma: no cover - a RendezvousError this map forgot
+            return self._unexpected(request, Failure(error))
+        return self._respond(request, code, error_body(errcode, message), JSON, version)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: Request, failure: Failure) -> bytes:
+        self.log.failure("unexpected error answering {method}", failure, method=request.method)
+        return self._respond(
+            request, 500, error_body("M_UNKNOWN", "internal error; it has been logged"), JSON
+        )
+
+    # Helpers.
+
+    def _respond(
+        self,
+        request: Request,
+        code: int,
+        body: bytes,
+        content_type: bytes,
+        version: Version | None = None,
+    ) -> bytes:
+        """
+        Set the status and every header SPEC.md asks of this answer; return
+        the body for Klein to write.  The one header helper.
+        """
+        request.setResponseCode(code)
+        headers = request.responseHeaders
+        for name, value in EVERY_RESPONSE:
+            headers.setRawHeaders(name, [value])
+        # Set explicitly: Twisted and Klein would otherwise send text/html.
+        headers.setRawHeaders(b"Content-Type", [content_type])
+        if code in NO_BODY:
+            headers.removeHeader(b"Content-Length")
+        else:
+            # An explicit length: Twisted would otherwise frame HTTP/1.1
+            # answers as chunked.
+            headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        if version is not None:
+            headers.setRawHeaders(b"ETag", [version.etag])
+            headers.setRawHeaders(b"Expires", [_http_date(version.expires)])
+            headers.setRawHeaders(b"Last-Modified", [_http_date(version.last_modified)])
+        return body
+
+    def _payload(self, version: Version, request: Request) -> bytes:
+        return self._respond(request, 200, version.body, version.content_type, version)
+
+    def _body(self, request: Request) -> bytes:
+        content = request.content
+        content.seek(0)
+        body = content.read(self._store.max_bytes + 1)
+        if len(body) > self._store.max_bytes:
+            raise TooLarge()
+        return body
+
+    def _content_type(self, request: Request) -> bytes:
+        values = request.requestHeaders.getRawHeaders(b"Content-Type")
+        if not values or values == [b""]:
+            return OCTET_STREAM
+        if len(values) > 1:
+            raise BadRequest("M_INVALID_PARAM", "more than one Content-Type")
+        if len(values[0]) > self._config.max_content_type_bytes:
+            raise BadRequest(
+                "M_INVALID_PARAM",
+                f"Content-Type is over {self._config.max_content_type_bytes} bytes",
+            )
+        return values[0]
+
+    def _client_address(self, request: Request) -> str:
+        address = request.getClientAddress()
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            return address.host
+        # A UNIX socket or another transport: its clients share one budget.
+        return type(address).__name__
+
+    def _base_url(self, request: Request) -> str:
+        base = self._config.base_url
+        if base is not None:
+            return base
+        scheme = "https" if request.isSecure() else "http"
+        host = request.getHeader(b"Host")
+        if host is None or _HOST.match(host) is None:
+            own = request.getHost()
+            if isinstance(own, IPv6Address):
+                host = b"[%s]:%d" % (own.host.encode("ascii"), own.port)
+            elif isinstance(own, IPv4Address):
+                host = b"%s:%d" % (own.host.encode("ascii"), own.port)
+            else:
+                host = b"localhost"
+        return f"{scheme}://{host.decode('ascii')}/"
