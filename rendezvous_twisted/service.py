@@ -27,7 +27,7 @@ class StoreService(Service):
         self.config = config
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         c = self.config
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
@@ -43,5 +43,5 @@ class StoreService(Service):
         )
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.store.shutdown()

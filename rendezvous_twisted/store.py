@@ -142,7 +142,7 @@ class _Waiter:
     One parked reader: its Deferred and its poll timer.
     """
 
-    __slots__ = ("deferred", "timer", "deadline")
+    __slots__ = ("deadline", "deferred", "timer")
 
     def __init__(self, deferred: Deferred[Version], deadline: float) -> None:
         self.deferred = deferred
@@ -155,7 +155,7 @@ class _Record:
     A live rendezvous: its current Version, owner and timers.
     """
 
-    __slots__ = ("version", "owner", "expiry", "waiters")
+    __slots__ = ("expiry", "owner", "version", "waiters")
 
     def __init__(self, version: Version, owner: str, expiry: IDelayedCall) -> None:
         self.version = version

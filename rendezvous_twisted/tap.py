@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config
@@ -79,7 +78,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
 
     def opt_listen(self, description: str) -> None:
@@ -115,7 +114,7 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
         for one in value.split() if name == "listen" else [value]:
             argv.append(f"--{name}={one}")
     options = Options()
-    options.parseOptions(argv)
+    options.parseOptions(argv)  # type: ignore[no-untyped-call]
     return options
 
 
@@ -130,7 +129,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    assert IReactorTime.providedBy(reactor) and IReactorCore.providedBy(reactor)
     config: Config = options["config"]
     store = MemoryStore(config, reactor)
     site = RendezvousAPI(store, config).site(reactor)
@@ -138,7 +136,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     root = MultiService()
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
-    StoreService(store, config).setServiceParent(root)
+    StoreService(store, config).setServiceParent(root)  # type: ignore[no-untyped-call]
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     return root

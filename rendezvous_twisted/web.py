@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
 
@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
@@ -94,7 +95,7 @@ def redact(rendezvous_id: str) -> str:
     return hashlib.blake2b(rendezvous_id.encode("utf-8", "replace"), digest_size=4).hexdigest()
 
 
-def prefer_wait(values: list[bytes] | None) -> float | None:
+def prefer_wait(values: Sequence[bytes] | None) -> float | None:
     """
     The C{wait} preference of RFC 7240, in seconds, or None.  Only the first
     C{wait} counts; a value that does not parse is ignored, as a preference
@@ -107,7 +108,8 @@ def prefer_wait(values: list[bytes] | None) -> float | None:
 
 
 def _http_date(seconds: float) -> bytes:
-    return http.datetimeToString(int(seconds))
+    date: bytes = http.datetimeToString(int(seconds))
+    return date
 
 
 class HTTPError(Exception):
@@ -120,18 +122,18 @@ class HTTPError(Exception):
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
-class BadRequest(HTTPError):
+class BadRequestError(HTTPError):
     def __init__(self, errcode: str, message: str) -> None:
         super().__init__(message)
         self.errcode = errcode
 
 
-class Forbidden(HTTPError):
+class ForbiddenError(HTTPError):
     code = 403
     errcode = "M_FORBIDDEN"
 
 
-class UnknownPath(HTTPError):
+class UnknownPathError(HTTPError):
     code = 404
     errcode = "M_UNRECOGNIZED"
 
@@ -139,7 +141,7 @@ class UnknownPath(HTTPError):
         super().__init__("no such endpoint")
 
 
-class MethodNotAllowed(HTTPError):
+class MethodNotAllowedError(HTTPError):
     code = 405
     errcode = "M_UNRECOGNIZED"
 
@@ -159,7 +161,8 @@ class RendezvousRequest(Request):
 
     @property
     def _max_bytes(self) -> int:
-        return cast(RendezvousSite, self.channel.site).max_body_bytes
+        site: RendezvousSite = cast(Any, self.channel).site
+        return site.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
         # Twisted spools bodies of unknown or large length to a temporary
@@ -171,14 +174,16 @@ class RendezvousRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
-        if self.content.tell() + len(data) > self._max_bytes:
+        content = self.content
+        assert content is not None, "gotLength() comes first"
+        if content.tell() + len(data) > self._max_bytes:
             self._refuse_oversize()
             return
-        self.content.write(data)
+        content.write(data)
 
     def process(self) -> None:
         if not self._refused:
-            super().process()
+            super().process()  # type: ignore[no-untyped-call]
 
     def _refuse_oversize(self) -> None:
         """
@@ -200,6 +205,7 @@ class RendezvousRequest(Request):
         ):
             head.append(name + b": " + value)
         transport = self.channel.transport
+        assert transport is not None
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         transport.loseConnection()
 
@@ -213,7 +219,9 @@ class RendezvousSite(Site):
     requestFactory = RendezvousRequest
 
     def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
-        super().__init__(resource, logFormatter=_access_log_line, reactor=reactor)
+        super().__init__(  # type: ignore[no-untyped-call]
+            resource, logFormatter=_access_log_line, reactor=reactor
+        )
         self.max_body_bytes = max_body_bytes
 
 
@@ -245,18 +253,18 @@ class _GuardedResource(KleinResource):
         super().__init__(app)
         self._api = api
 
-    def render(self, request: Request) -> Any:  # type: ignore[override]
+    def render(self, request: IRequest) -> Any:
         try:
-            b"/".join(request.postpath).decode("utf-8")
+            b"/".join(request.postpath or ()).decode("utf-8")
         except UnicodeDecodeError:
-            return self._refuse(request, UnknownPath())
+            return self._refuse(request, UnknownPathError())
         try:
             request.getRequestHostname().decode("utf-8")
             return super().render(request)
         except (UnicodeError, WerkzeugHTTPException):
-            return self._refuse(request, BadRequest("M_BAD_REQUEST", "unusable Host header"))
+            return self._refuse(request, BadRequestError("M_BAD_REQUEST", "unusable Host header"))
 
-    def _refuse(self, request: Request, error: HTTPError) -> bytes:
+    def _refuse(self, request: IRequest, error: HTTPError) -> bytes:
         # A preflight succeeds whatever the path: a failed one is a broken
         # browser client, and it reveals nothing.
         if request.method == b"OPTIONS":
@@ -284,11 +292,11 @@ class RendezvousAPI:
     def __init__(self, store: RendezvousStore, config: Config) -> None:
         self._store = store
         self._config = config
-        self._root_methods: dict[bytes, Callable[[Request], Any]] = {
+        self._root_methods: dict[bytes, Callable[[IRequest], Any]] = {
             b"POST": self.create,
             b"OPTIONS": self.preflight,
         }
-        self._rendezvous_methods: dict[bytes, Callable[[Request, str], Any]] = {
+        self._rendezvous_methods: dict[bytes, Callable[[IRequest, str], Any]] = {
             b"GET": self.read,
             b"PUT": self.write,
             b"DELETE": self.delete,
@@ -311,17 +319,17 @@ class RendezvousAPI:
     # a wrong method is a JSON 405 with Allow, and HEAD is not silently GET.
 
     @app.route("/")
-    def _root(self, request: Request) -> Any:
+    def _root(self, request: IRequest) -> Any:
         handler = self._root_methods.get(request.method)
         if handler is None:
-            raise MethodNotAllowed(ALLOW_ROOT)
+            raise MethodNotAllowedError(ALLOW_ROOT)
         return handler(request)
 
     @app.route("/<rendezvous_id>")
-    def _rendezvous(self, request: Request, rendezvous_id: str) -> Any:
+    def _rendezvous(self, request: IRequest, rendezvous_id: str) -> Any:
         handler = self._rendezvous_methods.get(request.method)
         if handler is None:
-            raise MethodNotAllowed(ALLOW_RENDEZVOUS)
+            raise MethodNotAllowedError(ALLOW_RENDEZVOUS)
         if _ID.match(rendezvous_id) is None:
             # Malformed ids are as unknown as any other: 404, and a
             # preflight still succeeds.
@@ -331,14 +339,14 @@ class RendezvousAPI:
         return handler(request, rendezvous_id)
 
     @app.route("/<path:rest>")
-    def _elsewhere(self, request: Request, rest: str) -> Any:
+    def _elsewhere(self, request: IRequest, rest: str) -> Any:
         if request.method == b"OPTIONS":
             return self.preflight(request)
-        raise UnknownPath()
+        raise UnknownPathError()
 
     # The protocol.
 
-    def create(self, request: Request) -> Deferred[bytes]:
+    def create(self, request: IRequest) -> Deferred[bytes]:
         body = self._body(request)
         content_type = self._content_type(request)
         d = self._store.create(body, content_type, self._client_address(request))
@@ -354,19 +362,21 @@ class RendezvousAPI:
 
         return d.addCallback(created)
 
-    def write(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+    def write(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         body = self._body(request)
         content_type = self._content_type(request)
         if_match = conditions.parse(request.requestHeaders.getRawHeaders(b"If-Match"))
-        d = self._store.write(rendezvous_id, body, content_type, ANY if if_match is None else if_match)
+        if if_match is None:
+            if_match = ANY  # SPEC.md: an absent If-Match is "*"
+        d = self._store.write(rendezvous_id, body, content_type, if_match)
         return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
 
-    def read(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+    def read(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         headers = request.requestHeaders
         if (headers.getRawHeaders(b"Sec-Fetch-Mode") or [b""])[-1] == b"navigate" or (
             headers.getRawHeaders(b"Sec-Fetch-Dest") or [b""]
         )[-1] == b"document":
-            raise Forbidden("payloads cannot be opened as pages")
+            raise ForbiddenError("payloads cannot be opened as pages")
         if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
         if if_none_match is None:
             return self._store.read(rendezvous_id).addCallback(self._payload, request)
@@ -384,11 +394,11 @@ class RendezvousAPI:
             answer
         )
 
-    def delete(self, request: Request, rendezvous_id: str) -> Deferred[bytes]:
+    def delete(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         d = self._store.delete(rendezvous_id)
         return d.addCallback(lambda _: self._respond(request, 204, b"", JSON))
 
-    def preflight(self, request: Request) -> bytes:
+    def preflight(self, request: IRequest) -> bytes:
         for name, value in PREFLIGHT:
             request.responseHeaders.setRawHeaders(name, [value])
         return self._respond(request, 204, b"", JSON)
@@ -396,10 +406,11 @@ class RendezvousAPI:
     # Errors: the one place where a refusal becomes a status and a body.
 
     @app.handle_errors(RendezvousError, HTTPError)
-    def _domain_error(self, request: Request, failure: Failure) -> bytes:
+    def _domain_error(self, request: IRequest, failure: Failure) -> bytes:
+        assert failure.value is not None
         return self.refuse(request, failure.value)
 
-    def refuse(self, request: Request, error: BaseException) -> bytes:
+    def refuse(self, request: IRequest, error: BaseException) -> bytes:
         """
         Answer a refusal: status, JSON error body and any headers it needs.
         """
@@ -422,11 +433,14 @@ class RendezvousAPI:
             for name, value in error.headers:
                 request.responseHeaders.setRawHeaders(name, [value])
         else:  # pragma: no cover - a RendezvousError this map forgot
-            return self._unexpected(request, Failure(error))
+            return self._internal_error(request, Failure(error))
         return self._respond(request, code, error_body(errcode, message), JSON, version)
 
     @app.handle_errors(Exception)
-    def _unexpected(self, request: Request, failure: Failure) -> bytes:
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        return self._internal_error(request, failure)
+
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
         self.log.failure("unexpected error answering {method}", failure, method=request.method)
         return self._respond(
             request, 500, error_body("M_UNKNOWN", "internal error; it has been logged"), JSON
@@ -436,7 +450,7 @@ class RendezvousAPI:
 
     def _respond(
         self,
-        request: Request,
+        request: IRequest,
         code: int,
         body: bytes,
         content_type: bytes,
@@ -464,38 +478,40 @@ class RendezvousAPI:
             headers.setRawHeaders(b"Last-Modified", [_http_date(version.last_modified)])
         return body
 
-    def _payload(self, version: Version, request: Request) -> bytes:
+    def _payload(self, version: Version, request: IRequest) -> bytes:
         return self._respond(request, 200, version.body, version.content_type, version)
 
-    def _body(self, request: Request) -> bytes:
+    def _body(self, request: IRequest) -> bytes:
         content = request.content
+        assert content is not None
         content.seek(0)
-        body = content.read(self._store.max_bytes + 1)
+        body: bytes = content.read(self._store.max_bytes + 1)
         if len(body) > self._store.max_bytes:
             raise TooLarge()
         return body
 
-    def _content_type(self, request: Request) -> bytes:
+    def _content_type(self, request: IRequest) -> bytes:
         values = request.requestHeaders.getRawHeaders(b"Content-Type")
         if not values or values == [b""]:
             return OCTET_STREAM
         if len(values) > 1:
-            raise BadRequest("M_INVALID_PARAM", "more than one Content-Type")
+            raise BadRequestError("M_INVALID_PARAM", "more than one Content-Type")
         if len(values[0]) > self._config.max_content_type_bytes:
-            raise BadRequest(
+            raise BadRequestError(
                 "M_INVALID_PARAM",
                 f"Content-Type is over {self._config.max_content_type_bytes} bytes",
             )
-        return values[0]
+        content_type: bytes = values[0]
+        return content_type
 
-    def _client_address(self, request: Request) -> str:
+    def _client_address(self, request: IRequest) -> str:
         address = request.getClientAddress()
         if isinstance(address, (IPv4Address, IPv6Address)):
             return address.host
         # A UNIX socket or another transport: its clients share one budget.
         return type(address).__name__
 
-    def _base_url(self, request: Request) -> str:
+    def _base_url(self, request: IRequest) -> str:
         base = self._config.base_url
         if base is not None:
             return base
