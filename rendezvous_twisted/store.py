@@ -12,7 +12,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from itertools import count
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -80,6 +80,16 @@ class Version:
     expires: float
 
 
+class Wakeup(NamedTuple):
+    """
+    How a wait ended: with the current version, and whether it is a change
+    the reader has not seen (200) or the payload it already has (304).
+    """
+
+    version: Version
+    changed: bool
+
+
 class RendezvousStore(Protocol):
     """
     What the web layer needs of a store.  Every operation returns a
@@ -117,16 +127,16 @@ class RendezvousStore(Protocol):
 
     def wait_for_change(
         self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float
-    ) -> Deferred[Version]:
+    ) -> Deferred[Wakeup]:
         """
-        The first payload that C{if_none_match} does not match (weak
-        comparison).  If the current one does not match, it is returned at
-        once; otherwise the caller is parked until a write (the new
-        Version), a delete or expiry (L{NotFound}), or C{timeout_seconds}
-        or shutdown (the unchanged Version, which the caller tells apart by
-        matching it again).  A timeout of 0 never parks.  Cancelling the
-        Deferred drops the parked reader at once.  Fails at once with
-        L{NotFound}, or with L{Full} when too many readers are parked.
+        Wait for a payload the reader has not seen.  If C{if_none_match}
+        (weak comparison) does not match the current payload, it is
+        returned at once as changed; otherwise the caller is parked until a
+        write (the new Version, changed), a delete or expiry (L{NotFound}),
+        or C{timeout_seconds} or shutdown (the current Version, unchanged).
+        A timeout of 0 never parks.  Cancelling the Deferred drops the
+        parked reader at once.  Fails at once with L{NotFound}, or with
+        L{Full} when too many readers are parked.
         """
 
     def shutdown(self) -> None:
@@ -144,7 +154,7 @@ class _Waiter:
 
     __slots__ = ("deadline", "deferred", "timer")
 
-    def __init__(self, deferred: Deferred[Version], deadline: float) -> None:
+    def __init__(self, deferred: Deferred[Wakeup], deadline: float) -> None:
         self.deferred = deferred
         self.deadline = deadline
         self.timer: IDelayedCall | None = None
@@ -240,9 +250,7 @@ class MemoryStore:
             self._reclaim_expired(now)
             if len(self._records) >= self._config.max_rendezvous:
                 oldest = next(iter(self._records.values()))
-                return fail(
-                    Full("the server is full", _retry_after(oldest.version.expires - now))
-                )
+                return fail(Full("the server is full", _retry_after(oldest.version.expires - now)))
         rendezvous_id = secrets.token_urlsafe(16)
         while rendezvous_id in self._records:  # pragma: no cover - 2**-128
             rendezvous_id = secrets.token_urlsafe(16)
@@ -279,7 +287,7 @@ class MemoryStore:
             current.expires,
         )
         record.version = version
-        self._answer(record, version)
+        self._answer(record, Wakeup(version, changed=True))
         return succeed(version)
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
@@ -291,17 +299,15 @@ class MemoryStore:
 
     def wait_for_change(
         self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float
-    ) -> Deferred[Version]:
+    ) -> Deferred[Wakeup]:
         record = self._live(rendezvous_id)
         if record is None:
             return fail(NotFound())
         current = record.version
-        if (
-            not if_none_match.matches_weak(current.etag)
-            or timeout_seconds <= 0
-            or self._stopped
-        ):
-            return succeed(current)
+        if not if_none_match.matches_weak(current.etag):
+            return succeed(Wakeup(current, changed=True))
+        if timeout_seconds <= 0 or self._stopped:
+            return succeed(Wakeup(current, changed=False))
         if len(record.waiters) >= self._config.max_parked_per_rendezvous:
             soonest = min(waiter.deadline for waiter in record.waiters)
             return fail(
@@ -320,19 +326,19 @@ class MemoryStore:
         for record in self._records.values():
             if record.expiry.active():
                 record.expiry.cancel()
-            self._answer(record, record.version)
+            self._answer(record, Wakeup(record.version, changed=False))
 
     # Parking.
 
-    def _park(self, record: _Record, timeout_seconds: float) -> Deferred[Version]:
+    def _park(self, record: _Record, timeout_seconds: float) -> Deferred[Wakeup]:
         now = self._clock.seconds()
         remaining = record.version.expires - now
 
-        def cancel(deferred: Deferred[Version]) -> None:
+        def cancel(deferred: Deferred[Wakeup]) -> None:
             # The client hung up: forget it now, not when its timer is due.
             self._unpark(record, waiter)
 
-        deferred: Deferred[Version] = Deferred(cancel)
+        deferred: Deferred[Wakeup] = Deferred(cancel)
         waiter = _Waiter(deferred, now + min(timeout_seconds, remaining))
         if timeout_seconds < remaining:
             waiter.timer = self._clock.callLater(timeout_seconds, self._timed_out, record, waiter)
@@ -352,11 +358,11 @@ class MemoryStore:
     def _timed_out(self, record: _Record, waiter: _Waiter) -> None:
         waiter.timer = None
         self._unpark(record, waiter)
-        waiter.deferred.callback(record.version)
+        waiter.deferred.callback(Wakeup(record.version, changed=False))
 
-    def _answer(self, record: _Record, version: Version | None) -> None:
+    def _answer(self, record: _Record, wakeup: Wakeup | None) -> None:
         """
-        Answer every reader parked on C{record}: with C{version}, or with
+        Answer every reader parked on C{record}: with C{wakeup}, or with
         L{NotFound} when it is None.  The waiters are detached first, so a
         callback that parks again joins the next round, not this one.
         """
@@ -365,10 +371,10 @@ class MemoryStore:
         for waiter in waiters:
             if waiter.timer is not None and waiter.timer.active():
                 waiter.timer.cancel()
-            if version is None:
+            if wakeup is None:
                 waiter.deferred.errback(NotFound())
             else:
-                waiter.deferred.callback(version)
+                waiter.deferred.callback(wakeup)
 
     # Lifetime.
 
@@ -409,4 +415,3 @@ class MemoryStore:
         if record.expiry.active():
             record.expiry.cancel()
         self._answer(record, None)
-

@@ -48,20 +48,38 @@ class Options(usage.Options):
 
     # (option, Config field, help, coercer)
     _limits: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
-        ("ttl", "ttl_seconds", "Lifetime of a rendezvous, in seconds, fixed at creation.",
-         _positive(float)),
+        (
+            "ttl",
+            "ttl_seconds",
+            "Lifetime of a rendezvous, in seconds, fixed at creation.",
+            _positive(float),
+        ),
         ("max-bytes", "max_bytes", "Largest payload, in bytes.", _positive(int)),
-        ("poll-timeout", "poll_timeout_seconds",
-         "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
-         _positive(float)),
-        ("max-rendezvous", "max_rendezvous", "Rendezvous alive at once, across the server.",
-         _positive(int)),
-        ("max-rendezvous-per-address", "max_rendezvous_per_address",
-         "Rendezvous alive at once per client address.", _positive(int)),
-        ("max-parked", "max_parked", "Parked long-poll GETs across the server.",
-         _positive(int)),
-        ("max-parked-per-rendezvous", "max_parked_per_rendezvous",
-         "Parked long-poll GETs on one rendezvous.", _positive(int)),
+        (
+            "poll-timeout",
+            "poll_timeout_seconds",
+            "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
+            _positive(float),
+        ),
+        (
+            "max-rendezvous",
+            "max_rendezvous",
+            "Rendezvous alive at once, across the server.",
+            _positive(int),
+        ),
+        (
+            "max-rendezvous-per-address",
+            "max_rendezvous_per_address",
+            "Rendezvous alive at once per client address.",
+            _positive(int),
+        ),
+        ("max-parked", "max_parked", "Parked long-poll GETs across the server.", _positive(int)),
+        (
+            "max-parked-per-rendezvous",
+            "max_parked_per_rendezvous",
+            "Parked long-poll GETs on one rendezvous.",
+            _positive(int),
+        ),
     )
 
     optParameters = [

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -36,6 +37,7 @@ from rendezvous_twisted.store import (
     RendezvousStore,
     TooLarge,
     Version,
+    Wakeup,
 )
 
 #: What SPEC.md's "Every response" and "CORS" sections put on every answer.
@@ -194,20 +196,50 @@ class RendezvousRequest(Request):
         self.content = BytesIO()
         # Twisted would otherwise invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"Expect")
-        body = error_body("M_TOO_LARGE", f"the payload is over {self._max_bytes} bytes")
-        head = [b"HTTP/1.1 413 Payload Too Large"]
-        for name, value in (
-            *EVERY_RESPONSE,
-            (b"Date", http.datetimeToString()),
-            (b"Content-Type", JSON),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"Connection", b"close"),
-        ):
-            head.append(name + b": " + value)
         transport = self.channel.transport
         assert transport is not None
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        transport.write(
+            _closing_answer(
+                b"413 Payload Too Large",
+                "M_TOO_LARGE",
+                f"the payload is over {self._max_bytes} bytes",
+            )
+        )
         transport.loseConnection()
+
+
+def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
+    """
+    A whole HTTP/1.1 error answer as bytes, with the every-response headers
+    and C{Connection: close}, for refusals made below the resource, where
+    there is no Request to answer through.
+    """
+    body = error_body(errcode, message)
+    head = [b"HTTP/1.1 " + status]
+    for name, value in (
+        *EVERY_RESPONSE,
+        (b"Date", http.datetimeToString()),
+        (b"Content-Type", JSON),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Connection", b"close"),
+    ):
+        head.append(name + b": " + value)
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class RendezvousChannel(http.HTTPChannel):
+    """
+    Twisted's HTTP/1.1 channel, answering the requests it cannot parse
+    (malformed request line, header or framing) with a JSON 400 like every
+    other refusal, rather than a bare status line.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")
+        )
+        self.loseConnection()  # type: ignore[no-untyped-call]
 
 
 class RendezvousSite(Site):
@@ -217,6 +249,11 @@ class RendezvousSite(Site):
     """
 
     requestFactory = RendezvousRequest
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
+        # is what switches to HTTP/2 when TLS negotiates it.
+        return _GenericHTTPChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
 
     def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
@@ -254,8 +291,13 @@ class _GuardedResource(KleinResource):
         self._api = api
 
     def render(self, request: IRequest) -> Any:
+        segments = request.postpath or [b""]
+        # Klein would read "//" as "/" and "/<id>/" as "/<id>": an empty
+        # segment anywhere but in "/" itself names nothing we serve.
+        if b"" in segments and segments != [b""]:
+            return self._refuse(request, UnknownPathError())
         try:
-            b"/".join(request.postpath or ()).decode("utf-8")
+            b"/".join(segments).decode("utf-8")
         except UnicodeDecodeError:
             return self._refuse(request, UnknownPathError())
         try:
@@ -283,10 +325,9 @@ class RendezvousAPI:
     """
 
     app = Klein()
-    # One canonical form per URL: no redirects for doubled or trailing
-    # slashes, which would only send clients elsewhere with a 308.
+    # Werkzeug would answer "//x" with a 308 to "/x"; a path with an empty
+    # segment is a 404 here instead (see _GuardedResource).
     app.url_map.merge_slashes = False
-    app.url_map.strict_slashes = False
     log = Logger()
 
     def __init__(self, store: RendezvousStore, config: Config) -> None:
@@ -385,10 +426,11 @@ class RendezvousAPI:
         if wait is not None:
             timeout = min(timeout, wait)
 
-        def answer(version: Version) -> bytes:
-            if if_none_match.matches_weak(version.etag):
-                return self._respond(request, 304, b"", version.content_type, version)
-            return self._payload(version, request)
+        def answer(wakeup: Wakeup) -> bytes:
+            version = wakeup.version
+            if wakeup.changed:
+                return self._payload(version, request)
+            return self._respond(request, 304, b"", version.content_type, version)
 
         return self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(
             answer

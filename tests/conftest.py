@@ -1,0 +1,167 @@
+"""
+Shared test harness: the real Klein resource over an in-memory store, driven
+through treq's StubTreq, with time on a task.Clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.store import MemoryStore
+from rendezvous_twisted.web import RendezvousAPI
+
+#: Where StubTreq requests go; Location follows this Host without --public-url.
+BASE = "http://rendezvous.test"
+#: The Clock starts here (2024-01-01T00:00:00Z), so HTTP-dates are realistic.
+EPOCH = 1704067200.0
+
+
+@dataclass
+class Answer:
+    """
+    A whole response: status, headers (names lower-cased) and body.
+    """
+
+    code: int
+    headers: dict[str, list[bytes]]
+    body: bytes
+    #: The framed length: Content-Length as Twisted's client parsed it (it
+    #: keeps that header apart from the others), None for chunked framing.
+    length: int | None = None
+
+    def header(self, name: str) -> bytes | None:
+        """
+        The one value of a header, None if absent; fails if it repeats.
+        """
+        values = self.headers.get(name.lower())
+        if values is None:
+            return None
+        assert len(values) == 1, f"{name} sent {len(values)} times: {values}"
+        return values[0]
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+def fired(d: Deferred[Any]) -> Any:
+    """
+    The result of a Deferred that has already fired; fails the test if it
+    has not, and re-raises a failure.
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def answered(d: Deferred[Any]) -> bool:
+    """
+    Whether a Deferred has a result now.  (C{Deferred.called} is not that: a
+    Deferred chained on another that is still waiting is "called".)
+    """
+    results: list[object] = []
+
+    def peek(result: object) -> object:
+        results.append(result)
+        return result
+
+    d.addBoth(peek)
+    return bool(results)
+
+
+class Harness:
+    """
+    One server: a store on a Clock, the real API resource, and a StubTreq
+    client talking HTTP to it in memory.
+    """
+
+    def __init__(self, **config: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(EPOCH)
+        self.config = Config(**config)
+        self.store = MemoryStore(self.config, self.clock)
+        self.api = RendezvousAPI(self.store, self.config)
+        # StubTreq copies treq's functions onto itself at run time: Any.
+        self.client: Any = StubTreq(self.api.resource())  # type: ignore[no-untyped-call]
+        # StubTreq serves through a plain Site; serve through ours, so that
+        # our channel and request classes (body limits, JSON 400s) are in
+        # the path too.
+        agent = self.client._agent
+        agent._serverFactory = site = self.api.site(agent._memoryReactor)
+        site.doStart()  # type: ignore[no-untyped-call]  # as a listening port would
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str | bytes | list[str | bytes]] | None = None,
+    ) -> Deferred[Answer]:
+        """
+        Start a request; the Deferred fires with the whole Answer once the
+        server has answered (after L{flush}).
+        """
+        raw: dict[bytes, list[bytes]] = {}
+        for name, value in (headers or {}).items():
+            values = value if isinstance(value, list) else [value]
+            raw[name.encode("ascii")] = [
+                v.encode("latin-1") if isinstance(v, str) else v for v in values
+            ]
+        d: Deferred[IResponse] = self.client.request(method, BASE + path, data=body, headers=raw)
+
+        def collect(response: IResponse) -> Deferred[Answer]:
+            headers = {
+                name.decode("ascii").lower(): list(values)
+                for name, values in response.headers.getAllRawHeaders()
+            }
+            length = None if response.length is UNKNOWN_LENGTH else response.length
+            content: Deferred[bytes] = self.client.content(response)
+            return content.addCallback(
+                lambda content: Answer(response.code, headers, content, length)
+            )
+
+        answer: Deferred[Answer] = d.addCallback(collect)
+        self.flush()
+        return answer
+
+    def flush(self) -> None:
+        self.client.flush()
+
+    def call(self, method: str, path: str, body: bytes | None = None, **kw: Any) -> Answer:
+        """
+        A request that the server answers at once (not parked).
+        """
+        d = self.send(method, path, body, **kw)
+        self.flush()
+        answer: Answer = fired(d)
+        return answer
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.flush()
+
+    def create(self, body: bytes = b"hello", **kw: Any) -> tuple[str, Answer]:
+        answer = self.call("POST", "/", body, **kw)
+        assert answer.code == 200, answer
+        rendezvous_id: str = answer.json()["id"]
+        return rendezvous_id, answer
+
+
+@pytest.fixture
+def harness() -> Harness:
+    return Harness()
