@@ -15,6 +15,25 @@ from urllib.parse import urlsplit
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 
+def _check_public_url(url: str) -> None:
+    """
+    Refuse a base URL that could not prefix an id: it must be absolute
+    http(s) with a host, and have nothing that urlsplit would quietly drop
+    or that would end up inside Location unescaped.
+    """
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError(f"public_url must not contain spaces or control characters: {url!r}")
+    if "?" in url or "#" in url:
+        raise ValueError(f"public_url must not have a query or a fragment: {url!r}")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"public_url has a bad port: {url!r}") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"public_url must be an absolute http(s) URL with a host, not {url!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """
@@ -72,13 +91,7 @@ class Config:
         if self.max_parked_per_rendezvous > self.max_parked:
             raise ValueError("max_parked_per_rendezvous must not exceed max_parked")
         if self.public_url is not None:
-            parts = urlsplit(self.public_url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(
-                    f"public_url must be an absolute http(s) URL, not {self.public_url!r}"
-                )
-            if parts.query or parts.fragment:
-                raise ValueError("public_url must not have a query or a fragment")
+            _check_public_url(self.public_url)
 
     @property
     def base_url(self) -> str | None:

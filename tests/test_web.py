@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
+from io import BytesIO
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from rendezvous_twisted.web import EVERY_RESPONSE, PREFLIGHT, prefer_wait, redact
@@ -810,3 +813,120 @@ def test_json_errors_are_small_and_well_formed(harness: Harness) -> None:
     """Error bodies are JSON objects with exactly errcode and error."""
     answer = harness.call("GET", "/AAAAAAAAAAAAAAAAAAAAAA")
     assert set(json.loads(answer.body)) == {"errcode", "error"}
+
+
+# The request and channel: limits enforced as bytes arrive, and JSON even for
+# requests that never reach a resource.  Driven byte by byte over a
+# StringTransport; the same is proven over real sockets end to end.
+
+
+def connect(**config: Any) -> tuple[Harness, Any, StringTransport]:
+    harness = Harness(**config)
+    site = harness.api.site(MemoryReactorClock())
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 4321))  # type: ignore[no-untyped-call]
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
+    channel.makeConnection(transport)
+    return harness, channel, transport
+
+
+def raw_answer(transport: StringTransport) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        headers[name.lower()] = value
+    return status, headers, body
+
+
+def test_oversize_content_length_is_refused_before_the_body() -> None:
+    """A Content-Length over max_bytes gets a JSON 413 at once, and the connection closes."""
+    harness, channel, transport = connect(max_bytes=100)
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
+    status, headers, body = raw_answer(transport)
+    assert status == b"HTTP/1.1 413 Payload Too Large"
+    assert json.loads(body)["errcode"] == "M_TOO_LARGE"
+    assert headers[b"content-length"] == b"%d" % len(body)
+    assert headers[b"connection"] == b"close"
+    for name, value in EVERY_RESPONSE:
+        assert headers[name.lower()] == value
+    assert transport.disconnecting
+    # The body, should it come anyway, is never parsed or stored.
+    channel.dataReceived(b"x" * 101)
+    assert harness.store.rendezvous_count == 0
+
+
+def test_oversize_content_length_never_invites_the_body() -> None:
+    """An oversize request with Expect: 100-continue gets 413, never 100 Continue."""
+    _, channel, transport = connect(max_bytes=100)
+    channel.dataReceived(
+        b"PUT /AAAAAAAAAAAAAAAAAAAAAA HTTP/1.1\r\nHost: x\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n"
+    )
+    assert b"100 Continue" not in transport.value()
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+
+
+def test_chunked_body_is_cut_off_as_it_passes_the_limit() -> None:
+    """A chunked body is refused with 413 the moment it passes max_bytes."""
+    harness, channel, transport = connect(max_bytes=100)
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    channel.dataReceived(b"64\r\n" + b"a" * 100 + b"\r\n")
+    assert transport.value() == b""
+    channel.dataReceived(b"1\r\nb\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.disconnecting
+    channel.dataReceived(b"0\r\n\r\n")
+    assert harness.store.rendezvous_count == 0
+
+
+def test_chunked_body_within_the_limit_is_accepted() -> None:
+    """A chunked body of exactly max_bytes creates a rendezvous holding those bytes."""
+    harness, channel, transport = connect(max_bytes=100)
+    channel.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"32\r\n" + b"a" * 50 + b"\r\n32\r\n" + b"b" * 50 + b"\r\n0\r\n\r\n"
+    )
+    status, _, body = raw_answer(transport)
+    assert status == b"HTTP/1.1 200 OK"
+    rendezvous_id = json.loads(body)["id"]
+    assert fired(harness.store.read(rendezvous_id)).body == b"a" * 50 + b"b" * 50
+
+
+def test_bodies_are_never_spooled_to_disk() -> None:
+    """A body of unknown length is buffered in memory, never in a temporary file."""
+    _, channel, _ = connect()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert isinstance(channel._channel.requests[-1].content, BytesIO)
+
+
+def test_answers_are_framed_by_content_length_never_chunked() -> None:
+    """A 200 carries Content-Length and no Transfer-Encoding, on HTTP/1.1."""
+    _, channel, transport = connect()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    status, headers, body = raw_answer(transport)
+    assert status == b"HTTP/1.1 200 OK"
+    assert b"transfer-encoding" not in headers
+    assert headers[b"content-length"] == b"%d" % len(body)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"NOT A REQUEST LINE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+    ],
+)
+def test_unparseable_requests_get_a_json_400(request_bytes: bytes) -> None:
+    """A request Twisted cannot parse is answered with a JSON 400 and the connection closes."""
+    _, channel, transport = connect()
+    channel.dataReceived(request_bytes)
+    status, headers, body = raw_answer(transport)
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert json.loads(body)["errcode"] == "M_BAD_REQUEST"
+    assert headers[b"access-control-allow-origin"] == b"*"
+    assert transport.disconnecting

@@ -1,0 +1,478 @@
+"""
+Tests for L{rendezvous_twisted.tap}: the C{twistd rendezvous} options, the
+service they build, the twistd plugin and the C{.tac} file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import (
+    IService,
+    IServiceCollection,
+    IServiceMaker,
+    loadApplication,
+)
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+import twisted.plugins
+from rendezvous_twisted import tap
+from rendezvous_twisted.conditions import parse
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.service import StoreService
+from rendezvous_twisted.store import NotFound, Version
+from rendezvous_twisted.web import RendezvousSite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (option, Config field, environment variable, a valid argument, its value)
+LIMITS: list[tuple[str, str, str, str, Any]] = [
+    ("ttl", "ttl_seconds", "RENDEZVOUS_TTL", "30.5", 30.5),
+    ("max-bytes", "max_bytes", "RENDEZVOUS_MAX_BYTES", "4096", 4096),
+    ("poll-timeout", "poll_timeout_seconds", "RENDEZVOUS_POLL_TIMEOUT", "5", 5.0),
+    ("max-rendezvous", "max_rendezvous", "RENDEZVOUS_MAX_RENDEZVOUS", "500", 500),
+    (
+        "max-rendezvous-per-address",
+        "max_rendezvous_per_address",
+        "RENDEZVOUS_MAX_RENDEZVOUS_PER_ADDRESS",
+        "4",
+        4,
+    ),
+    ("max-parked", "max_parked", "RENDEZVOUS_MAX_PARKED", "100", 100),
+    (
+        "max-parked-per-rendezvous",
+        "max_parked_per_rendezvous",
+        "RENDEZVOUS_MAX_PARKED_PER_RENDEZVOUS",
+        "2",
+        2,
+    ),
+]
+PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
+EVERY_OPTION = [*LIMITS, PUBLIC_URL]
+INTEGER_OPTIONS = [row[0] for row in LIMITS if isinstance(row[4], int)]
+
+
+def parsed(argv: list[str]) -> tap.Options:
+    """
+    Options parsed from C{argv}.
+    """
+    options = tap.Options()
+    # usage.Options is unannotated; tap.py calls it the same way.
+    options.parseOptions(argv)  # type: ignore[no-untyped-call]
+    return options
+
+
+def fired(d: Deferred[Any]) -> Any:
+    """
+    The result of a Deferred that has already fired; re-raises a failure.
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def descendants(service: Any) -> Iterator[IService]:
+    """
+    Every service below C{service} (an Application or a MultiService), depth first.
+    """
+    collection = IServiceCollection(service, None)
+    if collection is None:
+        return
+    for child in collection:
+        yield child
+        yield from descendants(child)
+
+
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Remove every RENDEZVOUS_* variable this process inherited.
+    """
+    for name in list(os.environ):
+        if name.startswith(tap.ENVIRONMENT_PREFIX):
+            monkeypatch.delenv(name)
+
+
+# Options.
+
+
+def test_defaults_equal_config_defaults() -> None:
+    """With no arguments, the parsed Config is exactly Config()'s defaults."""
+    assert parsed([])["config"] == Config()
+
+
+@pytest.mark.parametrize(("option", "field", "variable", "argument", "value"), EVERY_OPTION)
+def test_option_defaults_are_config_defaults(
+    option: str, field: str, variable: str, argument: str, value: Any
+) -> None:
+    """Each option's own default (as --help shows it) is the Config field's default."""
+    assert tap.Options()[option] == getattr(Config(), field)
+
+
+def test_listen_defaults_to_loopback_8080() -> None:
+    """Without --listen, the server listens on tcp:8080:interface=127.0.0.1 only."""
+    assert parsed([])["listen"] == ["tcp:8080:interface=127.0.0.1"]
+
+
+def test_listen_repeats_in_order_without_the_default() -> None:
+    """--listen may repeat; every endpoint is kept, in order, and the default is not added."""
+    options = parsed(["--listen", "tcp:8081", "--listen=unix:/tmp/rz.sock", "--listen", "tcp:0"])
+    assert options["listen"] == ["tcp:8081", "unix:/tmp/rz.sock", "tcp:0"]
+
+
+def test_listen_lists_are_not_shared_between_options() -> None:
+    """Two Options instances never share one list of endpoints."""
+    first = parsed(["--listen", "tcp:8081"])
+    second = parsed([])
+    assert first["listen"] == ["tcp:8081"]
+    assert second["listen"] == ["tcp:8080:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize(("option", "field", "variable", "argument", "value"), EVERY_OPTION)
+def test_each_option_sets_its_config_field(
+    option: str, field: str, variable: str, argument: str, value: Any
+) -> None:
+    """Each option sets its own Config field, coerced to the field's type, and nothing else."""
+    for argv in ([f"--{option}", argument], [f"--{option}={argument}"]):
+        config = parsed(argv)["config"]
+        assert config == dataclasses.replace(Config(), **{field: value})
+        assert type(getattr(config, field)) is type(value)
+
+
+def test_all_options_together() -> None:
+    """Every option given at once lands in one Config."""
+    argv = [f"--{option}={argument}" for option, _, _, argument, _ in EVERY_OPTION]
+    expected = Config(**{field: value for _, field, _, _, value in EVERY_OPTION})
+    assert parsed(argv)["config"] == expected
+
+
+@pytest.mark.parametrize("option", [row[0] for row in LIMITS])
+@pytest.mark.parametrize("argument", ["abc", "", "0", "-1", "-0.5", "nan", "inf", "1e400"])
+def test_bad_limit_is_a_usage_error(option: str, argument: str) -> None:
+    """A limit that is not a number, or is zero, negative, NaN or infinite, is a UsageError."""
+    with pytest.raises(usage.UsageError):
+        parsed([f"--{option}={argument}"])
+
+
+@pytest.mark.parametrize("option", INTEGER_OPTIONS)
+@pytest.mark.parametrize("argument", ["1.5", "1e3", "0x10"])
+def test_counts_and_sizes_must_be_integers(option: str, argument: str) -> None:
+    """A count or size that is not a decimal integer is a UsageError."""
+    with pytest.raises(usage.UsageError):
+        parsed([f"--{option}={argument}"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-rendezvous=10", "--max-rendezvous-per-address=11"],
+        ["--max-rendezvous=31"],
+        ["--max-parked=4", "--max-parked-per-rendezvous=5"],
+        ["--max-parked=7"],
+    ],
+)
+def test_impossible_combination_is_a_usage_error(argv: list[str]) -> None:
+    """A local cap above its global one, even through a default, is a UsageError naming the cap."""
+    with pytest.raises(usage.UsageError, match="per_"):
+        parsed(argv)
+
+
+@pytest.mark.parametrize(
+    "url", ["example.org", "ftp://example.org/", "https://example.org/?a=b", ""]
+)
+def test_bad_public_url_is_a_usage_error(url: str) -> None:
+    """A public URL that Config refuses is a UsageError, not a ValueError traceback."""
+    with pytest.raises(usage.UsageError, match="public_url"):
+        parsed([f"--public-url={url}"])
+
+
+# The environment, as the .tac reads it.
+
+
+def test_empty_environment_gives_defaults() -> None:
+    """With no RENDEZVOUS_* variables, the options are those of an empty command line."""
+    options = tap.options_from_environment({})
+    assert options["config"] == Config()
+    assert options["listen"] == ["tcp:8080:interface=127.0.0.1"]
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    """Variables without the RENDEZVOUS_ prefix, or with another case, are ignored."""
+    options = tap.options_from_environment(
+        {"TTL": "0", "MAX_BYTES": "0", "LISTEN": "nonsense", "rendezvous_ttl": "0", "PATH": "/bin"}
+    )
+    assert options["config"] == Config()
+    assert options["listen"] == ["tcp:8080:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize(("option", "field", "variable", "argument", "value"), EVERY_OPTION)
+def test_each_variable_maps_to_its_option(
+    option: str, field: str, variable: str, argument: str, value: Any
+) -> None:
+    """Each RENDEZVOUS_* variable has exactly the effect of its command-line option."""
+    options = tap.options_from_environment({variable: argument})
+    assert options["config"] == parsed([f"--{option}={argument}"])["config"]
+    assert getattr(options["config"], field) == value
+
+
+def test_every_variable_at_once() -> None:
+    """All the variables at once give the same options as all the command-line options."""
+    environ = {variable: argument for _, _, variable, argument, _ in EVERY_OPTION}
+    environ["RENDEZVOUS_LISTEN"] = "tcp:8081"
+    argv = [f"--{option}={argument}" for option, _, _, argument, _ in EVERY_OPTION]
+    expected = parsed([*argv, "--listen=tcp:8081"])
+    options = tap.options_from_environment(environ)
+    assert options["config"] == expected["config"]
+    assert options["listen"] == expected["listen"]
+
+
+def test_listen_variable_is_space_separated() -> None:
+    """RENDEZVOUS_LISTEN holds several endpoints separated by any whitespace, kept in order."""
+    options = tap.options_from_environment(
+        {"RENDEZVOUS_LISTEN": "  tcp:8081:interface=127.0.0.1 \t tcp:8082\nunix:/tmp/rz.sock "}
+    )
+    assert options["listen"] == ["tcp:8081:interface=127.0.0.1", "tcp:8082", "unix:/tmp/rz.sock"]
+
+
+def test_blank_listen_variable_gives_the_default() -> None:
+    """A blank RENDEZVOUS_LISTEN is as if unset: the default endpoint."""
+    options = tap.options_from_environment({"RENDEZVOUS_LISTEN": "  "})
+    assert options["listen"] == ["tcp:8080:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"RENDEZVOUS_MAX_BYTES": "lots"},
+        {"RENDEZVOUS_TTL": "0"},
+        {"RENDEZVOUS_POLL_TIMEOUT": "-1"},
+        {"RENDEZVOUS_MAX_PARKED": "4", "RENDEZVOUS_MAX_PARKED_PER_RENDEZVOUS": "5"},
+        {"RENDEZVOUS_PUBLIC_URL": "example.org"},
+    ],
+)
+def test_bad_variable_is_a_usage_error(environ: dict[str, str]) -> None:
+    """A bad value in the environment is refused with a UsageError, as on the command line."""
+    with pytest.raises(usage.UsageError):
+        tap.options_from_environment(environ)
+
+
+# makeService, in memory.
+
+
+def test_make_service_listens_on_every_endpoint() -> None:
+    """After startService, the reactor listens on each --listen endpoint's port and interface."""
+    reactor = MemoryReactorClock()
+    options = parsed(
+        [
+            "--listen=tcp:8081:interface=127.0.0.1",
+            "--listen=tcp:port=9090:backlog=7:interface=0.0.0.0",
+        ]
+    )
+    service = tap.makeService(options, reactor=reactor)
+    assert reactor.tcpServers == [], "nothing listens before the service starts"
+    service.startService()
+    assert [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers] == [
+        (8081, 50, "127.0.0.1"),
+        (9090, 7, "0.0.0.0"),
+    ]
+    for _, factory, _, _ in reactor.tcpServers:
+        assert isinstance(factory, RendezvousSite)
+    fired(service.stopService())
+
+
+def test_make_service_default_listen() -> None:
+    """With no --listen, the service listens on TCP 8080 of 127.0.0.1 only."""
+    reactor = MemoryReactorClock()
+    service = tap.makeService(parsed([]), reactor=reactor)
+    service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (8080, "127.0.0.1")
+    ]
+    fired(service.stopService())
+
+
+def test_site_runs_on_the_given_reactor_with_the_options_limits() -> None:
+    """The site serves with the given reactor and refuses bodies over --max-bytes."""
+    reactor = MemoryReactorClock()
+    service = tap.makeService(parsed(["--max-bytes=4096", "--listen=tcp:8081"]), reactor=reactor)
+    service.startService()
+    [(_, site, _, _)] = reactor.tcpServers
+    assert isinstance(site, RendezvousSite)
+    assert site.max_body_bytes == 4096
+    assert site.reactor is reactor
+    fired(service.stopService())
+
+
+def store_service(service: IService) -> StoreService:
+    """
+    The one StoreService in a service tree.
+    """
+    [found] = [s for s in descendants(service) if isinstance(s, StoreService)]
+    return found
+
+
+def test_store_uses_the_given_reactor_and_ttl() -> None:
+    """The store keeps time on the given reactor: a rendezvous expires --ttl seconds later."""
+    reactor = MemoryReactorClock()
+    service = tap.makeService(parsed(["--ttl=30"]), reactor=reactor)
+    service.startService()
+    store = store_service(service).store
+    version: Version = fired(store.create(b"hello", b"text/plain", "192.0.2.1"))
+    assert version.expires == reactor.seconds() + 30
+    reactor.advance(29)
+    assert fired(store.read(version.rendezvous_id)) == version
+    reactor.advance(1.5)
+    with pytest.raises(NotFound):
+        fired(store.read(version.rendezvous_id))
+    fired(service.stopService())
+
+
+def test_stop_service_stops_everything_and_answers_parked_readers() -> None:
+    """stopService stops every child, and the store answers its parked readers at once."""
+    reactor = MemoryReactorClock()
+    service = tap.makeService(parsed(["--listen=tcp:8081", "--listen=tcp:8082"]), reactor=reactor)
+    service.startService()
+    assert service.running
+    store = store_service(service).store
+    version: Version = fired(store.create(b"hello", b"text/plain", "192.0.2.1"))
+    condition = parse([version.etag])
+    assert condition is not None
+    parked = store.wait_for_change(version.rendezvous_id, condition, 20)
+    answers: list[Any] = []
+    parked.addBoth(answers.append)
+    assert answers == [], "the reader is parked"
+    fired(service.stopService())
+    # What a shut-down store answers with is test_store's business; here it
+    # is enough that the StoreService in the tree shut the store down.
+    assert len(answers) == 1
+    assert not isinstance(answers[0], Failure), answers[0]
+    assert not service.running
+    assert not any(child.running for child in descendants(service))
+
+
+# The plugin.
+
+
+def rendezvous_plugin() -> IServiceMaker:
+    """
+    The service maker that twistd finds under the name "rendezvous".
+    """
+    [plugin] = [p for p in getPlugins(IServiceMaker, twisted.plugins) if p.tapname == "rendezvous"]
+    return plugin
+
+
+def test_plugin_is_found_by_tapname() -> None:
+    """getPlugins(IServiceMaker) yields exactly one plugin named "rendezvous", described."""
+    assert rendezvous_plugin().description
+
+
+def test_plugin_options_are_the_tap_options() -> None:
+    """The plugin's options are rendezvous_twisted.tap.Options, so twistd and the .tac agree."""
+    assert rendezvous_plugin().options is tap.Options
+
+
+def twistd(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """
+    Run the venv's twistd with the repository first on PYTHONPATH.
+    """
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [environ.get("PYTHONPATH")])]
+    )
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "twistd"), *argv],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_twistd_help_lists_rendezvous(tmp_path: Path) -> None:
+    """`twistd --help` lists the rendezvous command with its description."""
+    result = twistd("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s+rendezvous\s+A rendezvous server", result.stdout, re.MULTILINE), (
+        result.stdout
+    )
+
+
+def test_twistd_rendezvous_help_lists_every_option(tmp_path: Path) -> None:
+    """`twistd rendezvous --help` documents --listen and every limit option."""
+    result = twistd("rendezvous", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ["listen", *(row[0] for row in EVERY_OPTION)]:
+        assert re.search(rf"^\s+--{option}=", result.stdout, re.MULTILINE), option
+
+
+# The .tac file.
+
+
+def listen_addresses(application: Any) -> list[tuple[int, str]]:
+    """
+    (port, interface) of every TCP endpoint service in an application,
+    read without starting it.
+    """
+    found = []
+    for service in descendants(application):
+        if isinstance(service, StreamServerEndpointService):
+            assert isinstance(service.factory, RendezvousSite)
+            # The endpoint keeps what strports parsed; it has no public getter.
+            found.append((service.endpoint._port, service.endpoint._interface))
+    return found
+
+
+def load_tac(monkeypatch: pytest.MonkeyPatch, **environ: str) -> Any:
+    """
+    Load rendezvous.tac with exactly these RENDEZVOUS_* variables set.
+    """
+    clean_environment(monkeypatch)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    return loadApplication(str(ROOT / "rendezvous.tac"), "python")
+
+
+def test_tac_listens_where_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .tac's application listens on each endpoint of RENDEZVOUS_LISTEN, and only those."""
+    application = load_tac(
+        monkeypatch,
+        RENDEZVOUS_LISTEN="tcp:18080:interface=127.0.0.2 tcp:port=18081:interface=0.0.0.0",
+    )
+    assert listen_addresses(application) == [(18080, "127.0.0.2"), (18081, "0.0.0.0")]
+    assert not IService(application).running
+
+
+def test_tac_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without RENDEZVOUS_* variables, the .tac listens on 127.0.0.1:8080 with Config() limits."""
+    application = load_tac(monkeypatch)
+    assert listen_addresses(application) == [(8080, "127.0.0.1")]
+    assert store_service(IService(application)).config == Config()
+
+
+def test_tac_reads_the_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .tac builds its Config from the RENDEZVOUS_* limit variables."""
+    environ = {variable: argument for _, _, variable, argument, _ in EVERY_OPTION}
+    application = load_tac(monkeypatch, **environ)
+    expected = Config(**{field: value for _, field, _, _, value in EVERY_OPTION})
+    assert store_service(IService(application)).config == expected
+    [site] = {
+        s.factory for s in descendants(application) if isinstance(s, StreamServerEndpointService)
+    }
+    assert site.max_body_bytes == 4096
