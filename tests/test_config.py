@@ -177,15 +177,10 @@ def test_public_url_must_be_absolute_http_without_query_or_fragment(url: str) ->
         Config(public_url=url)
 
 
-# BUG (found by this test): each of these URLs is accepted, yet the base_url
-# it yields cannot prefix an id.  urlsplit reports an empty query or fragment
-# ("?" or "#" with nothing after) as '', and Config tests their truth, so
-# "https://example.org/?" gives base_url "https://example.org/?/" and
-# Location ".../?/<id>", which names the root.  An empty host
-# ("https://:8443/") passes the netloc test.  urlsplit silently drops tab and
-# newline before parsing, so the validated URL is not the stored one: the
-# newline, and a space, reach base_url and the Location header.  A port
-# that is not a number is never checked.
+# Each of these once passed, yet cannot prefix an id: urlsplit reads a bare
+# "?" or "#" as an empty query or fragment, accepts an empty host, drops tabs
+# and newlines before parsing (so the URL checked was not the URL stored),
+# and does not check the port.
 @pytest.mark.parametrize(
     "url",
     [
