@@ -78,8 +78,6 @@ _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 # A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
 # literal, and an optional port.  Anything else falls back to our own address.
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
-# RFC 7240: wait=<delta-seconds>, possibly quoted, among other preferences.
-_PREFER_WAIT = re.compile(rb'(?:^|[,\s])wait[ \t]*=[ \t]*"?([0-9]{1,10})"?[ \t]*(?:[;,]|\Z)', re.I)
 
 
 def error_body(errcode: str, message: str) -> bytes:
@@ -99,14 +97,18 @@ def redact(rendezvous_id: str) -> str:
 
 def prefer_wait(values: Sequence[bytes] | None) -> float | None:
     """
-    The C{wait} preference of RFC 7240, in seconds, or None.  Only the first
-    C{wait} counts; a value that does not parse is ignored, as a preference
-    may be.
+    The C{wait} preference of RFC 7240 (C{Prefer: wait=10}), in seconds, or
+    None.  Only the first C{wait} counts, and one whose value is not a
+    plain number of seconds is ignored, as any preference may be.
     """
-    if not values:
-        return None
-    match = _PREFER_WAIT.search(b",".join(values))
-    return None if match is None else float(match.group(1))
+    for preference in b",".join(values or ()).split(b","):
+        name, _, value = preference.partition(b";")[0].partition(b"=")
+        if name.strip(b" \t").lower() == b"wait":
+            seconds = value.strip(b" \t")
+            if seconds[:1] == b'"' == seconds[-1:]:
+                seconds = seconds[1:-1]
+            return float(seconds) if seconds.isdigit() and len(seconds) <= 10 else None
+    return None
 
 
 def _http_date(seconds: float) -> bytes:
@@ -280,10 +282,10 @@ def _access_log_line(timestamp: str, request: Request) -> str:
 
 class _GuardedResource(KleinResource):
     """
-    Klein's resource, minus its answers to input it cannot route: it answers
-    a non-UTF-8 path or Host with a plain-text 400 (and logs an error), and
-    lets werkzeug's refusal of an unencodable Host escape as a 500.  Such
-    requests get the same JSON answers as any other here.
+    Klein's resource, with JSON answers for requests Klein cannot route:
+    a path with an empty segment (Klein reads "//" as "/"), a path or Host
+    that is not UTF-8 (Klein answers those in plain text and logs an error)
+    and a Host werkzeug refuses (which would escape as a 500).
     """
 
     def __init__(self, app: Klein, api: RendezvousAPI) -> None:
@@ -414,9 +416,11 @@ class RendezvousAPI:
 
     def read(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         headers = request.requestHeaders
-        if (headers.getRawHeaders(b"Sec-Fetch-Mode") or [b""])[-1] == b"navigate" or (
-            headers.getRawHeaders(b"Sec-Fetch-Dest") or [b""]
-        )[-1] == b"document":
+        # A browser opening the URL itself (not a page's fetch()): refuse,
+        # so that nobody can host pages or files here for people to open.
+        mode = headers.getRawHeaders(b"Sec-Fetch-Mode")
+        destination = headers.getRawHeaders(b"Sec-Fetch-Dest")
+        if mode == [b"navigate"] or destination == [b"document"]:
             raise ForbiddenError("payloads cannot be opened as pages")
         if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
         if if_none_match is None:
