@@ -5,6 +5,9 @@ The store's lifecycle as a Twisted service.
 from __future__ import annotations
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from rendezvous_twisted.config import Config
@@ -22,9 +25,10 @@ class StoreService(Service):
 
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config) -> None:
+    def __init__(self, store: RendezvousStore, config: Config, clock: IReactorTime) -> None:
         self.store = store
         self.config = config
+        self.clock = clock
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -42,6 +46,9 @@ class StoreService(Service):
             per_rendezvous=c.max_parked_per_rendezvous,
         )
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self.store.shutdown()
+        # The answers are in the transports' buffers now.  Give the reactor
+        # one turn to write them before shutdown drops every connection.
+        return deferLater(self.clock, 0, lambda: None)

@@ -154,7 +154,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     root = MultiService()
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
-    StoreService(store, config).setServiceParent(root)  # type: ignore[no-untyped-call]
+    StoreService(store, config, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     for description in options["listen"]:
         strports.service(description, site, reactor=reactor).setServiceParent(root)
     return root

@@ -196,6 +196,13 @@ class RendezvousRequest(Request):
         """
         self._refused = True
         self.content = BytesIO()
+        # The access log never sees this request (it never finishes).
+        address = self.getClientAddress()  # type: ignore[no-untyped-call]
+        self._log.info(
+            "refused a body over {max_bytes} bytes from {client}",
+            max_bytes=self._max_bytes,
+            client=getattr(address, "host", "-"),
+        )
         # Twisted would otherwise invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"Expect")
         transport = self.channel.transport

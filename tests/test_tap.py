@@ -22,7 +22,6 @@ from twisted.application.service import (
     IServiceMaker,
     loadApplication,
 )
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -35,6 +34,8 @@ from rendezvous_twisted.config import Config
 from rendezvous_twisted.service import StoreService
 from rendezvous_twisted.store import NotFound, Version
 from rendezvous_twisted.web import RendezvousSite
+
+from .conftest import answered, fired
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,16 +76,14 @@ def parsed(argv: list[str]) -> tap.Options:
     return options
 
 
-def fired(d: Deferred[Any]) -> Any:
+def stop(service: IService, reactor: MemoryReactorClock) -> None:
     """
-    The result of a Deferred that has already fired; re-raises a failure.
+    Stop a service tree, giving the reactor the turn the store asks for.
     """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
+    d = service.stopService()
+    assert not answered(d), "the store waits a reactor turn for answers to be written"
+    reactor.advance(0)
+    fired(d)
 
 
 def descendants(service: Any) -> Iterator[IService]:
@@ -292,7 +291,7 @@ def test_make_service_listens_on_every_endpoint() -> None:
     ]
     for _, factory, _, _ in reactor.tcpServers:
         assert isinstance(factory, RendezvousSite)
-    fired(service.stopService())
+    stop(service, reactor)
 
 
 def test_make_service_default_listen() -> None:
@@ -303,7 +302,7 @@ def test_make_service_default_listen() -> None:
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
         (8080, "127.0.0.1")
     ]
-    fired(service.stopService())
+    stop(service, reactor)
 
 
 def test_site_runs_on_the_given_reactor_with_the_options_limits() -> None:
@@ -315,7 +314,7 @@ def test_site_runs_on_the_given_reactor_with_the_options_limits() -> None:
     assert isinstance(site, RendezvousSite)
     assert site.max_body_bytes == 4096
     assert site.reactor is reactor
-    fired(service.stopService())
+    stop(service, reactor)
 
 
 def store_service(service: IService) -> StoreService:
@@ -339,11 +338,11 @@ def test_store_uses_the_given_reactor_and_ttl() -> None:
     reactor.advance(1.5)
     with pytest.raises(NotFound):
         fired(store.read(version.rendezvous_id))
-    fired(service.stopService())
+    stop(service, reactor)
 
 
 def test_stop_service_stops_everything_and_answers_parked_readers() -> None:
-    """stopService stops every child, and the store answers its parked readers at once."""
+    """stopService stops every child; the store answers its parked readers and waits a turn."""
     reactor = MemoryReactorClock()
     service = tap.makeService(parsed(["--listen=tcp:8081", "--listen=tcp:8082"]), reactor=reactor)
     service.startService()
@@ -356,7 +355,7 @@ def test_stop_service_stops_everything_and_answers_parked_readers() -> None:
     answers: list[Any] = []
     parked.addBoth(answers.append)
     assert answers == [], "the reader is parked"
-    fired(service.stopService())
+    stop(service, reactor)
     # What a shut-down store answers with is test_store's business; here it
     # is enough that the StoreService in the tree shut the store down.
     assert len(answers) == 1
