@@ -8,7 +8,7 @@ the command line itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 #: Where a newcomer's server listens when no C{--listen} is given.
@@ -72,20 +72,13 @@ class Config:
     public_url: str | None = None
 
     def __post_init__(self) -> None:
-        for name in (
-            "ttl_seconds",
-            "max_bytes",
-            "poll_timeout_seconds",
-            "max_rendezvous",
-            "max_rendezvous_per_address",
-            "max_parked",
-            "max_parked_per_rendezvous",
-            "max_content_type_bytes",
-        ):
-            value = getattr(self, name)
+        for field in fields(self):
+            if field.name == "public_url":
+                continue
+            value = getattr(self, field.name)
             # NaN fails every comparison, so "not > 0" also refuses it.
             if not value > 0 or value == float("inf"):
-                raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+                raise ValueError(f"{field.name} must be a positive finite number, not {value!r}")
         if self.max_rendezvous_per_address > self.max_rendezvous:
             raise ValueError("max_rendezvous_per_address must not exceed max_rendezvous")
         if self.max_parked_per_rendezvous > self.max_parked:
