@@ -204,8 +204,8 @@ class MemoryStore:
         self._by_owner: dict[str, dict[str, None]] = {}
         self._parked = 0
         self._stopped = False
-        # A random prefix per store and a counter per write: ETags never
-        # repeat, whatever the bytes, and reveal nothing guessable.
+        # A counter per write, so ETags never repeat whatever the bytes, and
+        # a random prefix per store, so a restarted server never reissues one.
         self._etag_prefix = secrets.token_urlsafe(9).encode("ascii")
         self._etag_serial = count(1)
 
