@@ -15,6 +15,15 @@ from urllib.parse import urlsplit
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 
+def check_positive(name: str, value: float) -> None:
+    """
+    Refuse a limit that is not a positive, finite number.
+    """
+    # NaN fails every comparison, so "not > 0" also refuses it.
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+
+
 def _check_public_url(url: str) -> None:
     """
     Refuse a base URL that could not prefix an id: it must be absolute
@@ -75,10 +84,7 @@ class Config:
         for field in fields(self):
             if field.name == "public_url":
                 continue
-            value = getattr(self, field.name)
-            # NaN fails every comparison, so "not > 0" also refuses it.
-            if not value > 0 or value == float("inf"):
-                raise ValueError(f"{field.name} must be a positive finite number, not {value!r}")
+            check_positive(field.name, getattr(self, field.name))
         if self.max_rendezvous_per_address > self.max_rendezvous:
             raise ValueError("max_rendezvous_per_address must not exceed max_rendezvous")
         if self.max_parked_per_rendezvous > self.max_parked:

@@ -14,7 +14,7 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from rendezvous_twisted.config import DEFAULT_LISTEN, Config
+from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
 from rendezvous_twisted.service import StoreService
 from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import RendezvousAPI
@@ -24,11 +24,10 @@ _DEFAULTS = Config()
 ENVIRONMENT_PREFIX = "RENDEZVOUS_"
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+def _positive(kind: type[float], option: str) -> Callable[[str], Any]:
     def coerce(value: str) -> float:
         number = kind(value)
-        if not number > 0 or number == float("inf"):
-            raise ValueError(f"must be a positive number, not {value!r}")
+        check_positive(f"--{option}", number)
         return number
 
     coerce.coerceDoc = "A positive number."  # type: ignore[attr-defined]
@@ -46,45 +45,45 @@ class Options(usage.Options):
         "(MSC3886), holding rendezvous in memory, with long-polling."
     )
 
-    # (option, Config field, help, coercer)
-    _limits: tuple[tuple[str, str, str, Callable[[str], Any]], ...] = (
+    # (option, Config field, help, number type)
+    _limits: tuple[tuple[str, str, str, type[float]], ...] = (
         (
             "ttl",
             "ttl_seconds",
             "Lifetime of a rendezvous, in seconds, fixed at creation.",
-            _positive(float),
+            float,
         ),
-        ("max-bytes", "max_bytes", "Largest payload, in bytes.", _positive(int)),
+        ("max-bytes", "max_bytes", "Largest payload, in bytes.", int),
         (
             "poll-timeout",
             "poll_timeout_seconds",
             "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
-            _positive(float),
+            float,
         ),
         (
             "max-rendezvous",
             "max_rendezvous",
             "Rendezvous alive at once, across the server.",
-            _positive(int),
+            int,
         ),
         (
             "max-rendezvous-per-address",
             "max_rendezvous_per_address",
             "Rendezvous alive at once per client address.",
-            _positive(int),
+            int,
         ),
-        ("max-parked", "max_parked", "Parked long-poll GETs across the server.", _positive(int)),
+        ("max-parked", "max_parked", "Parked long-poll GETs across the server.", int),
         (
             "max-parked-per-rendezvous",
             "max_parked_per_rendezvous",
             "Parked long-poll GETs on one rendezvous.",
-            _positive(int),
+            int,
         ),
     )
 
     optParameters = [
-        [option, None, getattr(_DEFAULTS, field), help_text, coerce]
-        for option, field, help_text, coerce in _limits
+        [option, None, getattr(_DEFAULTS, field), help_text, _positive(kind, option)]
+        for option, field, help_text, kind in _limits
     ] + [
         [
             "public-url",
