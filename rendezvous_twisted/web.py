@@ -23,7 +23,7 @@ from twisted.web import http
 from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from rendezvous_twisted import conditions
@@ -287,9 +287,20 @@ def _access_log_line(timestamp: str, request: Request) -> str:
     return f'{client} - - {timestamp} "{method} {path} {proto}" {request.code} {request.sentLength}'
 
 
+def _written(request: IRequest, body: bytes) -> object:
+    """
+    Write and finish an answer as Klein does, rather than returning bytes
+    to Twisted, which would add a Content-Length even to a 204.
+    """
+    request.write(body)
+    request.finish()
+    return NOT_DONE_YET
+
+
 class _GuardedResource(KleinResource):
     """
-    Klein's resource, with JSON answers for requests Klein cannot route:
+    Klein's resource, behind the one place that answers every CORS
+    preflight, and with JSON answers for requests Klein cannot route:
     a path with an empty segment (Klein reads "//" as "/"), a path or Host
     that is not UTF-8 (Klein answers those in plain text and logs an error)
     and a Host werkzeug refuses (which would escape as a 500).
@@ -300,27 +311,26 @@ class _GuardedResource(KleinResource):
         self._api = api
 
     def render(self, request: IRequest) -> Any:
+        # A preflight succeeds whatever the path, known or not: a failed one
+        # is a broken browser client, and it reveals nothing.  Decided here,
+        # once, before any routing.
+        if request.method == b"OPTIONS":
+            return _written(request, self._api.preflight(request))
         segments = request.postpath or [b""]
         # Klein would read "//" as "/" and "/<id>/" as "/<id>": an empty
         # segment anywhere but in "/" itself names nothing we serve.
         if b"" in segments and segments != [b""]:
-            return self._refuse(request, UnknownPathError())
+            return _written(request, self._api.refuse(request, UnknownPathError()))
         try:
             b"/".join(segments).decode("utf-8")
         except UnicodeDecodeError:
-            return self._refuse(request, UnknownPathError())
+            return _written(request, self._api.refuse(request, UnknownPathError()))
         try:
             request.getRequestHostname().decode("utf-8")
             return super().render(request)
         except (UnicodeError, WerkzeugHTTPException):
-            return self._refuse(request, BadRequestError("M_BAD_REQUEST", "unusable Host header"))
-
-    def _refuse(self, request: IRequest, error: HTTPError) -> bytes:
-        # A preflight succeeds whatever the path: a failed one is a broken
-        # browser client, and it reveals nothing.
-        if request.method == b"OPTIONS":
-            return self._api.preflight(request)
-        return self._api.refuse(request, error)
+            error = BadRequestError("M_BAD_REQUEST", "unusable Host header")
+            return _written(request, self._api.refuse(request, error))
 
 
 class RendezvousAPI:
@@ -344,13 +354,11 @@ class RendezvousAPI:
         self._config = config
         self._root_methods: dict[bytes, Callable[[IRequest], Any]] = {
             b"POST": self.create,
-            b"OPTIONS": self.preflight,
         }
         self._rendezvous_methods: dict[bytes, Callable[[IRequest, str], Any]] = {
             b"GET": self.read,
             b"PUT": self.write,
             b"DELETE": self.delete,
-            b"OPTIONS": lambda request, rendezvous_id: self.preflight(request),
         }
 
     def resource(self) -> IResource:
@@ -381,17 +389,11 @@ class RendezvousAPI:
         if handler is None:
             raise MethodNotAllowedError(ALLOW_RENDEZVOUS)
         if _ID.match(rendezvous_id) is None:
-            # Malformed ids are as unknown as any other: 404, and a
-            # preflight still succeeds.
-            if request.method == b"OPTIONS":
-                return self.preflight(request)
-            raise NotFound()
+            raise NotFound()  # as unknown as any other id
         return handler(request, rendezvous_id)
 
     @app.route("/<path:rest>")
     def _elsewhere(self, request: IRequest, rest: str) -> Any:
-        if request.method == b"OPTIONS":
-            return self.preflight(request)
         raise UnknownPathError()
 
     # The protocol.
@@ -535,12 +537,12 @@ class RendezvousAPI:
         return self._respond(request, 200, version.body, version.content_type, version)
 
     def _body(self, request: IRequest) -> bytes:
+        # Its size is the store's to judge (and RendezvousRequest's, before
+        # it was read); this only reads it.
         content = request.content
         assert content is not None
         content.seek(0)
-        body: bytes = content.read(self._store.max_bytes + 1)
-        if len(body) > self._store.max_bytes:
-            raise TooLarge()
+        body: bytes = content.read()
         return body
 
     def _content_type(self, request: IRequest) -> bytes:
