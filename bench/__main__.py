@@ -167,16 +167,21 @@ class Runner:
                     )
                     if name in wanted
                 ]
-                floor_rps = None
+                floor_rps = floor_cpu = None
                 for name, server in chosen:
                     result = self.scenario(name, server.url, server.probe)
                     result.update(run=run, pinned=pin, server=" ".join(server.argv))
                     if name == "floor":
                         floor_rps = result["requests_per_s"]
+                        floor_cpu = result.get("server_cpu_us_per_request")
                     if name == "read-heavy" and floor_rps:
                         for kind in ("get200", "get304"):
                             ratio = result[kind + "_requests_per_s"] / floor_rps
                             result[kind + "_over_floor"] = round(ratio, 3)
+                            # The same ratio from CPU time per request.
+                            cpu = result.get(kind + "_server_cpu_us_per_request")
+                            if floor_cpu and cpu:
+                                result[kind + "_cpu_over_floor"] = round(floor_cpu / cpu, 3)
                     self.emit(result)
                     figures.append(result)
             finally:
@@ -209,18 +214,21 @@ def summarize(figures: list[dict[str, Any]]) -> dict[str, Any]:
         if s == "floor":
             add("floor_requests_per_s", f["requests_per_s"])
             add("floor_server_cpu_share", f.get("server_cpu_share"))
+            add("floor_server_cpu_us_per_request", f.get("server_cpu_us_per_request"))
         elif s == "read-heavy":
             for key in (
                 "get200_requests_per_s", "get200_over_floor", "get200_latency_ms_p99",
                 "get304_requests_per_s", "get304_over_floor", "get304_latency_ms_p99",
                 "get200_server_cpu_share", "get200_client_cpu_share",
+                "get200_cpu_over_floor", "get304_cpu_over_floor",
+                "get200_server_cpu_us_per_request", "get304_server_cpu_us_per_request",
             ):  # fmt: skip
                 add(key, f.get(key))
         elif s == "exchange":
             for key in (
                 "flows_per_s", "requests_per_s", "wake_after_put_sent_ms_p99",
                 "unloaded_wake_after_put_sent_ms_p50", "unloaded_wake_after_put_sent_ms_p99",
-                "unloaded_wake_after_202_ms_p99", "server_cpu_share",
+                "unloaded_wake_after_202_ms_p99", "server_cpu_share", "server_cpu_us_per_request",
             ):  # fmt: skip
                 add("exchange_" + key, f.get(key))
         elif s == "parked":
