@@ -92,6 +92,13 @@ class Options(usage.Options):
             "Base URL of the server as clients reach it (scheme, host, any path prefix), "
             "for the Location header. Default: the request's own scheme and Host.",
         ],
+        [
+            "access-log",
+            None,
+            None,
+            "Append the access log to this file instead of the server's log "
+            "(/dev/null drops it). Default: the server's log.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -124,7 +131,9 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
     """
     argv: list[str] = []
-    for name in ["listen", "public-url", *(option for option, *_ in Options._limits)]:
+    for name in [
+        "listen", "public-url", "access-log", *(option for option, *_ in Options._limits)
+    ]:  # fmt: skip
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue
@@ -148,7 +157,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     config: Config = options["config"]
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config).site(reactor)
+    site = RendezvousAPI(store, config).site(reactor, access_log=options["access-log"])
 
     root = MultiService()
     # First in, last out: the listeners stop before the store answers its
