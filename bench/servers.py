@@ -32,6 +32,8 @@ BENCH_LIMITS = (
     "--max-parked=100000",
     "--max-parked-per-rendezvous=8",
     "--poll-timeout=600",
+    # Longer than any parked round: its rendezvous must outlive it.
+    "--ttl=3600",
 )
 
 

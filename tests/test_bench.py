@@ -51,7 +51,11 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]
     printed = [json.loads(line) for line in done.stdout.splitlines()]
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert printed == written
-    return {line["scenario"]: line for line in printed}
+    by_name = {line["scenario"]: line for line in printed if "variant" not in line}
+    for line in printed:
+        if "variant" in line:
+            by_name[line["scenario"] + ":" + line["variant"]] = line
+    return by_name
 
 
 def _numbers(figures: dict[str, Any], *names: str) -> None:
@@ -63,7 +67,8 @@ def _numbers(figures: dict[str, Any], *names: str) -> None:
 def test_every_scenario_reports(report: dict[str, dict[str, Any]]) -> None:
     """--all prints one line per scenario, the many-cores skip and a summary."""
     assert set(report) == {
-        "floor", "read-heavy", "exchange", "parked", "churn", "many-cores", "summary",
+        "floor", "read-heavy", "read-heavy:access-log-file", "exchange", "parked", "churn",
+        "many-cores", "summary",
     }  # fmt: skip
     assert "Redis" in report["many-cores"]["skipped"]
 
@@ -72,7 +77,12 @@ def test_read_figures_are_ratios_to_the_floor(report: dict[str, dict[str, Any]])
     """Read-heavy reports 200 and 304 throughput, latency, CPU shares and ratios to the floor."""
     floor = report["floor"]
     _numbers(floor, "requests_per_s", "latency_ms_p50", "latency_ms_p99", "server_cpu_share")
-    read = report["read-heavy"]
+    for read in [report["read-heavy"], report["read-heavy:access-log-file"]]:
+        _read_figures(read, floor)
+    assert "--access-log=/dev/null" in report["read-heavy:access-log-file"]["server"]
+
+
+def _read_figures(read: dict[str, Any], floor: dict[str, Any]) -> None:
     for kind in ("get200", "get304"):
         _numbers(
             read,
