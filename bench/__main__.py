@@ -27,8 +27,9 @@ from bench.servers import Probe, Server, raise_nofile, start_floor, start_rendez
 
 SCENARIOS = ("exchange", "read-heavy", "parked", "churn", "floor")
 #: File descriptors kept back from the open-file limit for everything that
-#: is not a parked connection (listener, epoll, logs, writer connections).
-FD_RESERVE = 128
+#: is not a parked connection (listener, epoll, logs, up to 128 writer
+#: connections, the setup connection).
+FD_RESERVE = 384
 SERVER_CPU = 0
 CLIENT_CPU = 1
 

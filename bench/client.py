@@ -148,8 +148,8 @@ class Connection(asyncio.Protocol):
         loopback's ephemeral ports: the parked scenario opens tens of
         thousands of connections in a row.
         """
-        if self.transport is None:
-            return
+        if self.transport is None or self._lost is not None:
+            return  # already closed, by the server or by us
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

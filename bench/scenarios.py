@@ -315,9 +315,12 @@ async def _parked_round(target: Target, count: int, idle_seconds: float, probe: 
         _expect(answer, 200, "a woken long-poll")
     done = max(answer.arrived for _, answer in answers)
     latencies = [answer.arrived - put_sent[k] for k, answer in answers]
+    # A new connection: Twisted may have timed the first one out while idle.
+    close_all([*readers, *writers, setup])
+    setup = await target.connect()
     for path, _ in made:
         _expect(await setup.request(b"DELETE", path), 204, "delete")
-    close_all([*readers, *writers, setup])
+    setup.reset()
     return {
         "parked": count,
         "rendezvous": len(made),

@@ -34,7 +34,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]
     ]  # fmt: skip
     # "max" parked would open thousands of sockets; cap the open-file limit
     # so that it means 16 more, and the run stays short.
-    cap = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))"
+    cap = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))"
     done = subprocess.run(
         [
             sys.executable,
@@ -117,7 +117,7 @@ def test_exchange_reports_flows_and_wake_latency(report: dict[str, dict[str, Any
 def test_parked_rounds_go_to_the_open_file_limit(report: dict[str, dict[str, Any]]) -> None:
     """Parked runs each round size, 'max' from the open-file limit, and wakes every reader."""
     rounds = report["parked"]["rounds"]
-    assert [r["parked"] for r in rounds] == [16, (256 - 128) // 8 * 8]
+    assert [r["parked"] for r in rounds] == [16, (512 - 384) // 8 * 8]
     for r in rounds:
         assert r["rendezvous"] == r["parked"] // 8
         _numbers(r, "idle_server_cpu_share", "wake_all_s", "wake_ms_p50", "wake_ms_p99")
