@@ -4,9 +4,15 @@ The store's lifecycle as a Twisted service.
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -52,3 +58,60 @@ class StoreService(Service):
         # The answers are in the transports' buffers now.  Give the reactor
         # one turn to write them before shutdown drops every connection.
         return deferLater(self.clock, 0, lambda: None)
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    Twisted's endpoint service, raising listen failures at start as
+    C{strports.service} does, and telling when it listens.
+    """
+
+    _raiseSynchronously = True
+
+    def whenListening(self) -> Deferred[IListeningPort | None]:
+        """
+        Fires with the listening port once listening (or None if listening
+        failed, which is logged).  Call it after the service started.
+        """
+        waiting: Deferred[Any] | None = self._waitingForPort
+        assert waiting is not None, "the service has not started"
+        result: Deferred[IListeningPort | None] = Deferred()
+
+        def listening(port: Any) -> Any:
+            result.callback(port)
+            return port
+
+        waiting.addCallback(listening)
+        return result
+
+
+class HangupReloader(Service):
+    """
+    Calls C{reload} on the reactor thread whenever the process gets SIGHUP
+    (C{systemctl reload}), while the service runs; the previous handler is
+    put back on stop.
+    """
+
+    log = Logger()
+
+    def __init__(self, reload: Callable[[], object], reactor: IReactorFromThreads) -> None:
+        self._reload = reload
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        # A signal handler may run between any two bytecodes: do nothing
+        # here but hand the work to the reactor, as Twisted's own handlers do.
+        self._reactor.callFromThread(self._reloadNow)
+
+    def _reloadNow(self) -> None:
+        self.log.info("SIGHUP: reloading")
+        self._reload()

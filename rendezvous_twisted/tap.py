@@ -8,14 +8,15 @@ the only one that may fall back to the global reactor.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from rendezvous_twisted import tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
-from rendezvous_twisted.service import StoreService
+from rendezvous_twisted.service import HangupReloader, ListenerService, StoreService
 from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import RendezvousAPI
 
@@ -92,6 +93,20 @@ class Options(usage.Options):
             "Base URL of the server as clients reach it (scheme, host, any path prefix), "
             "for the Location header. Default: the request's own scheme and Host.",
         ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM file of the TLS certificate followed by its chain (e.g. fullchain.pem), "
+            "for every ssl: listener without privateKey= and every tls:ENDPOINT listener. "
+            "Reloaded on SIGHUP.",
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "PEM file of the TLS private key (unencrypted) for --tls-cert. Reloaded on SIGHUP.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -115,6 +130,34 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """
+        Refuse TLS settings that cannot serve: one of --tls-cert and
+        --tls-key without the other, files given that no listener uses (a
+        server an operator meant to be TLS must not quietly serve plain
+        HTTP), a TLS listener without files, or files that do not load.
+        """
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
+        used = False
+        try:
+            for description in self["listen"]:
+                files = tls.tls_files(description, default)
+                if files is not None:
+                    tls.load_identity(files)
+                    used = used or files == default
+        except ValueError as e:  # CertificateError included
+            raise usage.UsageError(str(e)) from e
+        if default is not None and not used:
+            raise usage.UsageError(
+                "--tls-cert/--tls-key are given but no listener uses them: "
+                "listen with ssl:PORT or tls:ENDPOINT"
+            )
+        self["tls-default"] = default
 
 
 def options_from_environment(environ: Mapping[str, str]) -> Options:
@@ -124,7 +167,8 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
     """
     argv: list[str] = []
-    for name in ["listen", "public-url", *(option for option, *_ in Options._limits)]:
+    names = ["listen", "public-url", "tls-cert", "tls-key"]
+    for name in [*names, *(option for option, *_ in Options._limits)]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue
@@ -154,6 +198,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     StoreService(store, config, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    contexts = tls.ContextRegistry()
     for description in options["listen"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(root)
+        endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
+        ListenerService(endpoint, site).setServiceParent(root)  # type: ignore[no-untyped-call]
+    if contexts.contexts:
+        HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
