@@ -73,6 +73,10 @@ class Config:
     max_parked: int = 50000
     #: Parked GETs on one rendezvous.
     max_parked_per_rendezvous: int = 8
+    #: Longest a graceful stop (SIGTERM) waits for requests being answered
+    #: and their connections to close before aborting them.  Parked readers
+    #: are answered at once, so this bounds slow uploads and slow readers.
+    shutdown_timeout_seconds: float = 5.0
     #: Longest Content-Type a writer may store, so that a header cannot
     #: smuggle more bytes into memory than the payload limit admits.
     max_content_type_bytes: int = 255

@@ -11,30 +11,86 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
+from rendezvous_twisted.web import RendezvousSite
+
+
+class Lifecycle:
+    """
+    Whether the server serves or is stopping, shared by whoever must know:
+    the health check, systemd's notifications, the graceful stop.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._on_stopping: list[Callable[[], object]] = []
+        #: Fires once the graceful stop has answered and closed everything.
+        self.drained: Deferred[None] = Deferred()
+
+    def on_stopping(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} once, when the stop begins.
+        """
+        self._on_stopping.append(callback)
+
+    def stop(self) -> None:
+        """
+        The stop begins (idempotent).
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        for callback in self._on_stopping:
+            callback()
+
+
+class StoppingService(Service):
+    """
+    Marks the L{Lifecycle} as stopping.  Put it last in its parent, so that
+    a stop reaches it first, before any listener closes.
+    """
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.lifecycle.stop()
 
 
 class StoreService(Service):
     """
     Owns a store for the life of the process: logs the limits it serves
     with on start, and on stop answers every parked reader (304, so clients
-    poll again) before the process goes.
+    poll again), lets the requests in flight finish and closes every
+    connection (all within C{shutdown_timeout_seconds}) before the process
+    goes.
 
-    Put it first in its parent, so that it stops last, after the listeners.
+    Put it first in its parent, so that it stops last, after the listeners
+    stopped accepting.
     """
 
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: RendezvousStore,
+        config: Config,
+        clock: IReactorTime,
+        site: RendezvousSite | None = None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
+        self.site = site
+        self.lifecycle = lifecycle or Lifecycle()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -54,10 +110,21 @@ class StoreService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        self.lifecycle.stop()
         self.store.shutdown()
-        # The answers are in the transports' buffers now.  Give the reactor
-        # one turn to write them before shutdown drops every connection.
-        return deferLater(self.clock, 0, lambda: None)
+        if self.site is None:
+            drained: Deferred[None] = succeed(None)
+        else:
+            drained = self.site.drain(self.clock, self.config.shutdown_timeout_seconds)
+
+        def settled(result: None) -> Deferred[None]:
+            self.log.info("stopped gracefully")
+            # Give the reactor a turn to write what the last closes left.
+            return deferLater(self.clock, 0, lambda: None)
+
+        d = drained.addCallback(settled)
+        d.addCallback(lambda _: self.lifecycle.drained.callback(None))
+        return d
 
 
 class ListenerService(StreamServerEndpointService):

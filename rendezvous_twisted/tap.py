@@ -16,7 +16,13 @@ from twisted.python import usage
 
 from rendezvous_twisted import tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
-from rendezvous_twisted.service import HangupReloader, ListenerService, StoreService
+from rendezvous_twisted.service import (
+    HangupReloader,
+    Lifecycle,
+    ListenerService,
+    StoppingService,
+    StoreService,
+)
 from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import RendezvousAPI
 
@@ -79,6 +85,12 @@ class Options(usage.Options):
             "max_parked_per_rendezvous",
             "Parked long-poll GETs on one rendezvous.",
             int,
+        ),
+        (
+            "shutdown-timeout-seconds",
+            "shutdown_timeout_seconds",
+            "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
+            float,
         ),
     )
 
@@ -197,11 +209,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     root = MultiService()
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
-    StoreService(store, config, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    lifecycle = Lifecycle()
+    StoreService(store, config, reactor, site, lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     for description in options["listen"]:
         endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
         ListenerService(endpoint, site).setServiceParent(root)  # type: ignore[no-untyped-call]
     if contexts.contexts:
         HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    # Last in, first out: on stop, tell everyone at once that we are stopping.
+    StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root

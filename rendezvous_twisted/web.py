@@ -169,6 +169,12 @@ class RendezvousRequest(Request):
         return site.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
+        # The headers are in: from now until it is answered (or its
+        # connection is lost) this request is in flight, and a graceful stop
+        # waits for it, its body upload included.
+        site: RendezvousSite = cast(Any, self.channel).site
+        site.request_started()
+        self.notifyFinish().addBoth(lambda _: site.request_ended())
         # Twisted spools bodies of unknown or large length to a temporary
         # file; ours are small and must never touch a disk.
         self.content = BytesIO()
@@ -251,24 +257,136 @@ class RendezvousChannel(http.HTTPChannel):
         self.loseConnection()  # type: ignore[no-untyped-call]
 
 
+class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
+    """
+    Twisted's HTTP/1.x-or-2 switching protocol, telling its site when its
+    connection is gone, so that a graceful stop knows what is still open.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            site = self._site
+            if isinstance(site, RendezvousSite):
+                site.connection_lost(self)
+
+
+def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
+    # The proxy forwards only IProtocol's methods; the transport is its
+    # channel's (the HTTP/1.1 channel, or the HTTP/2 one it switched to).
+    return getattr(protocol._channel, "transport", None)
+
+
+def _busy(protocol: _GenericHTTPChannelProtocol) -> bool:
+    # An HTTP/1.1 channel lists its requests from their first line until
+    # their answer is written; an HTTP/2 one lists its open streams.
+    channel = protocol._channel
+    return bool(getattr(channel, "requests", None) or getattr(channel, "streams", None))
+
+
 class RendezvousSite(Site):
     """
     The C{Site} for L{RendezvousAPI}: its requests enforce the body limit,
-    and its access log shows ids only as short hashes.
+    and its access log shows ids only as short hashes.  It keeps count of
+    its open connections and of the requests being answered, so that
+    L{drain} can stop gracefully.
     """
 
     requestFactory = RendezvousRequest
+    # Not "log": Site.log is the access log's method.
+    _logger = Logger()
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
         # is what switches to HTTP/2 when TLS negotiates it.
-        return _GenericHTTPChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
+        return _TrackedChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
 
     def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             resource, logFormatter=_access_log_line, reactor=reactor
         )
         self.max_body_bytes = max_body_bytes
+        #: Requests whose answer is not finished yet (parked ones included).
+        self.in_flight = 0
+        self._connections: set[_GenericHTTPChannelProtocol] = set()
+        self._closing: set[_GenericHTTPChannelProtocol] = set()
+        self._draining: Deferred[None] | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        if protocol is not None:
+            self._connections.add(protocol)
+        return protocol
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        self._check_drained()
+
+    def connection_lost(self, protocol: _GenericHTTPChannelProtocol) -> None:
+        self._connections.discard(protocol)
+        self._closing.discard(protocol)
+        self._check_drained()
+
+    def drain(self, clock: Any, timeout_seconds: float) -> Deferred[None]:
+        """
+        Stop gracefully: let every request being answered finish, then close
+        every connection once its answers are written.  Fires when all are
+        closed, or after C{timeout_seconds}, when the rest are aborted.
+        Call it once the listeners stopped accepting.
+        """
+        self._draining = Deferred()
+        drained = self._draining
+        deadline = clock.callLater(timeout_seconds, self._abort_all)
+        self._logger.info(
+            "draining: {requests} requests in flight on {connections} connections",
+            requests=self.in_flight,
+            connections=len(self._connections),
+        )
+
+        def done(result: None) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        drained.addCallback(done)
+        self._check_drained()
+        return drained
+
+    def _check_drained(self) -> None:
+        if self._draining is None or self._draining.called:
+            return
+        for protocol in list(self._connections):
+            if protocol in self._closing or _busy(protocol):
+                continue
+            # Nothing is being asked or answered on it: close it, which lets
+            # the transport write what it holds first.
+            transport = _transport_of(protocol)
+            if transport is not None:
+                self._closing.add(protocol)
+                transport.loseConnection()
+        if not self._connections:
+            self._draining.callback(None)
+
+    def _abort_all(self) -> None:
+        self._logger.warn(
+            "shutdown timeout: aborting {requests} requests on {connections} connections",
+            requests=self.in_flight,
+            connections=len(self._connections),
+        )
+        for protocol in list(self._connections):
+            transport = _transport_of(protocol)
+            if transport is not None:
+                transport.abortConnection()
+        self._connections.clear()
+        if self._draining is not None and not self._draining.called:
+            self._draining.callback(None)
 
 
 def _access_log_line(timestamp: str, request: Request) -> str:

@@ -24,6 +24,7 @@ LIMITS = [
     "max_parked",
     "max_parked_per_rendezvous",
     "max_content_type_bytes",
+    "shutdown_timeout_seconds",
 ]
 
 
@@ -39,6 +40,11 @@ def test_defaults_are_those_of_the_spec() -> None:
     assert config.max_parked_per_rendezvous == 8
     assert config.public_url is None
     assert config.base_url is None
+
+
+def test_shutdown_timeout_defaults_to_five_seconds() -> None:
+    """A graceful stop waits at most 5 s for requests in flight unless told otherwise."""
+    assert Config().shutdown_timeout_seconds == 5
 
 
 def test_default_listen_is_loopback_8080() -> None:

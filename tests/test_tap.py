@@ -60,6 +60,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         "2",
         2,
     ),
+    (
+        "shutdown-timeout-seconds",
+        "shutdown_timeout_seconds",
+        "RENDEZVOUS_SHUTDOWN_TIMEOUT_SECONDS",
+        "2.5",
+        2.5,
+    ),
 ]
 PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
 EVERY_OPTION = [*LIMITS, PUBLIC_URL]
