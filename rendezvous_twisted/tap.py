@@ -7,6 +7,7 @@ the only one that may fall back to the global reactor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from rendezvous_twisted import tls
+from rendezvous_twisted import systemd, tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
 from rendezvous_twisted.service import (
     HangupReloader,
@@ -191,13 +192,20 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     return options
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(
+    options: Options, reactor: Any = None, environ: Mapping[str, str] | None = None
+) -> IService:
     """
-    The whole server: the store, and a listener per C{--listen}.
+    The whole server: the store, a listener per C{--listen}, certificate
+    reload on SIGHUP, and systemd notifications when run by systemd.
 
     @param reactor: provides L{IReactorTime} (the store's clock) and can
         listen as the endpoints ask; the global reactor when None.
+    @param environ: where C{NOTIFY_SOCKET} and C{WATCHDOG_*} are read;
+        C{os.environ} when None.
     """
+    if environ is None:
+        environ = os.environ
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -212,9 +220,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     lifecycle = Lifecycle()
     StoreService(store, config, reactor, site, lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
+    listeners = []
     for description in options["listen"]:
         endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
-        ListenerService(endpoint, site).setServiceParent(root)  # type: ignore[no-untyped-call]
+        listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
+        listener.setServiceParent(root)  # type: ignore[no-untyped-call]
+        listeners.append(listener)
+
+    def status() -> str:
+        return (
+            f"{store.rendezvous_count} rendezvous, {store.parked_count} parked readers, "
+            f"{site.in_flight} requests in flight, {site.connection_count} connections"
+        )
+
+    systemd.SystemdService(
+        systemd.Notifier.from_environment(environ),
+        listeners,
+        status,
+        lifecycle,
+        reactor,
+        systemd.watchdog_interval_seconds(environ, os.getpid()),
+    ).setServiceParent(root)  # type: ignore[no-untyped-call]
     if contexts.contexts:
         HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.

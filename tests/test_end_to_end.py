@@ -82,19 +82,26 @@ class TwistdServer:
     """
 
     def __init__(
-        self, args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+        port_line: re.Pattern[bytes] | None = None,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
         environ["PYTHONUNBUFFERED"] = "1"
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "--logfile=-", *args],
+            [*prefix, str(TWISTD), "-n", "--pidfile=", "--logfile=-", *args],
             cwd=cwd,
             env=environ,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         self.output = bytearray()
         self.eof = False
@@ -103,7 +110,7 @@ class TwistdServer:
         self.port = 0
         self.signalled = False
         try:
-            match = self.wait_for(_PORT_LINE, START_DEADLINE_SECONDS)
+            match = self.wait_for(port_line or _PORT_LINE, START_DEADLINE_SECONDS)
         except BaseException:
             self.stop()
             raise
