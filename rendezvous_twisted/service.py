@@ -4,6 +4,7 @@ The store's lifecycle as a Twisted service.
 
 from __future__ import annotations
 
+import resource
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -182,3 +183,73 @@ class HangupReloader(Service):
     def _reloadNow(self) -> None:
         self.log.info("SIGHUP: reloading")
         self._reload()
+
+
+class LateListenerService(ListenerService):
+    """
+    A listener that goes on listening while the server drains, and stops
+    once the L{Lifecycle} has drained: the metrics and health listener,
+    which must answer "stopping" during a graceful stop.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, lifecycle: Lifecycle) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        self.lifecycle = lifecycle
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = Deferred()
+
+        def stop(result: object) -> object:
+            super(LateListenerService, self).stopService().chainDeferred(stopped)  # type: ignore[no-untyped-call]
+            return result
+
+        self.lifecycle.drained.addBoth(stop)
+        return stopped
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """
+    Raise this process' soft limit on open files to its hard limit, since
+    every parked reader holds a socket; return the (soft, hard) limits now
+    in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            # Some platforms cap the soft limit below an unlimited hard one.
+            return soft, hard
+        soft = hard
+    return soft, hard
+
+
+class OpenFileLimitService(Service):
+    """
+    On start, raises the open-file limit (L{raise_open_file_limit}) and
+    logs it, with a warning when it is too low for the parked readers the
+    configuration allows.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        soft, hard = raise_open_file_limit()
+        unlimited = soft == resource.RLIM_INFINITY
+        self.log.info(
+            "open-file limit: {soft} (hard limit {hard})",
+            soft="unlimited" if unlimited else soft,
+            hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
+        if not unlimited and soft < self.config.max_parked:
+            self.log.warn(
+                "the open-file limit {soft} is below --max-parked {max_parked}: "
+                "parked readers will be refused connections first; raise it "
+                "(LimitNOFILE= in the systemd unit)",
+                soft=soft,
+                max_parked=self.config.max_parked,
+            )

@@ -10,22 +10,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
-from rendezvous_twisted import systemd, tls
+from rendezvous_twisted import logs, systemd, tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
+from rendezvous_twisted.logs import RendezvousRoot
+from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.service import (
     HangupReloader,
+    LateListenerService,
     Lifecycle,
     ListenerService,
+    OpenFileLimitService,
     StoppingService,
     StoreService,
 )
 from rendezvous_twisted.store import MemoryStore
-from rendezvous_twisted.web import RendezvousAPI
+from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
 
 _DEFAULTS = Config()
 #: The prefix of the environment variables that the .tac file reads.
@@ -40,6 +44,15 @@ def _positive(kind: type[float], option: str) -> Callable[[str], Any]:
 
     coerce.coerceDoc = "A positive number."  # type: ignore[attr-defined]
     return coerce
+
+
+def _log_format(value: str) -> str:
+    if value not in logs.FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(logs.FORMATS)}, not {value!r}")
+    return value
+
+
+_log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -120,7 +133,25 @@ class Options(usage.Options):
             None,
             "PEM file of the TLS private key (unencrypted) for --tls-cert. Reloaded on SIGHUP.",
         ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's own lines, honouring --logfile) or json (one JSON object per "
+            "line on standard output, for journald or a collector).",
+            _log_format,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (/metrics) and a health check (/health) on this "
+            "endpoint, e.g. tcp:9090:interface=127.0.0.1. Off by default.",
+        ],
     ]
+    #: (flag, help); environment variables set them with 1 (or 0).
+    _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
+    optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -180,13 +211,20 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
     """
     argv: list[str] = []
-    names = ["listen", "public-url", "tls-cert", "tls-key"]
+    names = ["listen", "public-url", "tls-cert", "tls-key", "log-format", "metrics"]
     for name in [*names, *(option for option, *_ in Options._limits)]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue
         for one in value.split() if name == "listen" else [value]:
             argv.append(f"--{name}={one}")
+    for flag, _ in Options._flags:
+        variable = ENVIRONMENT_PREFIX + flag.upper().replace("-", "_")
+        value = environ.get(variable, "").lower()
+        if value in ("1", "true", "yes"):
+            argv.append(f"--{flag}")
+        elif value not in ("", "0", "false", "no"):
+            raise usage.UsageError(f"{variable} must be 1 or 0, not {value!r}")
     options = Options()
     options.parseOptions(argv)  # type: ignore[no-untyped-call]
     return options
@@ -212,9 +250,13 @@ def makeService(
         reactor = global_reactor
     config: Config = options["config"]
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config).site(reactor)
+    metrics = Metrics()
+    api = RendezvousAPI(store, config, metrics, reactor, access_log=not options["no-access-log"])
+    site = api.site(reactor)
 
-    root = MultiService()
+    json_logs = options["log-format"] == "json"
+    root = RendezvousRoot(logs.observer("json") if json_logs else None)
+    OpenFileLimitService(config).setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
@@ -243,6 +285,70 @@ def makeService(
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
     if contexts.contexts:
         HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    if options["metrics"]:
+        _watch(metrics, store, site, contexts)
+        endpoint = tls.listen_endpoint(reactor, options["metrics"], contexts, None)
+        LateListenerService(  # type: ignore[no-untyped-call]
+            endpoint, metrics_site(metrics, lambda: lifecycle.stopping, reactor), lifecycle
+        ).setServiceParent(root)
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+def _watch(
+    metrics: Metrics, store: MemoryStore, site: RendezvousSite, contexts: tls.ContextRegistry
+) -> None:
+    """
+    Export the counts that the store, the site and the TLS contexts keep.
+    """
+    metrics.watch(
+        "rendezvous_created", "Rendezvous created.", "counter", lambda: store.created_total
+    )
+    metrics.watch(
+        "rendezvous_deleted",
+        "Rendezvous deleted by a client.",
+        "counter",
+        lambda: store.deleted_total,
+    )
+    metrics.watch(
+        "rendezvous_expired",
+        "Rendezvous that reached their expiry.",
+        "counter",
+        lambda: store.expired_total,
+    )
+    metrics.watch(
+        "rendezvous_live",
+        "Rendezvous held now (expired ones not reclaimed yet included).",
+        "gauge",
+        lambda: store.rendezvous_count,
+    )
+    metrics.watch(
+        "rendezvous_parked_readers",
+        "Long-poll GETs parked now.",
+        "gauge",
+        lambda: store.parked_count,
+    )
+    metrics.watch(
+        "rendezvous_http_connections",
+        "Open HTTP connections.",
+        "gauge",
+        lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_requests_in_flight",
+        "Requests being received or answered.",
+        "gauge",
+        lambda: site.in_flight,
+    )
+
+    def reloads() -> dict[str, int]:
+        total = {"success": 0, "failure": 0}
+        for context in contexts.contexts:
+            for outcome, count in context.reloads.items():
+                total[outcome] += count
+        return total
+
+    metrics.watch(
+        "rendezvous_tls_reloads", "TLS certificate reloads, by outcome.", "counter", reloads
+    )

@@ -17,6 +17,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -29,6 +30,7 @@ from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 from rendezvous_twisted import conditions
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import Config
+from rendezvous_twisted.metrics import Metrics
 from rendezvous_twisted.store import (
     Full,
     NotFound,
@@ -111,6 +113,19 @@ def prefer_wait(values: Sequence[bytes] | None) -> float | None:
     return None
 
 
+def client_address(request: IRequest) -> str | None:
+    """
+    The client's address as the server judges it (for per-address limits
+    and logs): the peer's IP address, or None on a transport without one
+    (a UNIX socket).  The one place that decides it.
+    """
+    address = request.getClientAddress()
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host: str = address.host
+        return host
+    return None
+
+
 def _http_date(seconds: float) -> bytes:
     date: bytes = http.datetimeToString(int(seconds))
     return date
@@ -162,6 +177,8 @@ class RendezvousRequest(Request):
     """
 
     _refused = False
+    #: When the request's headers were in, on the site's reactor.
+    started: float | None = None
 
     @property
     def _max_bytes(self) -> int:
@@ -173,6 +190,7 @@ class RendezvousRequest(Request):
         # connection is lost) this request is in flight, and a graceful stop
         # waits for it, its body upload included.
         site: RendezvousSite = cast(Any, self.channel).site
+        self.started = site.reactor.seconds()
         site.request_started()
         self.notifyFinish().addBoth(lambda _: site.request_ended())
         # Twisted spools bodies of unknown or large length to a temporary
@@ -203,12 +221,17 @@ class RendezvousRequest(Request):
         self._refused = True
         self.content = BytesIO()
         # The access log never sees this request (it never finishes).
-        address = self.getClientAddress()  # type: ignore[no-untyped-call]
         self._log.info(
             "refused a body over {max_bytes} bytes from {client}",
             max_bytes=self._max_bytes,
-            client=getattr(address, "host", "-"),
+            client=client_address(self) or "-",
         )
+        site: RendezvousSite = cast(Any, self.channel).site
+        site.metrics.refused("too_large")
+        # The method is only set once the whole body is in; the channel has
+        # already parsed it from the request line.
+        method = getattr(self.channel, "_command", None) or self.method
+        site.metrics.request_done(method, 413, site.reactor.seconds() - (self.started or 0))
         # Twisted would otherwise invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"Expect")
         transport = self.channel.transport
@@ -272,6 +295,12 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
                 site.connection_lost(self)
 
 
+#: The access log: one event per answered request.  A module-level logger, so
+#: that its namespace stays "rendezvous_twisted.access" (a Logger class
+#: attribute takes its class' name) and can be filtered on by that name.
+_access_log = Logger(namespace="rendezvous_twisted.access")
+
+
 def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
     # The proxy forwards only IProtocol's methods; the transport is its
     # channel's (the HTTP/1.1 channel, or the HTTP/2 one it switched to).
@@ -302,11 +331,18 @@ class RendezvousSite(Site):
         # is what switches to HTTP/2 when TLS negotiates it.
         return _TrackedChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
 
-    def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
-        super().__init__(  # type: ignore[no-untyped-call]
-            resource, logFormatter=_access_log_line, reactor=reactor
-        )
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        reactor: Any = None,
+        metrics: Metrics | None = None,
+        access_log: bool = True,
+    ) -> None:
+        super().__init__(resource, reactor=reactor)  # type: ignore[no-untyped-call]
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or Metrics()
+        self.access_log = access_log
         #: Requests whose answer is not finished yet (parked ones included).
         self.in_flight = 0
         self._connections: set[_GenericHTTPChannelProtocol] = set()
@@ -318,6 +354,33 @@ class RendezvousSite(Site):
         if protocol is not None:
             self._connections.add(protocol)
         return protocol
+
+    def log(self, request: http.Request) -> None:
+        """
+        Count every answered request, and log it (unless the access log is
+        off) as one structured event: client, method, path with any id
+        redacted, protocol, status, length and duration.  No query, no
+        referrer, no agent: nothing a client could use to smuggle a secret
+        or a forged line into the log.
+        """
+        started = getattr(request, "started", None)
+        duration = self.reactor.seconds() - started if started is not None else 0.0
+        self.metrics.request_done(request.method, request.code, duration)
+        if not self.access_log:
+            return
+        path = request.path.decode("ascii", "backslashreplace")
+        if path != "/":
+            path = "/~" + redact(path.removeprefix("/"))
+        _access_log.info(
+            '{client} "{method} {path} {protocol}" {status} {length} {duration_ms:.1f}ms',
+            client=client_address(cast(IRequest, request)) or "-",
+            method=request.method.decode("ascii", "backslashreplace"),
+            path=path,
+            protocol=request.clientproto.decode("ascii", "backslashreplace"),
+            status=request.code,
+            length=request.sentLength,
+            duration_ms=duration * 1000,
+        )
 
     @property
     def connection_count(self) -> int:
@@ -389,22 +452,6 @@ class RendezvousSite(Site):
             self._draining.callback(None)
 
 
-def _access_log_line(timestamp: str, request: Request) -> str:
-    """
-    One access-log line: client, method, path with any id redacted, status
-    and length.  No query, no referrer, no agent: nothing a client could
-    use to smuggle a secret or a forged line into the log.
-    """
-    path = request.path.decode("ascii", "backslashreplace")
-    if path != "/":
-        path = "/~" + redact(path.removeprefix("/"))
-    address = request.getClientAddress()
-    client = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
-    method = request.method.decode("ascii", "backslashreplace")
-    proto = request.clientproto.decode("ascii", "backslashreplace")
-    return f'{client} - - {timestamp} "{method} {path} {proto}" {request.code} {request.sentLength}'
-
-
 def _written(request: IRequest, body: bytes) -> object:
     """
     Write and finish an answer as Klein does, rather than returning bytes
@@ -451,6 +498,19 @@ class _GuardedResource(KleinResource):
             return _written(request, self._api.refuse(request, error))
 
 
+def _refusal_reason(error: BaseException, code: int) -> str | None:
+    """
+    The metrics' name for a refusal by a limit, or None for other answers.
+    Any 429 that is not the store being full is a rate limit, whatever
+    refuses it.
+    """
+    if code == 413:
+        return "too_large"
+    if code == 429:
+        return "full" if isinstance(error, Full) else "rate_limited"
+    return None
+
+
 class RendezvousAPI:
     """
     The routes of SPEC.md over a L{RendezvousStore}.
@@ -467,9 +527,22 @@ class RendezvousAPI:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config) -> None:
+    def __init__(
+        self,
+        store: RendezvousStore,
+        config: Config,
+        metrics: Metrics | None = None,
+        clock: IReactorTime | None = None,
+        access_log: bool = True,
+    ) -> None:
+        """
+        @param clock: times wake latency for L{metrics}; not timed if None.
+        """
         self._store = store
         self._config = config
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._access_log = access_log
         self._root_methods: dict[bytes, Callable[[IRequest], Any]] = {
             b"POST": self.create,
         }
@@ -489,7 +562,9 @@ class RendezvousAPI:
         """
         A C{Site} serving this API, its requests bounded by C{max_bytes}.
         """
-        return RendezvousSite(self.resource(), self._config.max_bytes, reactor)
+        return RendezvousSite(
+            self.resource(), self._config.max_bytes, reactor, self.metrics, self._access_log
+        )
 
     # Routing.  Methods are dispatched here rather than by werkzeug, so that
     # a wrong method is a JSON 405 with Allow, and HEAD is not silently GET.
@@ -557,15 +632,21 @@ class RendezvousAPI:
         if wait is not None:
             timeout = min(timeout, wait)
 
+        parked = False
+
         def answer(wakeup: Wakeup) -> bytes:
             version = wakeup.version
             if wakeup.changed:
+                if parked and self._clock is not None:
+                    self.metrics.woke(self._clock.seconds() - version.last_modified)
                 return self._payload(version, request)
             return self._respond(request, 304, b"", version.content_type, version)
 
-        return self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(
-            answer
-        )
+        d = self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(answer)
+        # Had the store answered at once, answer() has run by now; if it runs
+        # later, the reader was parked and a write woke it.
+        parked = True
+        return d
 
     def delete(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         d = self._store.delete(rendezvous_id)
@@ -607,6 +688,9 @@ class RendezvousAPI:
                 request.responseHeaders.setRawHeaders(name, [value])
         else:  # pragma: no cover - a RendezvousError this map forgot
             return self._internal_error(request, Failure(error))
+        reason = _refusal_reason(error, code)
+        if reason is not None:
+            self.metrics.refused(reason)
         return self._respond(request, code, error_body(errcode, message), JSON, version)
 
     @app.handle_errors(Exception)
@@ -678,11 +762,11 @@ class RendezvousAPI:
         return content_type
 
     def _client_address(self, request: IRequest) -> str:
-        address = request.getClientAddress()
-        if isinstance(address, (IPv4Address, IPv6Address)):
-            return address.host
+        address = client_address(request)
+        if address is not None:
+            return address
         # A UNIX socket or another transport: its clients share one budget.
-        return type(address).__name__
+        return type(request.getClientAddress()).__name__
 
     def _base_url(self, request: IRequest) -> str:
         base = self._config.base_url

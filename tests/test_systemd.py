@@ -279,7 +279,7 @@ def unit(name: str) -> configparser.RawConfigParser:
     return parser
 
 
-def test_units_hold_what_the_issue_asks() -> None:
+def test_units_hold_what_the_issue_asks(tmp_path: Path) -> None:
     """
     The socket passes a named descriptor; the service is Type=notify,
     socket-activated on that name with TLS from credentials, reloads with
@@ -293,6 +293,16 @@ def test_units_hold_what_the_issue_asks() -> None:
     assert f"--listen tls:systemd:domain=INET6:name={name}" in " ".join(exec_start.split())
     assert "--tls-key ${CREDENTIALS_DIRECTORY}/tls-key" in " ".join(exec_start.split())
     assert "--pidfile=" in exec_start
+    # Every option the unit passes is valid: twistd would refuse to start.
+    ca = CA.make("unit")
+    ca.write_leaf(tmp_path)
+    (tmp_path / "fullchain.pem").rename(tmp_path / "tls-cert")
+    (tmp_path / "key.pem").rename(tmp_path / "tls-key")
+    arguments = exec_start.replace("${CREDENTIALS_DIRECTORY}", str(tmp_path)).split()
+    options = tap.Options()
+    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])  # type: ignore[no-untyped-call]
+    assert options["log-format"] == "json"
+    assert options["metrics"] == "tcp:9090:interface=127.0.0.1"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     for key, value in {
         "DynamicUser": "yes",

@@ -68,7 +68,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         2.5,
     ),
 ]
-PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
+PUBLIC_URL = (
+    "public-url",
+    "public_url",
+    "RENDEZVOUS_PUBLIC_URL",
+    "https://h.test/rz",
+    "https://h.test/rz",
+)
 EVERY_OPTION = [*LIMITS, PUBLIC_URL]
 INTEGER_OPTIONS = [row[0] for row in LIMITS if isinstance(row[4], int)]
 
@@ -397,9 +403,7 @@ def twistd(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     Run the venv's twistd with the repository first on PYTHONPATH.
     """
     environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [environ.get("PYTHONPATH")])]
-    )
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [environ.get("PYTHONPATH")])])
     return subprocess.run(
         [str(Path(sys.executable).parent / "twistd"), *argv],
         cwd=cwd,
