@@ -228,12 +228,18 @@ class RendezvousRequest(Request):
         )
         site: RendezvousSite = cast(Any, self.channel).site
         site.metrics.refused("too_large")
+        # Twisted would otherwise invite the body with "100 Continue".
+        self.requestHeaders.removeHeader(b"Expect")
+        if not isinstance(self.channel, http.HTTPChannel):
+            # HTTP/2: answer on this stream alone, once the connection has
+            # registered it (this runs while the stream is being made); the
+            # connection and its other streams go on.
+            site.reactor.callLater(0, self._refuse_stream)
+            return
         # The method is only set once the whole body is in; the channel has
         # already parsed it from the request line.
         method = getattr(self.channel, "_command", None) or self.method
         site.metrics.request_done(method, 413, site.reactor.seconds() - (self.started or 0))
-        # Twisted would otherwise invite the body with "100 Continue".
-        self.requestHeaders.removeHeader(b"Expect")
         transport = self.channel.transport
         assert transport is not None
         transport.write(
@@ -244,6 +250,30 @@ class RendezvousRequest(Request):
             )
         )
         transport.loseConnection()
+
+    def _refuse_stream(self) -> None:
+        """
+        Answer an oversize HTTP/2 request 413 through this request, as any
+        other answer (so the access log and metrics see it).
+        """
+        if self.finished or self._disconnected:
+            return
+        stream = cast(Any, self.channel)
+        # Set here if the request line's fields have not come in yet.
+        if not hasattr(self, "path"):
+            self.method = stream.command or self.method
+            self.uri = self.path = stream.path or b"/"
+            self.clientproto = b"HTTP/2"
+        body = error_body("M_TOO_LARGE", f"the payload is over {self._max_bytes} bytes")
+        self.setResponseCode(413)
+        for name, value in (
+            *EVERY_RESPONSE,
+            (b"Content-Type", JSON),
+            (b"Content-Length", b"%d" % len(body)),
+        ):
+            self.responseHeaders.setRawHeaders(name, [value])
+        self.write(body)  # type: ignore[no-untyped-call]
+        self.finish()  # type: ignore[no-untyped-call]
 
 
 def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
@@ -307,6 +337,28 @@ def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
     return getattr(protocol._channel, "transport", None)
 
 
+def _close(protocol: _GenericHTTPChannelProtocol) -> None:
+    """
+    Close an idle connection cleanly, letting its transport write what it
+    holds first.
+    """
+    channel = protocol._channel
+    if isinstance(channel, http.HTTPChannel):
+        channel.loseConnection()
+        return
+    transport = _transport_of(protocol)
+    # HTTP/2 closes with a GOAWAY frame, so the client knows no stream was
+    # lost and opens a new connection for what comes next.
+    h2 = getattr(channel, "conn", None)
+    if h2 is not None and hasattr(h2, "close_connection"):
+        h2.close_connection()
+        transport.write(h2.data_to_send())
+    # The channel is its transport's producer; a TLS transport would wait
+    # for it to unregister before closing.
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
 def _busy(protocol: _GenericHTTPChannelProtocol) -> bool:
     # An HTTP/1.1 channel lists its requests from their first line until
     # their answer is written; an HTTP/2 one lists its open streams.
@@ -347,6 +399,7 @@ class RendezvousSite(Site):
         self.in_flight = 0
         self._connections: set[_GenericHTTPChannelProtocol] = set()
         self._closing: set[_GenericHTTPChannelProtocol] = set()
+        self._watched: set[int] = set()
         self._draining: Deferred[None] | None = None
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -426,16 +479,33 @@ class RendezvousSite(Site):
         if self._draining is None or self._draining.called:
             return
         for protocol in list(self._connections):
-            if protocol in self._closing or _busy(protocol):
+            if protocol in self._closing:
+                continue
+            if _busy(protocol):
+                self._recheck_after_streams(protocol)
                 continue
             # Nothing is being asked or answered on it: close it, which lets
             # the transport write what it holds first.
-            transport = _transport_of(protocol)
-            if transport is not None:
+            if _transport_of(protocol) is not None:
                 self._closing.add(protocol)
-                transport.loseConnection()
+                _close(protocol)
         if not self._connections:
             self._draining.callback(None)
+
+    def _recheck_after_streams(self, protocol: _GenericHTTPChannelProtocol) -> None:
+        # An HTTP/2 stream outlives its request: the connection sends its end
+        # a reactor turn later, then forgets it and fires its cleanup
+        # Deferred.  Look again then.  (HTTP/1.1 requests are forgotten
+        # before their request_ended, which looks again by itself.)
+        cleanups = getattr(protocol._channel, "_streamCleanupCallbacks", None) or {}
+        for cleanup in cleanups.values():
+            if id(cleanup) not in self._watched:
+                self._watched.add(id(cleanup))
+                cleanup.addBoth(self._recheck)
+
+    def _recheck(self, result: object) -> object:
+        self._check_drained()
+        return result
 
     def _abort_all(self) -> None:
         self._logger.warn(
