@@ -244,10 +244,17 @@ class ReloadableContext:
                 error=str(e),
             )
             return False
+        unchanged = identity.leaf == self.leaf
         self._context = context
         self.leaf = identity.leaf
         self.reloads["success"] += 1
-        self._log_identity("TLS certificate reloaded")
+        # Say so when the files hold the same certificate: a renewal that
+        # did not reach us (stale copies) must not look like one that did.
+        self._log_identity(
+            "TLS files re-read; the certificate is unchanged"
+            if unchanged
+            else "TLS certificate reloaded"
+        )
         return True
 
     def _log_identity(self, what: str) -> None:

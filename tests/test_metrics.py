@@ -301,3 +301,24 @@ def test_no_access_log_end_to_end(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
     assert b"rendezvous_twisted.access" not in process.output[mark:]
     assert b'"POST / HTTP/1.1"' not in process.output[mark:]
+
+
+def test_environment_sets_log_and_metrics_options() -> None:
+    """The .tac's RENDEZVOUS_* variables set --log-format, --metrics and --no-access-log."""
+    from twisted.python import usage
+
+    from rendezvous_twisted import tap
+
+    options = tap.options_from_environment(
+        {
+            "RENDEZVOUS_LOG_FORMAT": "json",
+            "RENDEZVOUS_METRICS": "tcp:9090:interface=127.0.0.1",
+            "RENDEZVOUS_NO_ACCESS_LOG": "1",
+        }
+    )
+    assert options["log-format"] == "json"
+    assert options["metrics"] == "tcp:9090:interface=127.0.0.1"
+    assert options["no-access-log"]
+    assert not tap.options_from_environment({"RENDEZVOUS_NO_ACCESS_LOG": "0"})["no-access-log"]
+    with pytest.raises(usage.UsageError, match="RENDEZVOUS_NO_ACCESS_LOG must be 1 or 0"):
+        tap.options_from_environment({"RENDEZVOUS_NO_ACCESS_LOG": "maybe"})

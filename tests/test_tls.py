@@ -460,3 +460,19 @@ def test_context_refuses_old_protocols_by_itself(tmp_path: Path, ca_a: CA) -> No
 
     with pytest.raises(SSL.Error):
         handshake()
+
+
+def test_reload_of_the_same_files_says_unchanged(tmp_path: Path, ca_a: CA, ca_b: CA) -> None:
+    """A reload that finds the same certificate says so, so a renewal that never arrived shows."""
+    ca_a.write_leaf(tmp_path)
+    context = tls.ReloadableContext(
+        tls.CertificateFiles(tmp_path / "fullchain.pem", tmp_path / "key.pem")
+    )
+    with capturedLogs() as events:
+        assert context.reload()
+    assert any("certificate is unchanged" in formatEvent(e) for e in events)
+    ca_b.write_leaf(tmp_path)
+    with capturedLogs() as events:
+        assert context.reload()
+    assert any("TLS certificate reloaded" in formatEvent(e) for e in events)
+    assert context.reloads == {"success": 2, "failure": 0}
