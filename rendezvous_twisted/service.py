@@ -166,14 +166,27 @@ class HangupReloader(Service):
         self._reload = reload
         self._reactor = reactor
         self._previous: Any = None
+        self._installed = False
+
+    def privilegedStartService(self) -> None:
+        # As early as the listeners: a reload may come once they listen.
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._install()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._install()
+
+    def _install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
-        signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         # A signal handler may run between any two bytecodes: do nothing

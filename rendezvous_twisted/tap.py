@@ -189,7 +189,8 @@ class Options(usage.Options):
         default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
         used = False
         try:
-            for description in self["listen"]:
+            metrics = [self["metrics"]] if self["metrics"] else []
+            for description in [*self["listen"], *metrics]:
                 files = tls.tls_files(description, default)
                 if files is not None:
                     tls.load_identity(files)
@@ -262,6 +263,9 @@ def makeService(
     lifecycle = Lifecycle()
     StoreService(store, config, reactor, site, lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
+    # Always, and before any listener listens: SIGHUP's default action would
+    # kill the process, and a "systemctl reload" must never do that.
+    HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     listeners = []
     for description in options["listen"]:
         endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
@@ -283,8 +287,6 @@ def makeService(
         reactor,
         systemd.watchdog_interval_seconds(environ, os.getpid()),
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
-    if contexts.contexts:
-        HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     if options["metrics"]:
         _watch(metrics, store, site, contexts)
         endpoint = tls.listen_endpoint(reactor, options["metrics"], contexts, None)

@@ -387,6 +387,8 @@ class ContextRegistry:
     sharing files share a context and one SIGHUP reloads each file set once.
     """
 
+    _log = Logger()
+
     def __init__(self) -> None:
         self._contexts: dict[CertificateFiles, ReloadableContext] = {}
 
@@ -407,6 +409,9 @@ class ContextRegistry:
         """
         Reload every context; True if all of them took their new files.
         """
+        if not self._contexts:
+            self._log.info("nothing to reload: no TLS listener")
+            return True
         results = [context.reload() for context in self._contexts.values()]
         return all(results)
 

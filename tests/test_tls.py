@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -476,3 +477,19 @@ def test_reload_of_the_same_files_says_unchanged(tmp_path: Path, ca_a: CA, ca_b:
         assert context.reload()
     assert any("TLS certificate reloaded" in formatEvent(e) for e in events)
     assert context.reloads == {"success": 2, "failure": 0}
+
+
+def test_sighup_without_tls_does_not_kill_the_server(tmp_path: Path) -> None:
+    """SIGHUP (systemctl reload) on a server without TLS is logged and changes nothing."""
+    from .test_end_to_end import CLEAN_EXIT, Conn, start_plugin_server
+
+    process = start_plugin_server(tmp_path)
+    try:
+        process.send_signal(signal.SIGHUP)
+        process.signalled = False  # SIGHUP is not the stop
+        process.wait_for(re.compile(rb"nothing to reload: no TLS listener"), 5)
+        with Conn(process.port) as conn:
+            assert conn.exchange("POST", "/", body=b"still here").status == 200
+    finally:
+        code = process.stop()
+    assert code in CLEAN_EXIT, process.text()
