@@ -17,6 +17,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -27,8 +28,10 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from rendezvous_twisted import conditions
+from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import Config
+from rendezvous_twisted.ratelimit import RateLimiter
 from rendezvous_twisted.store import (
     Full,
     NotFound,
@@ -66,6 +69,8 @@ PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
+#: Reason phrases Twisted lacks.
+_REASONS = {429: b"Too Many Requests"}
 #: Statuses whose answer has no body and so no Content-Length (RFC 9110 8.6).
 NO_BODY = frozenset((204, 304))
 
@@ -145,6 +150,15 @@ class UnknownPathError(HTTPError):
         super().__init__("no such endpoint")
 
 
+class RateLimitedError(HTTPError):
+    code = 429
+    errcode = "M_LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = ((b"Retry-After", b"%d" % retry_after_seconds),)
+
+
 class MethodNotAllowedError(HTTPError):
     code = 405
     errcode = "M_UNRECOGNIZED"
@@ -162,6 +176,9 @@ class RendezvousRequest(Request):
     """
 
     _refused = False
+    #: Who sent it, once L{RendezvousAPI} has resolved it (for limits, the
+    #: access log and the Location scheme).
+    client: Client | None = None
 
     @property
     def _max_bytes(self) -> int:
@@ -217,7 +234,12 @@ class RendezvousRequest(Request):
         transport.loseConnection()
 
 
-def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
+def _closing_answer(
+    status: bytes,
+    errcode: str,
+    message: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
     """
     A whole HTTP/1.1 error answer as bytes, with the every-response headers
     and C{Connection: close}, for refusals made below the resource, where
@@ -231,17 +253,116 @@ def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
         (b"Content-Type", JSON),
         (b"Content-Length", b"%d" % len(body)),
         (b"Connection", b"close"),
+        *headers,
     ):
         head.append(name + b": " + value)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _peer_host(address: IAddress) -> str | None:
+    """
+    The IP address of a peer, None for a peer that has none (a UNIX socket).
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
 
 
 class RendezvousChannel(http.HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering the requests it cannot parse
     (malformed request line, header or framing) with a JSON 400 like every
-    other refusal, rather than a bare status line.
+    other refusal, rather than a bare status line; counted against the
+    connection caps; and cut when a request's headers or body arrive too
+    slowly.
+
+    Twisted's idle timeout is reset by every byte, so a client dribbling a
+    byte at a time is never idle: the deadlines here run from the start of
+    a request's headers and of its body, whatever arrives meanwhile.  They
+    end when the request is handed to the resource, so a parked long-poll
+    is never cut by them.
     """
+
+    site: RendezvousSite
+    _deadline: IDelayedCall | None = None
+    #: Whether this connection was admitted and is counted by the site.
+    _admitted = False
+    #: The key it is counted under per address; None for trusted proxies
+    #: and peers without an IP address.
+    _connection_key: str | None = None
+    _log = Logger()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would just hang up; say why, like every refusal.
+        self._respondToBadRequestAndDisconnect()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        assert self.transport is not None
+        refusal = self.site.admit(self)
+        if refusal is not None:
+            self.transport.write(refusal)
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        self._arm(self.site.config.header_timeout_seconds, "headers")
+
+    def dataReceived(self, data: bytes) -> None:
+        # The first byte of a request starts its headers' deadline; bytes
+        # that arrive while a request is handled are the next request's,
+        # buffered until that one is done.
+        if self._deadline is None and self._admitted and not self._handlingRequest:
+            self._arm(self.site.config.header_timeout_seconds, "headers")
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        assert self.transport is not None
+        if self.length != 0 and not getattr(self.transport, "disconnecting", False):
+            self._arm(self.site.config.body_timeout_seconds, "body")
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._disarm()
+        if self._admitted:
+            self._admitted = False
+            self.site.release(self._connection_key)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        # The site's reactor: the one Twisted gives this channel's timeouts.
+        reactor: IReactorTime = self.site.reactor
+        self._deadline = reactor.callLater(seconds, self._too_slow, what, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._deadline = None
+        assert self.transport is not None
+        self._log.info(
+            "closing a connection from {client}: request {what} not complete in {seconds}s",
+            client=_peer_host(self.transport.getPeer()) or "-",
+            what=what,
+            seconds=seconds,
+        )
+        self.transport.write(
+            _closing_answer(
+                b"408 Request Timeout",
+                "M_REQUEST_TIMEOUT",
+                f"the request {what} did not arrive within {seconds:g} seconds",
+            )
+        )
+        # As Twisted's own idle timeout: close, and abort a peer that does
+        # not read its answer.
+        self.timeoutConnection()  # type: ignore[no-untyped-call]
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         assert self.transport is not None
@@ -262,13 +383,77 @@ class RendezvousSite(Site):
     def protocol(self) -> _GenericHTTPChannelProtocol:
         # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
         # is what switches to HTTP/2 when TLS negotiates it.
-        return _GenericHTTPChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
+        channel = RendezvousChannel()  # type: ignore[no-untyped-call]
+        channel.totalHeadersSize = self.config.max_header_bytes
+        channel.maxHeaders = self.config.max_headers
+        # One header line can never be longer than all of them.
+        channel.MAX_LENGTH = self.config.max_header_bytes
+        return _GenericHTTPChannelProtocol(channel)
 
-    def __init__(self, resource: IResource, max_body_bytes: int, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_bytes: int,
+        reactor: Any = None,
+        config: Config | None = None,
+        clients: ClientResolver | None = None,
+    ) -> None:
         super().__init__(  # type: ignore[no-untyped-call]
             resource, logFormatter=_access_log_line, reactor=reactor
         )
         self.max_body_bytes = max_body_bytes
+        self.config = config if config is not None else Config()
+        self.clients = clients if clients is not None else ClientResolver(self.config)
+        #: Open connections, and open connections per client key.
+        self.connection_count = 0
+        self._per_key: dict[str, int] = {}
+
+    def admit(self, channel: RendezvousChannel) -> bytes | None:
+        """
+        Count a new connection, or refuse it: None when admitted, else the
+        whole answer to write before closing it.  Past the global cap the
+        answer is 503 (the server is busy: no fault of this client); past
+        the per-address cap it is 429 (this client holds too many).
+        Connections from trusted proxies and from peers without an IP
+        address count only against the global cap: each carries many
+        clients.
+        """
+        if self.connection_count >= self.config.max_connections:
+            return _closing_answer(
+                b"503 Service Unavailable",
+                "M_LIMIT_EXCEEDED",
+                "the server has too many connections",
+                ((b"Retry-After", b"1"),),
+            )
+        assert channel.transport is not None
+        client = self.clients.peer(_peer_host(channel.transport.getPeer()))
+        key = None
+        if client.address is not None and not self.clients.trusted(client.address):
+            key = client.key
+            if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
+                return _closing_answer(
+                    b"429 Too Many Requests",
+                    "M_LIMIT_EXCEEDED",
+                    "too many connections from this address",
+                    ((b"Retry-After", b"1"),),
+                )
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        self.connection_count += 1
+        channel._admitted = True
+        channel._connection_key = key
+        return None
+
+    def release(self, key: str | None) -> None:
+        """
+        Forget a connection that L{admit} counted.
+        """
+        self.connection_count -= 1
+        if key is not None:
+            left = self._per_key[key] - 1
+            if left:
+                self._per_key[key] = left
+            else:
+                del self._per_key[key]
 
 
 def _access_log_line(timestamp: str, request: Request) -> str:
@@ -280,8 +465,11 @@ def _access_log_line(timestamp: str, request: Request) -> str:
     path = request.path.decode("ascii", "backslashreplace")
     if path != "/":
         path = "/~" + redact(path.removeprefix("/"))
-    address = request.getClientAddress()
-    client = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
+    resolved = getattr(request, "client", None)
+    if isinstance(resolved, Client) and resolved.address is not None:
+        client = str(resolved.address)
+    else:
+        client = _peer_host(request.getClientAddress()) or "-"
     method = request.method.decode("ascii", "backslashreplace")
     proto = request.clientproto.decode("ascii", "backslashreplace")
     return f'{client} - - {timestamp} "{method} {path} {proto}" {request.code} {request.sentLength}'
@@ -314,6 +502,10 @@ class _GuardedResource(KleinResource):
         # A preflight succeeds whatever the path, known or not: a failed one
         # is a broken browser client, and it reveals nothing.  Decided here,
         # once, before any routing.
+        try:
+            self._api.admit(request)
+        except HTTPError as refusal:
+            return _written(request, self._api.refuse(request, refusal))
         if request.method == b"OPTIONS":
             return _written(request, self._api.preflight(request))
         segments = request.postpath or [b""]
@@ -349,9 +541,16 @@ class RendezvousAPI:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config) -> None:
+    def __init__(self, store: RendezvousStore, config: Config, clock: IReactorTime) -> None:
         self._store = store
         self._config = config
+        self._clients = ClientResolver(config)
+        self._request_limit = RateLimiter(
+            config.request_burst, config.request_per_second, config.max_rate_buckets, clock
+        )
+        self._create_limit = RateLimiter(
+            config.create_burst, config.create_per_second, config.max_rate_buckets, clock
+        )
         self._root_methods: dict[bytes, Callable[[IRequest], Any]] = {
             b"POST": self.create,
         }
@@ -371,7 +570,29 @@ class RendezvousAPI:
         """
         A C{Site} serving this API, its requests bounded by C{max_bytes}.
         """
-        return RendezvousSite(self.resource(), self._config.max_bytes, reactor)
+        return RendezvousSite(
+            self.resource(), self._config.max_bytes, reactor, self._config, self._clients
+        )
+
+    @property
+    def rate_bucket_count(self) -> int:
+        """
+        How many token buckets the rate limiters hold.
+        """
+        return len(self._request_limit) + len(self._create_limit)
+
+    def admit(self, request: IRequest) -> None:
+        """
+        Resolve the client of C{request} and apply the policy and the
+        request rate limit to it; raise the L{HTTPError} to answer with.
+        Creating has its own policy and limit, applied in L{create}.
+        """
+        client = self.client(request)
+        if self._clients.denied(client):
+            raise ForbiddenError("this network may not use this server")
+        retry_after = self._request_limit.take(client.key)
+        if retry_after is not None:
+            raise RateLimitedError("too many requests from this address", retry_after)
 
     # Routing.  Methods are dispatched here rather than by werkzeug, so that
     # a wrong method is a JSON 405 with Allow, and HEAD is not silently GET.
@@ -399,9 +620,16 @@ class RendezvousAPI:
     # The protocol.
 
     def create(self, request: IRequest) -> Deferred[bytes]:
+        client = self.client(request)
+        if not self._clients.may_create(client):
+            raise ForbiddenError("this network may not create rendezvous")
         body = self._body(request)
         content_type = self._content_type(request)
-        d = self._store.create(body, content_type, self._client_address(request))
+        retry_after = self._create_limit.take(client.key)
+        if retry_after is not None:
+            raise RateLimitedError("too many rendezvous created from this address", retry_after)
+        # The store's per-address cap counts by the same key as the limits.
+        d = self._store.create(body, content_type, client.key)
 
         def created(version: Version) -> bytes:
             location = self._base_url(request) + version.rendezvous_id
@@ -515,7 +743,8 @@ class RendezvousAPI:
         Set the status and every header SPEC.md asks of this answer; return
         the body for Klein to write.  The one header helper.
         """
-        request.setResponseCode(code)
+        # Twisted knows no phrase for 429 and would send "Unknown Status".
+        request.setResponseCode(code, _REASONS.get(code))
         headers = request.responseHeaders
         for name, value in EVERY_RESPONSE:
             headers.setRawHeaders(name, [value])
@@ -559,18 +788,32 @@ class RendezvousAPI:
         content_type: bytes = values[0]
         return content_type
 
-    def _client_address(self, request: IRequest) -> str:
-        address = request.getClientAddress()
-        if isinstance(address, (IPv4Address, IPv6Address)):
-            return address.host
-        # A UNIX socket or another transport: its clients share one budget.
-        return type(address).__name__
+    def client(self, request: IRequest) -> Client:
+        """
+        Who sent C{request}: the peer, or the client a trusted proxy names.
+        Resolved once per request.
+        """
+        known = getattr(request, "client", None)
+        if isinstance(known, Client):
+            return known
+        headers = request.requestHeaders
+        client = self._clients.resolve(
+            _peer_host(request.getClientAddress()),
+            headers.getRawHeaders(self._config.proxy_header.encode("ascii")),
+            headers.getRawHeaders(b"X-Forwarded-Proto"),
+        )
+        if isinstance(request, RendezvousRequest):
+            request.client = client
+        return client
 
     def _base_url(self, request: IRequest) -> str:
         base = self._config.base_url
         if base is not None:
             return base
-        scheme = "https" if request.isSecure() else "http"
+        secure = self.client(request).secure
+        if secure is None:
+            secure = request.isSecure()
+        scheme = "https" if secure else "http"
         host = request.getHeader(b"Host")
         if host is None or _HOST.match(host) is None:
             own = request.getHost()

@@ -231,6 +231,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
         f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
         f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
         "--max-rendezvous-per-address=500",
+        # These tests make hundreds of requests from one address in seconds:
+        # the rate limits (tested in test_abuse.py) must not interfere.
+        "--create-burst=10000",
+        "--request-burst=100000",
     )
     try:
         yield process
