@@ -127,7 +127,7 @@ class Config:
     max_headers: int = 64
     #: Open connections across the server (past it: 503).  Every parked
     #: long-poll holds one, so it bounds parked readers too.
-    max_connections: int = 10000
+    max_connections: int = 4096
     #: Open connections from one client key (past it: 429); connections from
     #: trusted proxies are counted only against max_connections.
     max_connections_per_address: int = 100
