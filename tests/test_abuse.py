@@ -11,21 +11,21 @@ sleeps: every wait is a C{select()} with a deadline, every loop is bounded.
 from __future__ import annotations
 
 import select
-import socket
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from .test_end_to_end import (
-    CLEAN_EXIT,
-    HOST,
     PARKED_PROOF_SECONDS,
     Conn,
     Headers,
     Response,
     TwistdServer,
+    assert_exchange_works,
+    checked,
     create,
     etag_of,
     secret,
@@ -36,20 +36,6 @@ ATTACKER = "127.0.0.1"
 HONEST = "127.0.0.2"
 
 
-class SourceConn(Conn):
-    """
-    A raw connection from a chosen loopback source address.
-    """
-
-    def __init__(self, port: int, source: str, timeout: float = 5.0) -> None:
-        self.port = port
-        self.sock = socket.create_connection(
-            (HOST, port), timeout=timeout, source_address=(source, 0)
-        )
-        self.buffer = bytearray()
-        self.closed_by_peer = False
-
-
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[list[TwistdServer]]:
     """
@@ -57,39 +43,18 @@ def running(tmp_path: Path) -> Iterator[list[TwistdServer]]:
     must have logged no failure.
     """
     servers: list[TwistdServer] = []
-    try:
-        yield servers
-    finally:
-        codes = [server.stop() for server in servers]
-    for server, code in zip(servers, codes, strict=True):
-        assert code in CLEAN_EXIT, server.text()
-        server.assert_no_trouble()
+    with ExitStack() as stack:
+        try:
+            yield servers
+        finally:
+            for server in servers:
+                stack.enter_context(checked(server))
 
 
 def start(running: list[TwistdServer], tmp_path: Path, *options: str) -> TwistdServer:
     server = start_plugin_server(tmp_path, *options)
     running.append(server)
     return server
-
-
-def exchange(server: TwistdServer, source: str = HONEST) -> None:
-    """
-    A whole exchange from C{source}: create, read, park, write, wake, delete.
-    """
-    with SourceConn(server.port, source) as a, SourceConn(server.port, source) as b:
-        payload = secret("honest-a")
-        rendezvous_id, _ = create(server, a, payload)
-        path = "/" + rendezvous_id
-        read = b.exchange("GET", path)
-        assert (read.status, read.body) == (200, payload)
-        b.request("GET", path, [("If-None-Match", etag_of(read))])
-        assert b.quiet_for(PARKED_PROOF_SECONDS)
-        reply = secret("honest-b")
-        server.secrets.append(reply)
-        assert a.exchange("PUT", path, [("If-Match", etag_of(read))], reply).status == 202
-        woken = b.read_response()
-        assert (woken.status, woken.body) == (200, reply)
-        assert a.exchange("DELETE", path).status == 204
 
 
 def ask(
@@ -100,7 +65,7 @@ def ask(
     headers: Headers = (),
     body: bytes | None = None,
 ) -> Response:
-    with SourceConn(server.port, source) as conn:
+    with Conn(server.port, source=source) as conn:
         return conn.exchange(method, target, headers, body)
 
 
@@ -131,7 +96,7 @@ def test_create_flood_is_limited_while_another_address_exchanges(
         "--max-rendezvous-per-address=32",
     )
     statuses = []
-    with SourceConn(server.port, ATTACKER) as flood:
+    with Conn(server.port, source=ATTACKER) as flood:
         for _ in range(20):
             response = flood.exchange("POST", "/", body=b"flood")
             statuses.append(response.status)
@@ -143,7 +108,7 @@ def test_create_flood_is_limited_while_another_address_exchanges(
     # Five creates, well under the per-address cap of 32: the rate limit,
     # not the cap, refused the rest.
     assert statuses == [200] * 5 + [429] * 15
-    exchange(server, HONEST)
+    assert_exchange_works(server, HONEST)
 
 
 def test_request_flood_is_limited_per_address(
@@ -156,10 +121,10 @@ def test_request_flood_is_limited_per_address(
     server = start(
         running, tmp_path, "--request-burst=10", "--request-per-second=0.01"
     )
-    with SourceConn(server.port, HONEST) as honest:
+    with Conn(server.port, source=HONEST) as honest:
         rendezvous_id, _ = create(server, honest, secret("read-me"))
     statuses = []
-    with SourceConn(server.port, ATTACKER) as flood:
+    with Conn(server.port, source=ATTACKER) as flood:
         for _ in range(15):
             response = flood.exchange("GET", "/" + rendezvous_id)
             statuses.append(response.status)
@@ -167,7 +132,7 @@ def test_request_flood_is_limited_per_address(
                 assert_rate_limited(response)
     assert statuses == [200] * 10 + [429] * 5
     # The honest address spent 1 request of its 10; an exchange takes 6.
-    exchange(server, HONEST)
+    assert_exchange_works(server, HONEST)
 
 
 def test_full_server_refuses_and_keeps_every_rendezvous(
@@ -186,17 +151,17 @@ def test_full_server_refuses_and_keeps_every_rendezvous(
         "--create-burst=100",
     )
     live: dict[str, tuple[bytes, bytes]] = {}
-    with SourceConn(server.port, HONEST) as honest:
+    with Conn(server.port, source=HONEST) as honest:
         honest_id, honest_created = create(server, honest, secret("honest"))
         live[honest_id] = (server.secrets[-1], etag_of(honest_created))
-    with SourceConn(server.port, ATTACKER) as flood:
+    with Conn(server.port, source=ATTACKER) as flood:
         for _ in range(4):
             body = secret("flood")
             rendezvous_id, created = create(server, flood, body)
             live[rendezvous_id] = (body, etag_of(created))
         # The attacker is at its per-address cap ...
         assert_rate_limited(flood.exchange("POST", "/", body=b"more"))
-    with SourceConn(server.port, "127.0.0.3") as other:
+    with Conn(server.port, source="127.0.0.3") as other:
         body = secret("third")
         rendezvous_id, created = create(server, other, body)
         live[rendezvous_id] = (body, etag_of(created))
@@ -209,7 +174,7 @@ def test_full_server_refuses_and_keeps_every_rendezvous(
         read = ask(server, "127.0.0.4", "GET", "/" + rendezvous_id)
         assert (read.status, read.body, etag_of(read)) == (200, body, etag)
     # The honest client's own handshake goes on, on its live rendezvous.
-    with SourceConn(server.port, HONEST) as a, SourceConn(server.port, HONEST) as b:
+    with Conn(server.port, source=HONEST) as a, Conn(server.port, source=HONEST) as b:
         path = "/" + honest_id
         b.request("GET", path, [("If-None-Match", live[honest_id][1])])
         assert b.quiet_for(PARKED_PROOF_SECONDS)
@@ -273,14 +238,14 @@ def test_slowloris_is_cut_while_honest_clients_are_served(
     server = start(
         running, tmp_path, "--header-timeout=1", "--body-timeout=1", "--poll-timeout=10"
     )
-    with SourceConn(server.port, HONEST) as a, SourceConn(server.port, HONEST) as b:
+    with Conn(server.port, source=HONEST) as a, Conn(server.port, source=HONEST) as b:
         # An honest long-poll, parked before the attack starts.
         rendezvous_id, created = create(server, a, secret("slowloris"))
         path = "/" + rendezvous_id
         b.request("GET", path, [("If-None-Match", etag_of(created))])
 
-        slow_heads = [SourceConn(server.port, ATTACKER) for _ in range(4)]
-        slow_body = SourceConn(server.port, ATTACKER)
+        slow_heads = [Conn(server.port, source=ATTACKER) for _ in range(4)]
+        slow_body = Conn(server.port, source=ATTACKER)
         try:
             slow_body.send(
                 b"PUT " + path.encode("ascii") + b" HTTP/1.1\r\nHost: x\r\n"
@@ -305,7 +270,7 @@ def test_slowloris_is_cut_while_honest_clients_are_served(
         assert put.status == 202
         woken = b.read_response()
         assert (woken.status, woken.body) == (200, reply)
-    exchange(server, HONEST)
+    assert_exchange_works(server, HONEST)
 
 
 def test_connection_cap_per_address(running: list[TwistdServer], tmp_path: Path) -> None:
@@ -315,16 +280,16 @@ def test_connection_cap_per_address(running: list[TwistdServer], tmp_path: Path)
     address is served.
     """
     server = start(running, tmp_path, "--max-connections-per-address=3")
-    with SourceConn(server.port, HONEST) as writer:
+    with Conn(server.port, source=HONEST) as writer:
         rendezvous_id, created = create(server, writer, secret("capped"))
     path = "/" + rendezvous_id
-    parked = [SourceConn(server.port, ATTACKER) for _ in range(3)]
+    parked = [Conn(server.port, source=ATTACKER) for _ in range(3)]
     try:
         for conn in parked:
             conn.request("GET", path, [("If-None-Match", etag_of(created))])
         for conn in parked:
             assert conn.quiet_for(PARKED_PROOF_SECONDS / 3)
-        with SourceConn(server.port, ATTACKER) as extra:
+        with Conn(server.port, source=ATTACKER) as extra:
             refused = extra.read_response()
             assert_rate_limited(refused)
             assert refused.header("Connection") == b"close"
@@ -338,7 +303,7 @@ def test_connection_cap_per_address(running: list[TwistdServer], tmp_path: Path)
     finally:
         for conn in parked:
             conn.close()
-    exchange(server, HONEST)
+    assert_exchange_works(server, HONEST)
 
 
 def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
@@ -387,4 +352,4 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     assert location is not None and location.startswith(b"https://"), other.head
     # The proxy's own address is a client too (no header): its own budget.
     assert post(proxy, []).status == 200
-    exchange(server, "127.0.0.4")
+    assert_exchange_works(server, "127.0.0.4")

@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,21 @@ def start_plugin_server(cwd: Path, *limits: str) -> TwistdServer:
     return TwistdServer(["rendezvous", "--listen", LISTEN, *limits], cwd)
 
 
+@contextmanager
+def checked(process: TwistdServer) -> Iterator[TwistdServer]:
+    """
+    Yield C{process}, then stop it: it must exit cleanly, and its whole log
+    (some failures, such as an unhandled error in a Deferred, are only
+    logged when garbage is collected, as late as shutdown) show no failure.
+    """
+    try:
+        yield process
+    finally:
+        code = process.stop()
+    assert code in CLEAN_EXIT, process.text()
+    process.assert_no_trouble()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """
@@ -236,14 +252,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
         "--create-burst=10000",
         "--request-burst=100000",
     )
-    try:
+    with checked(process):
         yield process
-    finally:
-        code = process.stop()
-    # Some failures (an unhandled error in a Deferred) are only logged when
-    # garbage is collected, as late as shutdown: look at the whole log last.
-    assert code in CLEAN_EXIT, process.text()
-    process.assert_no_trouble()
 
 
 # The clients.
@@ -301,9 +311,13 @@ class Conn:
     what it is given and reads responses by their framing.
     """
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
         self.port = port
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        # A source address other than 127.0.0.1 (any of 127/8 on Linux) is
+        # another client to the server's limits.
+        self.sock = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buffer = bytearray()
         self.closed_by_peer = False
 
@@ -477,11 +491,12 @@ def etag_of(response: Response) -> bytes:
     return etag
 
 
-def assert_exchange_works(server: TwistdServer) -> None:
+def assert_exchange_works(server: TwistdServer, source: str | None = None) -> None:
     """
-    A whole fresh exchange succeeds: create, read, park, write, wake, delete.
+    A whole fresh exchange succeeds, from C{source} if given: create, read,
+    park, write, wake, delete.
     """
-    with Conn(server.port) as a, Conn(server.port) as b:
+    with Conn(server.port, source=source) as a, Conn(server.port, source=source) as b:
         payload = secret("check-a")
         rendezvous_id, _ = create(server, a, payload)
         path = "/" + rendezvous_id

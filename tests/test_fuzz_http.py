@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .test_end_to_end import (
-    CLEAN_EXIT,
     Conn,
     TwistdServer,
+    checked,
     create,
     etag_of,
     secret,
@@ -176,20 +176,17 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     A server whose rate limits are far above what the fuzzer sends, so that
     every request reaches the code under test rather than a 429.
     """
-    server = start_plugin_server(
-        tmp_path_factory.mktemp("fuzz"),
-        "--max-bytes=200",
-        "--poll-timeout=1",
-        "--create-burst=1000000",
-        "--request-burst=1000000",
-        "--max-rendezvous-per-address=10000",
-    )
-    try:
+    with checked(
+        start_plugin_server(
+            tmp_path_factory.mktemp("fuzz"),
+            "--max-bytes=200",
+            "--poll-timeout=1",
+            "--create-burst=1000000",
+            "--request-burst=1000000",
+            "--max-rendezvous-per-address=10000",
+        )
+    ) as server:
         yield server
-    finally:
-        code = server.stop()
-    assert code in CLEAN_EXIT, server.text()
-    server.assert_no_trouble()
 
 
 @pytest.fixture(scope="module")
