@@ -310,7 +310,9 @@ class RendezvousChannel(http.HTTPChannel):
         # The first byte of a request starts its headers' deadline; bytes
         # that arrive while a request is handled are the next request's,
         # buffered until that one is done.
-        if self._deadline is None and self._admitted and not self._handlingRequest:
+        if not self._admitted:
+            return  # refused: its answer is written and it is closing
+        if self._deadline is None and not self._handlingRequest:
             self._arm(self.site.config.header_timeout_seconds, "headers")
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
@@ -347,6 +349,8 @@ class RendezvousChannel(http.HTTPChannel):
     def _too_slow(self, what: str, seconds: float) -> None:
         self._deadline = None
         assert self.transport is not None
+        if getattr(self.transport, "disconnecting", False):
+            return  # already refused (400, 413) and closing
         self._log.info(
             "closing a connection from {client}: request {what} not complete in {seconds}s",
             client=_peer_host(self.transport.getPeer()) or "-",
@@ -365,6 +369,7 @@ class RendezvousChannel(http.HTTPChannel):
         self.timeoutConnection()  # type: ignore[no-untyped-call]
 
     def _respondToBadRequestAndDisconnect(self) -> None:
+        self._disarm()
         assert self.transport is not None
         self.transport.write(
             _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")

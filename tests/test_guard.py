@@ -300,11 +300,17 @@ def test_trusted_proxies_are_only_under_the_global_connection_cap() -> None:
     assert refused.disconnecting
 
 
-def test_refused_connection_is_not_counted() -> None:
-    """A refused connection, once closed, leaves the counts as they were."""
+def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
+    """
+    A refused connection serves no request it sends, and once closed leaves the counts as they were.
+    """
     harness = Harness(max_connections_per_address=1)
     site = harness.api.site(Clock())
     open_on(site)
-    refused_channel, _ = open_on(site)
+    refused_channel, transport = open_on(site)
+    transport.clear()
+    refused_channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+    assert transport.value() == b""
+    assert harness.store.rendezvous_count == 0
     refused_channel.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1
