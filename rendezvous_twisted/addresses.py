@@ -157,6 +157,8 @@ class ClientResolver:
         return client.address is not None and _within(client.address, self._allow_create)
 
     def peer(self, host: str | None) -> Client:
+        # (Connections are counted before any header is read, so the peer
+        # is all there is to go by.)
         """
         The client that is the peer itself, as seen before any header is
         read (for limits on connections).
@@ -175,18 +177,19 @@ class ClientResolver:
         without an IP address), given the raw values of the configured
         forwarding header and of C{X-Forwarded-Proto}.
 
-        The headers count only when the peer is a trusted proxy.  Then the
-        chain of hops is read from the right (the entries our own proxies
-        wrote) and the first untrusted address is the client.  When every
-        hop is trusted, the leftmost is the client.  An entry that is not an
+        The headers count only when the peer is a trusted proxy, or has no
+        IP address: a UNIX socket only local processes can reach, which is
+        how a reverse proxy on the same host talks to us.  Then the chain of
+        hops is read from the right (the entries our own proxies wrote) and
+        the first untrusted address is the client.  When every hop is
+        trusted, the leftmost is the client.  An entry that is not an
         address (C{unknown}, an obfuscated identifier, garbage) ends the
         walk: the hop that wrote it could not say who its client was, so the
         request is counted under that hop.
         """
         address = parse_address(peer_host) if peer_host is not None else None
-        if not self.trusted(address):
+        if peer_host is not None and not self.trusted(address):
             return Client(address, self.key(address))
-        assert address is not None
         client = address
         for element in reversed(self._hops(forwarded)):
             hop = parse_address(element) if element is not None else None

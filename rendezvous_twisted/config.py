@@ -132,6 +132,8 @@ class Config:
     #: trusted proxies are counted only against max_connections.
     max_connections_per_address: int = 100
     #: Networks (CIDR) whose peers are proxies we trust to name the client.
+    #: Peers on a UNIX socket are always trusted: only local processes reach
+    #: one, and a reverse proxy on the same host is what does.
     trusted_proxies: tuple[str, ...] = ()
     #: The header trusted proxies name the client in: "x-forwarded-for" or
     #: "forwarded" (RFC 7239).  Only one is read: a proxy passes the other

@@ -81,12 +81,20 @@ def test_ipv6_prefix_is_configurable() -> None:
     assert clients.resolve("2001:db8:0:2::1", None, None).key == "2001:db8::/48"
 
 
-def test_peers_without_an_ip_share_one_key() -> None:
-    """A peer without an IP address (a UNIX socket) is one client, named by no network."""
-    clients = resolver(deny=("0.0.0.0/0", "::/0"))
-    client = clients.resolve(None, [b"192.0.2.1"], None)
-    assert client.address is None and client.key == "non-IP"
-    assert not clients.denied(client)
+def test_a_unix_socket_peer_is_a_trusted_proxy() -> None:
+    """
+    A peer without an IP address (a UNIX socket, reached only from this
+    host) names its client like a trusted proxy; without a header its
+    requests share one key that no network names.
+    """
+    clients = resolver(deny=("192.0.2.0/24",))
+    client = clients.resolve(None, [b"198.51.100.1, 203.0.113.1"], [b"https"])
+    assert client.address == ipaddress.ip_address("203.0.113.1") and client.secure
+    assert clients.denied(clients.resolve(None, [b"192.0.2.1"], None))
+    alone = clients.resolve(None, None, None)
+    assert alone.address is None and alone.key == "non-IP"
+    assert not clients.denied(alone)
+    assert clients.resolve(None, [b"unknown"], None).key == "non-IP"
 
 
 def test_headers_from_an_untrusted_peer_are_ignored() -> None:
@@ -175,6 +183,7 @@ def test_hostile_headers_never_raise(
     clients = resolver(trusted_proxies=("10.0.0.0/8", "::1/128"), proxy_header=header)
     assert clients.resolve("10.0.0.1", forwarded, proto).key
     assert clients.resolve("::1", forwarded, proto).key
+    assert clients.resolve(None, forwarded, proto).key
     untrusted = clients.resolve("192.0.2.1", forwarded, proto)
     assert untrusted.address == ipaddress.ip_address("192.0.2.1")
 

@@ -9,10 +9,11 @@ import gc
 import tracemalloc
 from collections.abc import Callable
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from rendezvous_twisted import budget
 from rendezvous_twisted.conditions import ANY
@@ -131,3 +132,27 @@ def test_connection_price_bounds_a_parked_connection() -> None:
     per_connection = measured(count, connection)
     assert store.parked_count == count
     assert per_connection < budget.CONNECTION_OVERHEAD_BYTES
+
+
+def test_too_few_file_descriptors_are_warned_about() -> None:
+    """
+    When the process may open fewer files than max_connections needs, the
+    start is logged with a warning saying what to raise.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 10**8:
+        pytest.skip("no finite descriptor limit to exceed")
+    config = Config(max_connections=soft, max_connections_per_address=1)
+    service = StoreService(MemoryStore(config, Clock()), config, Clock())
+    with capturedLogs() as events:
+        service.startService()
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "ulimit -n" in formatEvent(warnings[0])
+    config = Config(max_connections=max(1, soft - 64), max_connections_per_address=1)
+    service = StoreService(MemoryStore(config, Clock()), config, Clock())
+    with capturedLogs() as events:
+        service.startService()
+    assert not [e for e in events if e["log_level"] == LogLevel.warn]

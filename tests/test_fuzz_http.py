@@ -174,7 +174,8 @@ def answers_to(port: int, request: bytes) -> bytes:
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """
     A server whose rate limits are far above what the fuzzer sends, so that
-    every request reaches the code under test rather than a 429.
+    every request reaches the code under test rather than a 429, and which
+    trusts the fuzzer as a proxy, so that its forwarding headers are read.
     """
     with checked(
         start_plugin_server(
@@ -184,6 +185,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
             "--create-burst=1000000",
             "--request-burst=1000000",
             "--max-rendezvous-per-address=10000",
+            # So that the fuzzer's forwarding headers are parsed, not ignored.
+            "--trusted-proxy=127.0.0.1/32",
         )
     ) as server:
         yield server

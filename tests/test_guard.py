@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -314,3 +314,29 @@ def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
     assert harness.store.rendezvous_count == 0
     refused_channel.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1
+
+
+def test_clients_behind_a_unix_socket_proxy_have_their_own_budgets() -> None:
+    """
+    Behind a proxy on a UNIX socket, each client it names in X-Forwarded-For
+    has its own create budget, and its connections are under no per-address cap.
+    """
+    harness = Harness(create_burst=1, max_connections_per_address=1)
+    site = harness.api.site(Clock())
+    peer = UNIXAddress(b"/run/rendezvous.sock")
+
+    def post(client: bytes) -> bytes:
+        channel = site.buildProtocol(peer)  # type: ignore[no-untyped-call]
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: %s\r\nContent-Length: 1\r\n\r\nx"
+            % client
+        )
+        status: bytes = raw_answer(transport)[0]
+        return status
+
+    assert post(b"203.0.113.1") == b"HTTP/1.1 200 OK"
+    assert post(b"203.0.113.2") == b"HTTP/1.1 200 OK"
+    assert post(b"203.0.113.1") == b"HTTP/1.1 429 Too Many Requests"
+    assert site.connection_count == 3
