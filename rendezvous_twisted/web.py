@@ -504,13 +504,14 @@ class _GuardedResource(KleinResource):
         self._api = api
 
     def render(self, request: IRequest) -> Any:
-        # A preflight succeeds whatever the path, known or not: a failed one
-        # is a broken browser client, and it reveals nothing.  Decided here,
-        # once, before any routing.
+        # Policy and rate limits come first: a preflight is a request too.
         try:
             self._api.admit(request)
         except HTTPError as refusal:
             return _written(request, self._api.refuse(request, refusal))
+        # A preflight succeeds whatever the path, known or not: a failed one
+        # is a broken browser client, and it reveals nothing.  Decided here,
+        # once, before any routing.
         if request.method == b"OPTIONS":
             return _written(request, self._api.preflight(request))
         segments = request.postpath or [b""]
@@ -578,13 +579,6 @@ class RendezvousAPI:
         return RendezvousSite(
             self.resource(), self._config.max_bytes, reactor, self._config, self._clients
         )
-
-    @property
-    def rate_bucket_count(self) -> int:
-        """
-        How many token buckets the rate limiters hold.
-        """
-        return len(self._request_limit) + len(self._create_limit)
 
     def admit(self, request: IRequest) -> None:
         """
