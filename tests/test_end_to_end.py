@@ -82,7 +82,11 @@ class TwistdServer:
     """
 
     def __init__(
-        self, args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        port_line: re.Pattern[bytes] = _PORT_LINE,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
@@ -103,7 +107,7 @@ class TwistdServer:
         self.port = 0
         self.signalled = False
         try:
-            match = self.wait_for(_PORT_LINE, START_DEADLINE_SECONDS)
+            match = self.wait_for(port_line, START_DEADLINE_SECONDS)
         except BaseException:
             self.stop()
             raise
