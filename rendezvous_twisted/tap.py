@@ -92,6 +92,12 @@ class Options(usage.Options):
             "Base URL of the server as clients reach it (scheme, host, any path prefix), "
             "for the Location header. Default: the request's own scheme and Host.",
         ],
+        [
+            "msc4108-session-prefix",
+            None,
+            _DEFAULTS.msc4108_session_prefix,
+            "Path under which MSC4108 session URLs live (a slash at each end).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -111,6 +117,7 @@ class Options(usage.Options):
         try:
             self["config"] = Config(
                 public_url=self["public-url"],
+                msc4108_session_prefix=self["msc4108-session-prefix"],
                 **{field: self[option] for option, field, _, _ in self._limits},
             )
         except ValueError as e:
@@ -124,7 +131,12 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
     """
     argv: list[str] = []
-    for name in ["listen", "public-url", *(option for option, *_ in Options._limits)]:
+    for name in [
+        "listen",
+        "public-url",
+        "msc4108-session-prefix",
+        *(option for option, *_ in Options._limits),
+    ]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue

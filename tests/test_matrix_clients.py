@@ -235,3 +235,122 @@ def test_a_whole_login_exchange_as_the_matrix_clients_run_it(server: TwistdServe
         new_device.finish_receive(waiting)
     with pytest.raises(Cancelled):
         new_device.send({"ciphertext": "dG9vIGxhdGU"})
+
+
+# MSC4108: what Element Web, Element X (matrix-rust-sdk) and Synapse speak today.
+
+MSC4108_CREATE = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous"
+
+
+class MSC4108Session:
+    """
+    Today's clients' session transport, as SPEC.md's appendix records it:
+    create is a C{POST} of C{text/plain} answered C{201} with C{{"url"}};
+    a write is a C{PUT} with C{If-Match}; a receive is a C{GET} with
+    C{If-None-Match} that accepts a message only on a C{200} whose
+    C{Content-Type} is exactly C{text/plain} and whose body is not empty,
+    polls again on C{304} (which must carry ETag, Expires, Last-Modified,
+    Cache-Control and Pragma, or matrix-rust-sdk refuses it), and takes any
+    other status as the end of the session.
+    """
+
+    def __init__(self, server: TwistdServer, url: str | None = None) -> None:
+        self.server = server
+        self.url = url
+        self.etag: str | None = None
+
+    def _request(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection(HOST, self.server.port, timeout=10)
+        try:
+            connection.request(method, urlsplit(target).path, body=body, headers=headers)
+            response = connection.getresponse()
+            return (
+                response.status,
+                {name.lower(): value for name, value in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            connection.close()
+
+    def create(self, base: str, body: bytes) -> None:
+        self.server.secrets.append(body)
+        status, headers, content = self._request(
+            "POST", base + MSC4108_CREATE.lstrip("/"), body, {"Content-Type": "text/plain"}
+        )
+        assert status == 201, (status, content)
+        assert headers["content-type"] == "application/json"
+        self.url = json.loads(content)["url"]
+        self.etag = headers["etag"]
+
+    def send(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        assert self.url is not None and self.etag is not None
+        self.server.secrets.append(body)
+        status, headers, content = self._request(
+            "PUT", self.url, body, {"Content-Type": "text/plain", "If-Match": self.etag}
+        )
+        if status == 202:
+            self.etag = headers["etag"]
+            return status, {}
+        return status, json.loads(content)
+
+    def poll(self) -> bytes | None:
+        """
+        One GET: the message, or None for "poll again" (a 304).
+        """
+        assert self.url is not None
+        headers = {"If-None-Match": self.etag} if self.etag else {}
+        status, answer, content = self._request("GET", self.url, None, headers)
+        if status == 304:
+            for name in ("etag", "expires", "last-modified", "cache-control", "pragma"):
+                assert name in answer, f"a 304 without {name}: {answer}"
+            assert "no-store" in answer["cache-control"] and answer["pragma"] == "no-cache"
+            self.etag = answer["etag"]
+            return None
+        assert status == 200, (status, content)
+        self.etag = answer["etag"]
+        if answer.get("content-type") == "text/plain" and content:
+            return content
+        return None
+
+    def receive(self) -> bytes:
+        for _ in range(MAX_POLLS):
+            message = self.poll()
+            if message is not None:
+                return message
+        raise AssertionError(f"no message after {MAX_POLLS} polls")
+
+
+def test_an_msc4108_login_exchange_as_todays_clients_run_it(server: TwistdServer) -> None:
+    """Today's MSC4108 clients complete an exchange: 201 url, 304s with headers, a 412, delete."""
+    base = f"http://{HOST}:{server.port}/"
+    new_device = MSC4108Session(server)
+    new_device.create(base, b"MSC4108 hello from A")
+    assert new_device.url is not None and new_device.url.startswith(base)
+    existing = MSC4108Session(server, new_device.url)  # from the QR code
+    assert existing.receive() == b"MSC4108 hello from A"
+
+    # Nothing new for the new device until the poll timeout: a 304 with
+    # every header the clients need.
+    assert new_device.poll() is None
+    assert new_device.etag == existing.etag
+
+    # Turn by turn.
+    assert existing.send(b"MSC4108 hello from B") == (202, {})
+    assert new_device.receive() == b"MSC4108 hello from B"
+    assert new_device.send(b"MSC4108 again from A") == (202, {})
+    assert existing.receive() == b"MSC4108 again from A"
+
+    # A write on a stale ETag is a 412 with the unstable error code.
+    stale = MSC4108Session(server, new_device.url)
+    stale.etag = '"stale"'
+    status, error = stale.send(b"MSC4108 too late")
+    assert status == 412
+    assert error["errcode"] == "M_UNKNOWN"
+    assert error["org.matrix.msc4108.errcode"] == "M_CONCURRENT_WRITE"
+
+    status, _, _ = existing._request("DELETE", new_device.url, None, {})
+    assert status == 204
+    status, _, content = existing._request("GET", new_device.url, None, {})
+    assert status == 404 and json.loads(content)["errcode"] == "M_NOT_FOUND"

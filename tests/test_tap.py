@@ -62,7 +62,14 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
     ),
 ]
 PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
-EVERY_OPTION = [*LIMITS, PUBLIC_URL]
+MSC4108_SESSION_PREFIX = (
+    "msc4108-session-prefix",
+    "msc4108_session_prefix",
+    "RENDEZVOUS_MSC4108_SESSION_PREFIX",
+    "/qr/session/",
+    "/qr/session/",
+)
+EVERY_OPTION = [*LIMITS, PUBLIC_URL, MSC4108_SESSION_PREFIX]
 INTEGER_OPTIONS = [row[0] for row in LIMITS if isinstance(row[4], int)]
 
 
@@ -475,3 +482,9 @@ def test_tac_reads_the_limits_from_the_environment(monkeypatch: pytest.MonkeyPat
         s.factory for s in descendants(application) if isinstance(s, StreamServerEndpointService)
     }
     assert site.max_body_bytes == 4096
+
+
+def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
+    """A session prefix that Config refuses is a UsageError naming it."""
+    with pytest.raises(usage.UsageError, match="msc4108_session_prefix"):
+        parsed(["--msc4108-session-prefix=/"])
