@@ -10,6 +10,7 @@ the page) or a header reads as null, and these tests fail.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -181,3 +182,49 @@ def test_two_pages_run_a_whole_exchange_across_origins(
     gone = call(b, "read", url)
     assert gone["status"] == 404
     assert '"M_NOT_FOUND"' in gone["body"]
+
+
+def test_two_pages_run_an_msc4108_exchange_across_origins(
+    rendezvous_server: TwistdServer, page_server: TwistdServer, browser: Any
+) -> None:
+    """As Element Web does: MSC4108 create, read, 304, long-poll, PUT, 412 and delete, via CORS."""
+    base = f"http://{HOST}:{rendezvous_server.port}"
+    a = open_page(browser, page_server)
+    b = open_page(browser, page_server)
+
+    created = call(
+        a,
+        "create",
+        base + "/_matrix/client/unstable/org.matrix.msc4108/rendezvous",
+        "A",
+        "text/plain",
+    )
+    assert created["status"] == 201
+    url = json.loads(created["body"])["url"]
+    assert url.startswith(base + "/")
+    etag = created["headers"]["etag"]
+    assert etag is not None
+
+    read = call(b, "read", url)
+    assert (read["status"], read["body"], read["headers"]["content-type"]) == (
+        200,
+        "A",
+        "text/plain",
+    )
+    unchanged = call(a, "poll", url, etag, 1)
+    assert (unchanged["status"], unchanged["headers"]["etag"]) == (304, etag)
+    assert unchanged["headers"]["expires"] and unchanged["headers"]["last-modified"]
+
+    a.evaluate("([url, etag]) => window.rendezvous.startPoll(url, etag, 15)", [url, etag])
+    a.wait_for_function("() => window.rendezvous.pending !== null")
+    written = call(b, "write", url, "B", "text/plain", etag)
+    assert written["status"] == 202
+    woken: dict[str, Any] = a.evaluate("window.rendezvous.pending")
+    assert (woken.get("status"), woken.get("body")) == (200, "B"), woken
+    assert woken["headers"]["etag"] == written["headers"]["etag"]
+
+    stale = call(a, "write", url, "late", "text/plain", etag)
+    assert stale["status"] == 412
+    assert json.loads(stale["body"])["org.matrix.msc4108.errcode"] == "M_CONCURRENT_WRITE"
+    assert call(a, "remove", url)["status"] == 204
+    assert call(b, "read", url)["status"] == 404
