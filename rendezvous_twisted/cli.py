@@ -158,22 +158,28 @@ async def run(
     client = client or RendezvousClient(reactor)
     try:
         return await _command(args, client, streams, reactor.seconds())
-    except ReceiveTimeout as e:
-        streams.say(f"nothing new: {e}")
-        return EXIT_TIMEOUT
-    except PreconditionFailedError as e:
-        streams.say(f"someone else wrote first ({e}); receive it, then send again")
-        return EXIT_REFUSED
-    except ServerError as e:
-        streams.say(f"the server refused: {e}")
-        return EXIT_REFUSED
-    except ValueError as e:
-        # A URL the HTTP client cannot use.
-        streams.say(f"bad URL or value: {e}")
-        return EXIT_USAGE
-    except Exception as e:  # connection refused, DNS, TLS, timeouts...
+    except Exception as e:
+        for kind, message, code in _FAILURES:
+            if isinstance(e, kind):
+                streams.say(message.format(e))
+                return code
+        # Connection refused, DNS, TLS, timeouts...
         streams.say(f"no answer from the server: {type(e).__name__}: {e}")
         return EXIT_UNREACHABLE
+
+
+#: What each failure prints, and the exit code it gives; the first match wins.
+_FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
+    (ReceiveTimeout, "nothing new: {}", EXIT_TIMEOUT),
+    (
+        PreconditionFailedError,
+        "someone else wrote first ({}); receive it, then send again",
+        EXIT_REFUSED,
+    ),
+    (ServerError, "the server refused: {}", EXIT_REFUSED),
+    # A URL the HTTP client cannot use.
+    (ValueError, "bad URL or value: {}", EXIT_USAGE),
+)
 
 
 async def _command(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .test_end_to_end import CLEAN_EXIT, HOST, LISTEN, TwistdServer, start_plugin_server
+from .test_end_to_end import HOST, LISTEN, TwistdServer, running, start_plugin_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGES = Path(__file__).resolve().parent / "browser"
@@ -49,13 +49,7 @@ def rendezvous_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twis
     """
     The rendezvous server, as a user starts it.
     """
-    process = start_plugin_server(tmp_path_factory.mktemp("twistd"), "--poll-timeout=15")
-    try:
-        yield process
-    finally:
-        code = process.stop()
-    assert code in CLEAN_EXIT, process.text()
-    process.assert_no_trouble()
+    yield from running(start_plugin_server(tmp_path_factory.mktemp("twistd"), "--poll-timeout=15"))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from rendezvous_twisted.cli import (
 from rendezvous_twisted.client import RendezvousClient
 
 from .conftest import BASE, Harness, fired
-from .test_end_to_end import CLEAN_EXIT, TwistdServer, secret, start_plugin_server
+from .test_end_to_end import TwistdServer, running, secret, start_plugin_server
 
 CLI = Path(sys.executable).parent / "rendezvous-cli"
 #: Bound on every CLI process: far above what an exchange takes.
@@ -46,13 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """
     One C{twistd rendezvous} for the module.
     """
-    process = start_plugin_server(tmp_path_factory.mktemp("twistd"), "--poll-timeout=10")
-    try:
-        yield process
-    finally:
-        code = process.stop()
-    assert code in CLEAN_EXIT, process.text()
-    process.assert_no_trouble()
+    yield from running(start_plugin_server(tmp_path_factory.mktemp("twistd"), "--poll-timeout=10"))
 
 
 def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -224,18 +224,11 @@ def start_plugin_server(cwd: Path, *limits: str) -> TwistdServer:
     return TwistdServer(["rendezvous", "--listen", LISTEN, *limits], cwd)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+def running(process: TwistdServer) -> Iterator[TwistdServer]:
     """
-    One C{twistd rendezvous} shared by the module's tests.
+    For a fixture: yield a started server, then stop it, and fail if it did
+    not stop cleanly or logged any trouble.
     """
-    process = start_plugin_server(
-        tmp_path_factory.mktemp("twistd"),
-        f"--max-bytes={MAX_BYTES}",
-        f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
-        f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
-        "--max-rendezvous-per-address=500",
-    )
     try:
         yield process
     finally:
@@ -244,6 +237,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     # garbage is collected, as late as shutdown: look at the whole log last.
     assert code in CLEAN_EXIT, process.text()
     process.assert_no_trouble()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+    """
+    One C{twistd rendezvous} shared by the module's tests.
+    """
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("twistd"),
+            f"--max-bytes={MAX_BYTES}",
+            f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
+            f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
+            "--max-rendezvous-per-address=500",
+        )
+    )
 
 
 # The clients.

@@ -32,7 +32,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from .test_end_to_end import CLEAN_EXIT, HOST, TwistdServer, start_plugin_server
+from .test_end_to_end import HOST, TwistdServer, running, start_plugin_server
 
 TYPE = "application/json"
 #: The server's poll timeout in this module: short, so that a 304 comes soon.
@@ -48,15 +48,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """
     One C{twistd rendezvous} with a short poll timeout.
     """
-    process = start_plugin_server(
-        tmp_path_factory.mktemp("twistd"), f"--poll-timeout={POLL_TIMEOUT_SECONDS}"
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("twistd"), f"--poll-timeout={POLL_TIMEOUT_SECONDS}"
+        )
     )
-    try:
-        yield process
-    finally:
-        code = process.stop()
-    assert code in CLEAN_EXIT, process.text()
-    process.assert_no_trouble()
 
 
 class Cancelled(Exception):
