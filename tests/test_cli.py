@@ -90,6 +90,7 @@ def test_two_terminals_complete_an_exchange(server: TwistdServer) -> None:
     assert created.returncode == 0, created.stderr
     url = created.stdout.decode("ascii").strip()
     assert url.startswith(base) and "\n" not in url
+    server.secrets.append(url.rsplit("/", 1)[1].encode("ascii"))
     assert b"expires in" in created.stderr
 
     # Terminal A waits for B's answer, and B sends it.

@@ -237,6 +237,8 @@ def running(process: TwistdServer) -> Iterator[TwistdServer]:
     # garbage is collected, as late as shutdown: look at the whole log last.
     assert code in CLEAN_EXIT, process.text()
     process.assert_no_trouble()
+    for hidden in process.secrets:
+        assert hidden not in process.output, f"{hidden!r} is in the log"
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,7 @@ class MSC3886Transport:
             self.expires = answer.get("expires")
             base = target if target.endswith("/") else target + "/"
             self.uri = urljoin(base, location)
+            self.server.secrets.append(self.uri.rsplit("/", 1)[1].encode("ascii"))
 
     def start_receive(self) -> PendingPoll:
         assert self.uri is not None, "Rendezvous not set up"
@@ -279,6 +280,8 @@ class MSC4108Session:
         assert headers["content-type"] == "application/json"
         self.url = json.loads(content)["url"]
         self.etag = headers["etag"]
+        assert self.url is not None
+        self.server.secrets.append(self.url.rsplit("/", 1)[1].encode("ascii"))
 
     def send(self, body: bytes) -> tuple[int, dict[str, Any]]:
         assert self.url is not None and self.etag is not None
