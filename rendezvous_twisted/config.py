@@ -9,11 +9,20 @@ the command line itself.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
 #: Where a newcomer's server listens when no C{--listen} is given.
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+#: MSC4108's payload limit ("the server enforces a maximum payload size of
+#: 4KB"), fixed by the proposal; the general C{max_bytes} caps it too.
+MSC4108_MAX_BYTES = 4096
+#: Where MSC4108 session URLs live by default: beside the create endpoint.
+MSC4108_DEFAULT_SESSION_PREFIX = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous/"
+# A path prefix of one or more non-empty segments of URL-safe characters.
+_SESSION_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+/\Z")
 
 
 def check_positive(name: str, value: float) -> None:
@@ -57,7 +66,16 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 #: The fields that are not positive numbers.
-_NOT_LIMITS = frozenset(("public_url", "trusted_proxies", "proxy_header", "allow_create", "deny"))
+_NOT_LIMITS = frozenset(
+    (
+        "public_url",
+        "msc4108_session_prefix",
+        "trusted_proxies",
+        "proxy_header",
+        "allow_create",
+        "deny",
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +116,9 @@ class Config:
     #: Base URL for Location (scheme, host and any path prefix); None means
     #: the request's own scheme and Host.
     public_url: str | None = None
+    #: The path under which MSC4108 session URLs live, with a slash at each
+    #: end; never "/" alone, which is the native protocol's.
+    msc4108_session_prefix: str = MSC4108_DEFAULT_SESSION_PREFIX
 
     # Abuse limits (README "Running it on the internet").  A client is the
     # key of ClientResolver: an IPv4 address, or an IPv6 network of
@@ -171,6 +192,11 @@ class Config:
             raise ValueError("max_parked_per_rendezvous must not exceed max_parked")
         if self.public_url is not None:
             _check_public_url(self.public_url)
+        if _SESSION_PREFIX.match(self.msc4108_session_prefix) is None:
+            raise ValueError(
+                "msc4108_session_prefix must be a path of one or more segments of letters, "
+                f"digits and ._~- with a slash at each end, not {self.msc4108_session_prefix!r}"
+            )
 
     @property
     def base_url(self) -> str | None:

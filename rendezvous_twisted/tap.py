@@ -156,6 +156,12 @@ class Options(usage.Options):
             "for the Location header. Default: the request's own scheme and Host.",
         ],
         [
+            "msc4108-session-prefix",
+            None,
+            _DEFAULTS.msc4108_session_prefix,
+            "Path under which MSC4108 session URLs live (a slash at each end).",
+        ],
+        [
             "proxy-header",
             None,
             _DEFAULTS.proxy_header,
@@ -212,7 +218,10 @@ class Options(usage.Options):
             }
             fields.update({field: self[option] for option, field, _, _ in self._limits})
             self["config"] = Config(
-                public_url=self["public-url"], proxy_header=self["proxy-header"], **fields
+                public_url=self["public-url"],
+                msc4108_session_prefix=self["msc4108-session-prefix"],
+                proxy_header=self["proxy-header"],
+                **fields,
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
@@ -231,6 +240,7 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     for name in [
         *sorted(repeatable),
         "public-url",
+        "msc4108-session-prefix",
         "proxy-header",
         *(option for option, *_ in Options._limits),
     ]:

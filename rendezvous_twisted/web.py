@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 from typing import Any, cast
 
@@ -27,10 +27,10 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import conditions
+from rendezvous_twisted import conditions, msc4108
 from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.conditions import ANY
-from rendezvous_twisted.config import Config
+from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
 from rendezvous_twisted.ratelimit import RateLimiter
 from rendezvous_twisted.store import (
     Full,
@@ -85,11 +85,12 @@ _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
-def error_body(errcode: str, message: str) -> bytes:
+def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
     """
-    The JSON body of every error: C{{"errcode": ..., "error": ...}}.
+    The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
+    C{extra} fields.
     """
-    return json.dumps({"errcode": errcode, "error": message}).encode("ascii")
+    return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
 def redact(rendezvous_id: str) -> str:
@@ -148,6 +149,14 @@ class UnknownPathError(HTTPError):
 
     def __init__(self) -> None:
         super().__init__("no such endpoint")
+
+
+class PayloadTooLargeError(HTTPError):
+    code = 413
+    errcode = "M_TOO_LARGE"
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the payload is over {max_bytes} bytes")
 
 
 class RateLimitedError(HTTPError):
@@ -565,6 +574,11 @@ class RendezvousAPI:
             b"PUT": self.write,
             b"DELETE": self.delete,
         }
+        self._msc4108_methods: dict[bytes, Callable[[IRequest, str], Any]] = {
+            b"GET": lambda request, session_id: self.read(request, session_id, msc4108.TEXT_PLAIN),
+            b"PUT": self.msc4108_write,
+            b"DELETE": self.delete,
+        }
 
     def resource(self) -> IResource:
         """
@@ -614,21 +628,29 @@ class RendezvousAPI:
 
     @app.route("/<path:rest>")
     def _elsewhere(self, request: IRequest, rest: str) -> Any:
-        raise UnknownPathError()
+        # MSC4108's paths: fixed ones for create, and a configurable prefix
+        # for sessions, which no route declared on the class could follow.
+        path = "/" + rest
+        if path in msc4108.CREATE_PATHS:
+            if request.method != b"POST":
+                raise MethodNotAllowedError(ALLOW_ROOT)
+            return self.msc4108_create(request)
+        session_id = msc4108.session_id(path, self._config.msc4108_session_prefix)
+        if session_id is None:
+            raise UnknownPathError()
+        handler = self._msc4108_methods.get(request.method)
+        if handler is None:
+            raise MethodNotAllowedError(ALLOW_RENDEZVOUS)
+        if _ID.match(session_id) is None:
+            raise NotFound()
+        return handler(request, session_id)
 
     # The protocol.
 
     def create(self, request: IRequest) -> Deferred[bytes]:
-        client = self.client(request)
-        if not self._clients.may_create(client):
-            raise ForbiddenError("this network may not create rendezvous")
         body = self._body(request)
         content_type = self._content_type(request)
-        retry_after = self._create_limit.take(client.key)
-        if retry_after is not None:
-            raise RateLimitedError("too many rendezvous created from this address", retry_after)
-        # The store's per-address cap counts by the same key as the limits.
-        d = self._store.create(body, content_type, client.key)
+        d = self._store.create(body, content_type, self._creator(request))
 
         def created(version: Version) -> bytes:
             location = self._base_url(request) + version.rendezvous_id
@@ -650,7 +672,13 @@ class RendezvousAPI:
         d = self._store.write(rendezvous_id, body, content_type, if_match)
         return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
 
-    def read(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
+    def read(
+        self, request: IRequest, rendezvous_id: str, content_type: bytes | None = None
+    ) -> Deferred[bytes]:
+        """
+        GET, long-polling on a matching If-None-Match.  A 200 carries the
+        stored Content-Type, or C{content_type} when given.
+        """
         headers = request.requestHeaders
         # A browser opening the URL itself (not a page's fetch()): refuse,
         # so that nobody can host pages or files here for people to open.
@@ -660,7 +688,8 @@ class RendezvousAPI:
             raise ForbiddenError("payloads cannot be opened as pages")
         if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
         if if_none_match is None:
-            return self._store.read(rendezvous_id).addCallback(self._payload, request)
+            d = self._store.read(rendezvous_id)
+            return d.addCallback(self._payload, request, content_type)
         timeout = self._config.poll_timeout_seconds
         wait = prefer_wait(headers.getRawHeaders(b"Prefer"))
         if wait is not None:
@@ -669,7 +698,7 @@ class RendezvousAPI:
         def answer(wakeup: Wakeup) -> bytes:
             version = wakeup.version
             if wakeup.changed:
-                return self._payload(version, request)
+                return self._payload(version, request, content_type)
             return self._respond(request, 304, b"", version.content_type, version)
 
         return self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(
@@ -679,6 +708,61 @@ class RendezvousAPI:
     def delete(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         d = self._store.delete(rendezvous_id)
         return d.addCallback(lambda _: self._respond(request, 204, b"", JSON))
+
+    # MSC4108: the same store and answers, with that proposal's rules.
+
+    def msc4108_create(self, request: IRequest) -> Deferred[bytes]:
+        """
+        POST to a create path: 201 with JSON C{{"url": ...}}, the absolute
+        session URL, and no Location.
+        """
+        body = self._msc4108_body(request)
+        d = self._store.create(body, msc4108.TEXT_PLAIN, self._creator(request))
+
+        def created(version: Version) -> bytes:
+            prefix = self._config.msc4108_session_prefix.lstrip("/")
+            url = self._base_url(request) + prefix + version.rendezvous_id
+            return self._respond(
+                request, 201, json.dumps({"url": url}).encode("ascii"), JSON, version
+            )
+
+        return d.addCallback(created)
+
+    def msc4108_write(self, request: IRequest, session_id: str) -> Deferred[bytes]:
+        """
+        PUT on a session: If-Match with exactly one strong ETag is required.
+        """
+        values = request.requestHeaders.getRawHeaders(b"If-Match")
+        if not values:
+            raise BadRequestError("M_MISSING_PARAM", "If-Match is required")
+        if_match = conditions.parse(values)
+        if if_match is None or not msc4108.is_single_strong(if_match):
+            raise BadRequestError("M_INVALID_PARAM", "If-Match must be one strong ETag")
+        body = self._msc4108_body(request)
+        d = self._store.write(session_id, body, msc4108.TEXT_PLAIN, if_match)
+
+        def stale(failure: Failure) -> None:
+            failure.trap(PreconditionFailed)
+            assert isinstance(failure.value, PreconditionFailed)
+            raise msc4108.ConcurrentWrite(failure.value)
+
+        d.addErrback(stale)
+        return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
+
+    def _msc4108_body(self, request: IRequest) -> bytes:
+        """
+        The body of an MSC4108 POST or PUT: text/plain, within the limit.
+        """
+        values = request.requestHeaders.getRawHeaders(b"Content-Type")
+        if not values or values == [b""]:
+            raise BadRequestError("M_MISSING_PARAM", "Content-Type is required: text/plain")
+        if len(values) > 1 or not msc4108.is_text_plain(values[0]):
+            raise BadRequestError("M_INVALID_PARAM", "Content-Type must be text/plain")
+        body = self._body(request)
+        limit = min(MSC4108_MAX_BYTES, self._store.max_bytes)
+        if len(body) > limit:
+            raise PayloadTooLargeError(limit)
+        return body
 
     def preflight(self, request: IRequest) -> bytes:
         for name, value in PREFLIGHT:
@@ -697,7 +781,12 @@ class RendezvousAPI:
         Answer a refusal: status, JSON error body and any headers it needs.
         """
         version: Version | None = None
-        if isinstance(error, NotFound):
+        extra: Mapping[str, str] | None = None
+        if isinstance(error, msc4108.ConcurrentWrite):
+            code, errcode, message = 412, "M_UNKNOWN", "If-Match matches no current ETag"
+            extra = msc4108.CONCURRENT_WRITE_FIELDS
+            version = error.current
+        elif isinstance(error, NotFound):
             code, errcode, message = 404, "M_NOT_FOUND", "no such rendezvous"
         elif isinstance(error, PreconditionFailed):
             code, errcode, message = 412, "M_CONCURRENT_WRITE", "If-Match matches no current ETag"
@@ -716,7 +805,7 @@ class RendezvousAPI:
                 request.responseHeaders.setRawHeaders(name, [value])
         else:  # pragma: no cover - a RendezvousError this map forgot
             return self._internal_error(request, Failure(error))
-        return self._respond(request, code, error_body(errcode, message), JSON, version)
+        return self._respond(request, code, error_body(errcode, message, extra), JSON, version)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
@@ -761,8 +850,12 @@ class RendezvousAPI:
             headers.setRawHeaders(b"Last-Modified", [_http_date(version.last_modified)])
         return body
 
-    def _payload(self, version: Version, request: IRequest) -> bytes:
-        return self._respond(request, 200, version.body, version.content_type, version)
+    def _payload(
+        self, version: Version, request: IRequest, content_type: bytes | None = None
+    ) -> bytes:
+        return self._respond(
+            request, 200, version.body, content_type or version.content_type, version
+        )
 
     def _body(self, request: IRequest) -> bytes:
         # Its size is the store's to judge (and RendezvousRequest's, before
@@ -786,6 +879,21 @@ class RendezvousAPI:
             )
         content_type: bytes = values[0]
         return content_type
+
+    def _creator(self, request: IRequest) -> str:
+        """
+        Apply the create policy and the create rate limit to the client of
+        C{request}, and return the key the store counts its rendezvous
+        under: the same key as the limits, so that the per-address cap and
+        the limits agree on who a client is.
+        """
+        client = self.client(request)
+        if not self._clients.may_create(client):
+            raise ForbiddenError("this network may not create rendezvous")
+        retry_after = self._create_limit.take(client.key)
+        if retry_after is not None:
+            raise RateLimitedError("too many rendezvous created from this address", retry_after)
+        return client.key
 
     def client(self, request: IRequest) -> Client:
         """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import select
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,9 @@ from .test_end_to_end import (
     Response,
     TwistdServer,
     assert_exchange_works,
-    checked,
     create,
     etag_of,
+    running,
     secret,
     start_plugin_server,
 )
@@ -37,23 +37,23 @@ HONEST = "127.0.0.2"
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[list[TwistdServer]]:
+def servers(tmp_path: Path) -> Iterator[list[TwistdServer]]:
     """
     Servers a test starts; each is stopped afterwards, must exit cleanly and
     must have logged no failure.
     """
-    servers: list[TwistdServer] = []
+    started: list[TwistdServer] = []
     with ExitStack() as stack:
         try:
-            yield servers
+            yield started
         finally:
-            for server in servers:
-                stack.enter_context(checked(server))
+            for server in started:
+                stack.enter_context(contextmanager(running)(server))
 
 
-def start(running: list[TwistdServer], tmp_path: Path, *options: str) -> TwistdServer:
+def start(servers: list[TwistdServer], tmp_path: Path, *options: str) -> TwistdServer:
     server = start_plugin_server(tmp_path, *options)
-    running.append(server)
+    servers.append(server)
     return server
 
 
@@ -81,7 +81,7 @@ def assert_rate_limited(response: Response) -> int:
 
 
 def test_create_flood_is_limited_while_another_address_exchanges(
-    running: list[TwistdServer], tmp_path: Path
+    servers: list[TwistdServer], tmp_path: Path
 ) -> None:
     """
     A flood of creates from one address gets 429 with Retry-After once its
@@ -89,7 +89,7 @@ def test_create_flood_is_limited_while_another_address_exchanges(
     exchange unhindered.
     """
     server = start(
-        running,
+        servers,
         tmp_path,
         "--create-burst=5",
         "--create-per-second=0.01",
@@ -112,14 +112,14 @@ def test_create_flood_is_limited_while_another_address_exchanges(
 
 
 def test_request_flood_is_limited_per_address(
-    running: list[TwistdServer], tmp_path: Path
+    servers: list[TwistdServer], tmp_path: Path
 ) -> None:
     """
     A flood of reads from one address gets 429 once its request budget is
     spent; another address reads the same rendezvous and exchanges.
     """
     server = start(
-        running, tmp_path, "--request-burst=10", "--request-per-second=0.01"
+        servers, tmp_path, "--request-burst=10", "--request-per-second=0.01"
     )
     with Conn(server.port, source=HONEST) as honest:
         rendezvous_id, _ = create(server, honest, secret("read-me"))
@@ -136,7 +136,7 @@ def test_request_flood_is_limited_per_address(
 
 
 def test_full_server_refuses_and_keeps_every_rendezvous(
-    running: list[TwistdServer], tmp_path: Path
+    servers: list[TwistdServer], tmp_path: Path
 ) -> None:
     """
     A full server answers new creates 429 with Retry-After, and every live
@@ -144,7 +144,7 @@ def test_full_server_refuses_and_keeps_every_rendezvous(
     client completes an exchange on its own rendezvous.
     """
     server = start(
-        running,
+        servers,
         tmp_path,
         "--max-rendezvous=6",
         "--max-rendezvous-per-address=4",
@@ -227,7 +227,7 @@ def dribble_until_closed(conns: list[Conn], data: bytes, seconds: float) -> list
 
 
 def test_slowloris_is_cut_while_honest_clients_are_served(
-    running: list[TwistdServer], tmp_path: Path
+    servers: list[TwistdServer], tmp_path: Path
 ) -> None:
     """
     Connections dribbling their headers (or body) a byte at a time are
@@ -236,7 +236,7 @@ def test_slowloris_is_cut_while_honest_clients_are_served(
     exchanges, its long-poll parked for longer than those deadlines.
     """
     server = start(
-        running, tmp_path, "--header-timeout=1", "--body-timeout=1", "--poll-timeout=10"
+        servers, tmp_path, "--header-timeout=1", "--body-timeout=1", "--poll-timeout=10"
     )
     with Conn(server.port, source=HONEST) as a, Conn(server.port, source=HONEST) as b:
         # An honest long-poll, parked before the attack starts.
@@ -273,13 +273,13 @@ def test_slowloris_is_cut_while_honest_clients_are_served(
     assert_exchange_works(server, HONEST)
 
 
-def test_connection_cap_per_address(running: list[TwistdServer], tmp_path: Path) -> None:
+def test_connection_cap_per_address(servers: list[TwistdServer], tmp_path: Path) -> None:
     """
     Past its cap of concurrent connections an address's next connection is
     answered 429 and closed, its parked long-polls are not cut, and another
     address is served.
     """
-    server = start(running, tmp_path, "--max-connections-per-address=3")
+    server = start(servers, tmp_path, "--max-connections-per-address=3")
     with Conn(server.port, source=HONEST) as writer:
         rendezvous_id, created = create(server, writer, secret("capped"))
     path = "/" + rendezvous_id
@@ -307,7 +307,7 @@ def test_connection_cap_per_address(running: list[TwistdServer], tmp_path: Path)
 
 
 def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
-    running: list[TwistdServer], tmp_path: Path
+    servers: list[TwistdServer], tmp_path: Path
 ) -> None:
     """
     X-Forwarded-For and X-Forwarded-Proto from a peer that is not a trusted
@@ -317,7 +317,7 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     """
     proxy = "127.0.0.2"
     server = start(
-        running,
+        servers,
         tmp_path,
         "--create-burst=2",
         "--create-per-second=0.01",

@@ -38,7 +38,14 @@ LIMITS = [
     "max_connections_per_address",
 ]
 #: The fields that are not limits: a URL, networks and a header name.
-NOT_LIMITS = {"public_url", "trusted_proxies", "proxy_header", "allow_create", "deny"}
+NOT_LIMITS = {
+    "public_url",
+    "msc4108_session_prefix",
+    "trusted_proxies",
+    "proxy_header",
+    "allow_create",
+    "deny",
+}
 
 
 def test_defaults_are_those_of_the_spec() -> None:

@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,11 @@ class TwistdServer:
     """
 
     def __init__(
-        self, args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        port_line: re.Pattern[bytes] = _PORT_LINE,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
@@ -104,7 +107,7 @@ class TwistdServer:
         self.port = 0
         self.signalled = False
         try:
-            match = self.wait_for(_PORT_LINE, START_DEADLINE_SECONDS)
+            match = self.wait_for(port_line, START_DEADLINE_SECONDS)
         except BaseException:
             self.stop()
             raise
@@ -221,19 +224,21 @@ def start_plugin_server(cwd: Path, *limits: str) -> TwistdServer:
     return TwistdServer(["rendezvous", "--listen", LISTEN, *limits], cwd)
 
 
-@contextmanager
-def checked(process: TwistdServer) -> Iterator[TwistdServer]:
+def running(process: TwistdServer) -> Iterator[TwistdServer]:
     """
-    Yield C{process}, then stop it: it must exit cleanly, and its whole log
-    (some failures, such as an unhandled error in a Deferred, are only
-    logged when garbage is collected, as late as shutdown) show no failure.
+    For a fixture: yield a started server, then stop it, and fail if it did
+    not stop cleanly or logged any trouble.
     """
     try:
         yield process
     finally:
         code = process.stop()
+    # Some failures (an unhandled error in a Deferred) are only logged when
+    # garbage is collected, as late as shutdown: look at the whole log last.
     assert code in CLEAN_EXIT, process.text()
     process.assert_no_trouble()
+    for hidden in process.secrets:
+        assert hidden not in process.output, f"{hidden!r} is in the log"
 
 
 @pytest.fixture(scope="module")
@@ -241,19 +246,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """
     One C{twistd rendezvous} shared by the module's tests.
     """
-    process = start_plugin_server(
-        tmp_path_factory.mktemp("twistd"),
-        f"--max-bytes={MAX_BYTES}",
-        f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
-        f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
-        "--max-rendezvous-per-address=500",
-        # These tests make hundreds of requests from one address in seconds:
-        # the rate limits (tested in test_abuse.py) must not interfere.
-        "--create-burst=10000",
-        "--request-burst=100000",
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("twistd"),
+            f"--max-bytes={MAX_BYTES}",
+            f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
+            f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
+            "--max-rendezvous-per-address=500",
+            # These tests make hundreds of requests from one address in
+            # seconds: the rate limits (tested in test_abuse.py) must not
+            # interfere.
+            "--create-burst=10000",
+            "--request-burst=100000",
+        )
     )
-    with checked(process):
-        yield process
 
 
 # The clients.

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from .test_end_to_end import (
     Conn,
     TwistdServer,
-    checked,
     create,
     etag_of,
+    running,
     secret,
     start_plugin_server,
 )
@@ -177,7 +177,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     every request reaches the code under test rather than a 429, and which
     trusts the fuzzer as a proxy, so that its forwarding headers are read.
     """
-    with checked(
+    yield from running(
         start_plugin_server(
             tmp_path_factory.mktemp("fuzz"),
             "--max-bytes=200",
@@ -188,8 +188,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
             # So that the fuzzer's forwarding headers are parsed, not ignored.
             "--trusted-proxy=127.0.0.1/32",
         )
-    ) as server:
-        yield server
+    )
 
 
 @pytest.fixture(scope="module")

@@ -80,8 +80,15 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
     ),
 ]
 PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
+MSC4108_SESSION_PREFIX = (
+    "msc4108-session-prefix",
+    "msc4108_session_prefix",
+    "RENDEZVOUS_MSC4108_SESSION_PREFIX",
+    "/qr/session/",
+    "/qr/session/",
+)
 PROXY_HEADER = ("proxy-header", "proxy_header", "RENDEZVOUS_PROXY_HEADER", "forwarded", "forwarded")
-EVERY_OPTION = [*LIMITS, PUBLIC_URL, PROXY_HEADER]
+EVERY_OPTION = [*LIMITS, PUBLIC_URL, MSC4108_SESSION_PREFIX, PROXY_HEADER]
 INTEGER_OPTIONS = [row[0] for row in LIMITS if isinstance(row[4], int)]
 
 
@@ -494,3 +501,9 @@ def test_tac_reads_the_limits_from_the_environment(monkeypatch: pytest.MonkeyPat
         s.factory for s in descendants(application) if isinstance(s, StreamServerEndpointService)
     }
     assert site.max_body_bytes == 4096
+
+
+def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
+    """A session prefix that Config refuses is a UsageError naming it."""
+    with pytest.raises(usage.UsageError, match="msc4108_session_prefix"):
+        parsed(["--msc4108-session-prefix=/"])
