@@ -17,6 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
+
 from .conftest import Harness, fired
 from .test_web import assert_json_error, raw_answer
 
@@ -340,3 +342,24 @@ def test_clients_behind_a_unix_socket_proxy_have_their_own_budgets() -> None:
     assert post(b"203.0.113.2") == b"HTTP/1.1 200 OK"
     assert post(b"203.0.113.1") == b"HTTP/1.1 429 Too Many Requests"
     assert site.connection_count == 3
+
+
+def test_msc4108_creates_share_the_create_policy_and_budget() -> None:
+    """
+    MSC4108 creates are under the same allow-create policy and the same
+    create budget as native ones, and count towards the same per-address cap.
+    """
+    text = {"Content-Type": "text/plain"}
+    refused = Harness(allow_create=("192.0.2.0/24",)).call(
+        "POST", UNSTABLE_CREATE_PATH, b"x", headers=text
+    )
+    assert_json_error(refused, 403, "M_FORBIDDEN")
+    harness = Harness(create_burst=2, create_per_second=0.01)
+    harness.create()
+    assert harness.call("POST", STABLE_CREATE_PATH, b"x", headers=text).code == 201
+    limited = harness.call("POST", UNSTABLE_CREATE_PATH, b"x", headers=text)
+    assert_json_error(limited, 429, "M_LIMIT_EXCEEDED")
+    assert limited.header("retry-after") == b"100"
+    capped = Harness(max_rendezvous_per_address=1)
+    capped.create()
+    assert capped.call("POST", STABLE_CREATE_PATH, b"x", headers=text).code == 429
