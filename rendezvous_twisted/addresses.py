@@ -77,14 +77,14 @@ def _split_list(values: Sequence[bytes] | None) -> list[bytes]:
     return [element.strip(b" \t") for element in elements[-_MAX_HOPS:]]
 
 
-def _forwarded_for(element: bytes) -> bytes | None:
+def _forwarded_parameter(element: bytes, wanted: bytes) -> bytes | None:
     """
-    The C{for=} parameter of one RFC 7239 C{Forwarded} element, unquoted, or
-    None when it has none.
+    One parameter (C{for}, C{proto}) of an RFC 7239 C{Forwarded} element,
+    unquoted, or None when it has none.
     """
     for pair in element.split(b";"):
         name, equals, value = pair.partition(b"=")
-        if equals and name.strip(b" \t").lower() == b"for":
+        if equals and name.strip(b" \t").lower() == wanted:
             value = value.strip(b" \t")
             if len(value) >= 2 and value[:1] == b'"' == value[-1:]:
                 value = value[1:-1].replace(b"\\", b"")
@@ -175,7 +175,8 @@ class ClientResolver:
         """
         The client behind a request from C{peer_host} (None for a peer
         without an IP address), given the raw values of the configured
-        forwarding header and of C{X-Forwarded-Proto}.
+        forwarding header and of C{X-Forwarded-Proto} (read only along with
+        C{X-Forwarded-For}).
 
         The headers count only when the peer is a trusted proxy, or has no
         IP address: a UNIX socket only local processes can reach, which is
@@ -190,21 +191,27 @@ class ClientResolver:
         address = parse_address(peer_host) if peer_host is not None else None
         if peer_host is not None and not self.trusted(address):
             return Client(address, self.key(address))
+        rfc7239 = self._header == FORWARDED.encode("ascii")
         client = address
-        for element in reversed(self._hops(forwarded)):
-            hop = parse_address(element) if element is not None else None
+        # With X-Forwarded-For the scheme is X-Forwarded-Proto's.  RFC 7239
+        # carries it in each element instead, beside the address: the proto
+        # of the last element read says how its hop was reached, and
+        # X-Forwarded-Proto is not read.
+        proto = None if rfc7239 else forwarded_proto
+        for element in reversed(_split_list(forwarded)):
+            if rfc7239:
+                element_proto = _forwarded_parameter(element, b"proto")
+                proto = None if element_proto is None else [element_proto]
+                named = _forwarded_parameter(element, b"for")
+            else:
+                named = element
+            hop = parse_address(named) if named is not None else None
             if hop is None:
                 break
             client = hop
             if not self.trusted(hop):
                 break
-        return Client(client, self.key(client), _proto(forwarded_proto))
-
-    def _hops(self, values: Sequence[bytes] | None) -> list[bytes | None]:
-        elements = _split_list(values)
-        if self._header == FORWARDED.encode("ascii"):
-            return [_forwarded_for(element) for element in elements]
-        return list(elements)
+        return Client(client, self.key(client), _proto(proto))
 
 
 def _within(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:

@@ -158,7 +158,8 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     #: The header trusted proxies name the client in: "x-forwarded-for" or
     #: "forwarded" (RFC 7239).  Only one is read: a proxy passes the other
-    #: through from the client unchecked.
+    #: through from the client unchecked.  The scheme comes with it:
+    #: X-Forwarded-Proto, or the proto= of the client's Forwarded element.
     proxy_header: str = "x-forwarded-for"
     #: Networks (CIDR) allowed to create; empty means everyone.
     allow_create: tuple[str, ...] = ()

@@ -213,3 +213,28 @@ def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
     clients = resolver(deny=("192.0.2.0/24",), trusted_proxies=("10.0.0.0/8",))
     assert clients.denied(clients.resolve("::ffff:192.0.2.9", None, None))
     assert clients.trusted(parse_address("::ffff:10.0.0.1"))
+
+
+@pytest.mark.parametrize(
+    ("header", "secure"),
+    [
+        ([b"for=203.0.113.1;proto=https"], True),
+        ([b'for=203.0.113.1;proto="http"'], False),
+        # The client's own element counts, not a later hop's.
+        ([b"for=203.0.113.1;proto=https, for=10.0.0.2;proto=http"], True),
+        # A proxy that hides its client still says how it was reached.
+        ([b"for=_hidden;proto=https"], True),
+        ([b"for=203.0.113.1"], None),
+        (None, None),
+    ],
+)
+def test_forwarded_proto_is_the_clients_element(
+    header: list[bytes] | None, secure: bool | None
+) -> None:
+    """
+    With proxy_header "forwarded", the scheme is the proto= of the element
+    that named the client, and X-Forwarded-Proto is not read.
+    """
+    clients = resolver(trusted_proxies=("10.0.0.0/8",), proxy_header="forwarded")
+    x_forwarded_proto = [b"https" if secure is None else b"http"]
+    assert clients.resolve("10.0.0.1", header, x_forwarded_proto).secure is secure
