@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IRe
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from rendezvous_twisted.budget import worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
 from rendezvous_twisted.web import RendezvousSite
@@ -108,6 +109,33 @@ class StoreService(Service):
             max_parked=c.max_parked,
             per_rendezvous=c.max_parked_per_rendezvous,
         )
+        self.log.info(
+            "worst-case memory at these limits: {budget}",
+            budget=worst_case_memory(c).describe(),
+        )
+        self._check_descriptor_limit()
+
+    def _check_descriptor_limit(self) -> None:
+        """
+        Warn when the process may open fewer files than max_connections:
+        then the operating system, not the connection cap, refuses the
+        excess, without an answer.
+        """
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not on POSIX
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Some descriptors go to listening sockets, logs and the interpreter.
+        wanted = self.config.max_connections + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            self.log.warn(
+                "the process may open {soft} files, fewer than max_connections "
+                "({max_connections}) needs; raise it (ulimit -n, LimitNOFILE=) to {wanted}",
+                soft=soft,
+                max_connections=self.config.max_connections,
+                wanted=wanted,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]

@@ -16,7 +16,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from rendezvous_twisted import logs, systemd, tls
-from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
+from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
 from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.service import (
@@ -100,12 +100,75 @@ class Options(usage.Options):
             "Parked long-poll GETs on one rendezvous.",
             int,
         ),
+        ("create-burst", "create_burst", "Creates one client may make at once.", int),
+        (
+            "create-per-second",
+            "create_per_second",
+            "Creates per second refilling a client's create budget.",
+            float,
+        ),
+        (
+            "request-burst",
+            "request_burst",
+            "Requests of any kind one client may make at once.",
+            int,
+        ),
+        (
+            "request-per-second",
+            "request_per_second",
+            "Requests per second refilling a client's request budget.",
+            float,
+        ),
+        (
+            "max-rate-buckets",
+            "max_rate_buckets",
+            "Clients whose rate budgets are remembered (least recently seen dropped).",
+            int,
+        ),
+        (
+            "ipv6-prefix-length",
+            "ipv6_prefix_length",
+            "Bits of an IPv6 address that name one client (1 to 128).",
+            int,
+        ),
+        (
+            "header-timeout",
+            "header_timeout_seconds",
+            "Seconds a request's line and headers may take to arrive.",
+            float,
+        ),
+        (
+            "body-timeout",
+            "body_timeout_seconds",
+            "Seconds a request's body may take to arrive, after its headers.",
+            float,
+        ),
+        (
+            "max-header-bytes",
+            "max_header_bytes",
+            "Bytes of a request's line and headers.",
+            int,
+        ),
+        ("max-headers", "max_headers", "Header lines of one request.", int),
+        ("max-connections", "max_connections", "Open connections across the server.", int),
+        (
+            "max-connections-per-address",
+            "max_connections_per_address",
+            "Open connections from one client address (trusted proxies exempt).",
+            int,
+        ),
         (
             "shutdown-timeout-seconds",
             "shutdown_timeout_seconds",
             "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
             float,
         ),
+    )
+    # (option, Config field): repeatable networks in CIDR notation.
+    _networks: tuple[tuple[str, str], ...] = (
+        ("trusted-proxy", "trusted_proxies"),
+        ("allow-create", "allow_create"),
+        ("deny", "deny"),
     )
 
     optParameters = [
@@ -118,6 +181,19 @@ class Options(usage.Options):
             None,
             "Base URL of the server as clients reach it (scheme, host, any path prefix), "
             "for the Location header. Default: the request's own scheme and Host.",
+        ],
+        [
+            "msc4108-session-prefix",
+            None,
+            _DEFAULTS.msc4108_session_prefix,
+            "Path under which MSC4108 session URLs live (a slash at each end).",
+        ],
+        [
+            "proxy-header",
+            None,
+            _DEFAULTS.proxy_header,
+            "The header trusted proxies name the client in: x-forwarded-for or forwarded "
+            "(RFC 7239). Only that one is read.",
         ],
         [
             "tls-cert",
@@ -149,6 +225,7 @@ class Options(usage.Options):
             "endpoint, e.g. tcp:9090:interface=127.0.0.1. Off by default.",
         ],
     ]
+
     #: (flag, help); environment variables set them with 1 (or 0).
     _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
     optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
@@ -156,6 +233,28 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
+        for option, _ in self._networks:
+            self[option] = []
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """
+        A network (CIDR) of reverse proxies whose X-Forwarded-For (or
+        Forwarded) and X-Forwarded-Proto are believed (repeatable).
+        """
+        self["trusted-proxy"].append(network)
+
+    def opt_allow_create(self, network: str) -> None:
+        """
+        A network (CIDR) allowed to create rendezvous (repeatable; default:
+        everyone).
+        """
+        self["allow-create"].append(network)
+
+    def opt_deny(self, network: str) -> None:
+        """
+        A network (CIDR) refused everything with 403 (repeatable).
+        """
+        self["deny"].append(network)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -167,10 +266,22 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for option, _ in self._networks:
+            for network in self[option]:
+                try:
+                    parse_network(network)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{option}: {e}") from e
         try:
+            fields: dict[str, Any] = {
+                field: tuple(self[option]) for option, field in self._networks
+            }
+            fields.update({field: self[option] for option, field, _, _ in self._limits})
             self["config"] = Config(
                 public_url=self["public-url"],
-                **{field: self[option] for option, field, _, _ in self._limits},
+                msc4108_session_prefix=self["msc4108-session-prefix"],
+                proxy_header=self["proxy-header"],
+                **fields,
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
@@ -209,15 +320,27 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
     """
     Parse L{Options} from C{RENDEZVOUS_*} environment variables, one per
     option: C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, and
-    C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
+    C{RENDEZVOUS_LISTEN} holds space-separated endpoints, as do the
+    repeatable networks (C{RENDEZVOUS_TRUSTED_PROXY}, C{RENDEZVOUS_ALLOW_CREATE},
+    C{RENDEZVOUS_DENY}).
     """
+    repeatable = {"listen", *(option for option, _ in Options._networks)}
     argv: list[str] = []
-    names = ["listen", "public-url", "tls-cert", "tls-key", "log-format", "metrics"]
-    for name in [*names, *(option for option, *_ in Options._limits)]:
+    for name in [
+        *sorted(repeatable),
+        "public-url",
+        "msc4108-session-prefix",
+        "proxy-header",
+        "tls-cert",
+        "tls-key",
+        "log-format",
+        "metrics",
+        *(option for option, *_ in Options._limits),
+    ]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue
-        for one in value.split() if name == "listen" else [value]:
+        for one in value.split() if name in repeatable else [value]:
             argv.append(f"--{name}={one}")
     for flag, _ in Options._flags:
         variable = ENVIRONMENT_PREFIX + flag.upper().replace("-", "_")
@@ -252,7 +375,7 @@ def makeService(
     config: Config = options["config"]
     store = MemoryStore(config, reactor)
     metrics = Metrics()
-    api = RendezvousAPI(store, config, metrics, reactor, access_log=not options["no-access-log"])
+    api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
     site = api.site(reactor)
 
     json_logs = options["log-format"] == "json"

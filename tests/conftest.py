@@ -117,7 +117,7 @@ class Harness:
         self.clock.advance(EPOCH)
         self.config = Config(**config)
         self.store = MemoryStore(self.config, self.clock)
-        self.api = RendezvousAPI(self.store, self.config)
+        self.api = RendezvousAPI(self.store, self.config, self.clock)
         # StubTreq copies treq's functions onto itself at run time: Any.
         self.client: Any = StubTreq(self.api.resource())  # type: ignore[no-untyped-call]
         # StubTreq serves through a plain Site; serve through ours, so that

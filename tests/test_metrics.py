@@ -91,7 +91,7 @@ def test_no_access_log() -> None:
     """With the access log off, requests are still counted but not logged."""
     harness = Harness()
     metrics = Metrics()
-    api = RendezvousAPI(harness.store, harness.config, metrics, access_log=False)
+    api = RendezvousAPI(harness.store, harness.config, harness.clock, metrics, access_log=False)
     site = api.site()
     with capturedLogs() as events:
         request = DummyRequest([b""])
@@ -322,3 +322,13 @@ def test_environment_sets_log_and_metrics_options() -> None:
     assert not tap.options_from_environment({"RENDEZVOUS_NO_ACCESS_LOG": "0"})["no-access-log"]
     with pytest.raises(usage.UsageError, match="RENDEZVOUS_NO_ACCESS_LOG must be 1 or 0"):
         tap.options_from_environment({"RENDEZVOUS_NO_ACCESS_LOG": "maybe"})
+
+
+def test_the_request_rate_limit_is_counted_as_rate_limited() -> None:
+    """A 429 from the request rate limiter is counted as rate_limited, not full."""
+    harness = Harness(request_burst=1, request_per_second=0.01)
+    harness.create(b"x")
+    assert harness.call("POST", "/", b"y").code == 429
+    page = samples(_render(harness.api.metrics))
+    assert value(page, "rendezvous_refusals_total", reason="rate_limited") == 1
+    assert value(page, "rendezvous_refusals_total", reason="full") == 0
