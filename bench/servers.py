@@ -31,6 +31,14 @@ BENCH_LIMITS = (
     "--max-rendezvous-per-address=100000",
     "--max-parked=100000",
     "--max-parked-per-rendezvous=8",
+    # The load comes from one address at rates no client would reach: lift
+    # the per-client rate limits and connection caps.
+    "--create-burst=1000000",
+    "--create-per-second=1000000",
+    "--request-burst=1000000",
+    "--request-per-second=1000000",
+    "--max-connections=100000",
+    "--max-connections-per-address=100000",
     "--poll-timeout=600",
     # Longer than any parked round: its rendezvous must outlive it.
     "--ttl=3600",

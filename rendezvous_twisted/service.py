@@ -4,31 +4,95 @@ The store's lifecycle as a Twisted service.
 
 from __future__ import annotations
 
+import resource
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from rendezvous_twisted.budget import worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
+from rendezvous_twisted.web import RendezvousSite
+
+
+class Lifecycle:
+    """
+    Whether the server serves or is stopping, shared by whoever must know:
+    the health check, systemd's notifications, the graceful stop.
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._on_stopping: list[Callable[[], object]] = []
+        #: Fires once the graceful stop has answered and closed everything.
+        self.drained: Deferred[None] = Deferred()
+
+    def on_stopping(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} once, when the stop begins.
+        """
+        self._on_stopping.append(callback)
+
+    def stop(self) -> None:
+        """
+        The stop begins (idempotent).
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        for callback in self._on_stopping:
+            callback()
+
+
+class StoppingService(Service):
+    """
+    Marks the L{Lifecycle} as stopping.  Put it last in its parent, so that
+    a stop reaches it first, before any listener closes.
+    """
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.lifecycle.stop()
 
 
 class StoreService(Service):
     """
     Owns a store for the life of the process: logs the limits it serves
     with on start, and on stop answers every parked reader (304, so clients
-    poll again) before the process goes.
+    poll again), lets the requests in flight finish and closes every
+    connection (all within C{shutdown_timeout_seconds}) before the process
+    goes.
 
-    Put it first in its parent, so that it stops last, after the listeners.
+    Put it first in its parent, so that it stops last, after the listeners
+    stopped accepting.
     """
 
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: RendezvousStore,
+        config: Config,
+        clock: IReactorTime,
+        site: RendezvousSite | None = None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.clock = clock
+        self.site = site
+        self.lifecycle = lifecycle or Lifecycle()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -45,10 +109,188 @@ class StoreService(Service):
             max_parked=c.max_parked,
             per_rendezvous=c.max_parked_per_rendezvous,
         )
+        self.log.info(
+            "worst-case memory at these limits: {budget}",
+            budget=worst_case_memory(c).describe(),
+        )
+        self._check_descriptor_limit()
+
+    def _check_descriptor_limit(self) -> None:
+        """
+        Warn when the process may open fewer files than max_connections:
+        then the operating system, not the connection cap, refuses the
+        excess, without an answer.
+        """
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not on POSIX
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # Some descriptors go to listening sockets, logs and the interpreter.
+        wanted = self.config.max_connections + 64
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            self.log.warn(
+                "the process may open {soft} files, fewer than max_connections "
+                "({max_connections}) needs; raise it (ulimit -n, LimitNOFILE=) to {wanted}",
+                soft=soft,
+                max_connections=self.config.max_connections,
+                wanted=wanted,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
+        self.lifecycle.stop()
         self.store.shutdown()
-        # The answers are in the transports' buffers now.  Give the reactor
-        # one turn to write them before shutdown drops every connection.
-        return deferLater(self.clock, 0, lambda: None)
+        if self.site is None:
+            drained: Deferred[None] = succeed(None)
+        else:
+            drained = self.site.drain(self.clock, self.config.shutdown_timeout_seconds)
+
+        def settled(result: None) -> Deferred[None]:
+            self.log.info("stopped gracefully")
+            # Give the reactor a turn to write what the last closes left.
+            return deferLater(self.clock, 0, lambda: None)
+
+        d = drained.addCallback(settled)
+        d.addCallback(lambda _: self.lifecycle.drained.callback(None))
+        return d
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    Twisted's endpoint service, raising listen failures at start as
+    C{strports.service} does, and telling when it listens.
+    """
+
+    _raiseSynchronously = True
+
+    def whenListening(self) -> Deferred[IListeningPort | None]:
+        """
+        Fires with the listening port once listening (or None if listening
+        failed, which is logged).  Call it after the service started.
+        """
+        waiting: Deferred[Any] | None = self._waitingForPort
+        assert waiting is not None, "the service has not started"
+        result: Deferred[IListeningPort | None] = Deferred()
+
+        def listening(port: Any) -> Any:
+            result.callback(port)
+            return port
+
+        waiting.addCallback(listening)
+        return result
+
+
+class HangupReloader(Service):
+    """
+    Calls C{reload} on the reactor thread whenever the process gets SIGHUP
+    (C{systemctl reload}), while the service runs; the previous handler is
+    put back on stop.
+    """
+
+    log = Logger()
+
+    def __init__(self, reload: Callable[[], object], reactor: IReactorFromThreads) -> None:
+        self._reload = reload
+        self._reactor = reactor
+        self._previous: Any = None
+        self._installed = False
+
+    def privilegedStartService(self) -> None:
+        # As early as the listeners: a reload may come once they listen.
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        self._install()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._install()
+
+    def _install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._installed:
+            self._installed = False
+            signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        # A signal handler may run between any two bytecodes: do nothing
+        # here but hand the work to the reactor, as Twisted's own handlers do.
+        self._reactor.callFromThread(self._reloadNow)
+
+    def _reloadNow(self) -> None:
+        self.log.info("SIGHUP: reloading")
+        self._reload()
+
+
+class LateListenerService(ListenerService):
+    """
+    A listener that goes on listening while the server drains, and stops
+    once the L{Lifecycle} has drained: the metrics and health listener,
+    which must answer "stopping" during a graceful stop.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, lifecycle: Lifecycle) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        self.lifecycle = lifecycle
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = Deferred()
+
+        def stop(result: object) -> object:
+            super(LateListenerService, self).stopService().chainDeferred(stopped)  # type: ignore[no-untyped-call]
+            return result
+
+        self.lifecycle.drained.addBoth(stop)
+        return stopped
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """
+    Raise this process' soft limit on open files to its hard limit, since
+    every parked reader holds a socket; return the (soft, hard) limits now
+    in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            # Some platforms cap the soft limit below an unlimited hard one.
+            return soft, hard
+        soft = hard
+    return soft, hard
+
+
+class OpenFileLimitService(Service):
+    """
+    On start, raises the open-file limit (L{raise_open_file_limit}) and
+    logs it, with a warning when it is too low for the parked readers the
+    configuration allows.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        soft, hard = raise_open_file_limit()
+        unlimited = soft == resource.RLIM_INFINITY
+        self.log.info(
+            "open-file limit: {soft} (hard limit {hard})",
+            soft="unlimited" if unlimited else soft,
+            hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
+        if not unlimited and soft < self.config.max_parked:
+            self.log.warn(
+                "the open-file limit {soft} is below --max-parked {max_parked}: "
+                "parked readers will be refused connections first; raise it "
+                "(LimitNOFILE= in the systemd unit)",
+                soft=soft,
+                max_parked=self.config.max_parked,
+            )

@@ -204,6 +204,10 @@ class MemoryStore:
         self._by_owner: dict[str, dict[str, None]] = {}
         self._parked = 0
         self._stopped = False
+        #: Rendezvous created, deleted and expired since start, for metrics.
+        self.created_total = 0
+        self.deleted_total = 0
+        self.expired_total = 0
         # A counter per write, so ETags never repeat whatever the bytes, and
         # a random prefix per store, so a restarted server never reissues one.
         self._etag_prefix = secrets.token_urlsafe(9).encode("ascii")
@@ -259,6 +263,7 @@ class MemoryStore:
         expiry = self._clock.callLater(ttl, self._expire, rendezvous_id)
         self._records[rendezvous_id] = _Record(version, owner, expiry)
         self._by_owner.setdefault(owner, {})[rendezvous_id] = None
+        self.created_total += 1
         return succeed(version)
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
@@ -295,6 +300,7 @@ class MemoryStore:
         if record is None:
             return fail(NotFound())
         self._forget(rendezvous_id, record)
+        self.deleted_total += 1
         return succeed(None)
 
     def wait_for_change(
@@ -396,6 +402,7 @@ class MemoryStore:
         record = self._records.get(rendezvous_id)
         if record is not None:
             self.log.debug("rendezvous expired")
+            self.expired_total += 1
             self._forget(rendezvous_id, record)
 
     def _reclaim_expired(self, now: float) -> None:
@@ -404,6 +411,7 @@ class MemoryStore:
             rendezvous_id, record = next(iter(self._records.items()))
             if record.version.expires > now:
                 return
+            self.expired_total += 1
             self._forget(rendezvous_id, record)
 
     def _forget(self, rendezvous_id: str, record: _Record) -> None:

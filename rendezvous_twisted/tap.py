@@ -7,17 +7,29 @@ the only one that may fall back to the global reactor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
-from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
-from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive
-from rendezvous_twisted.service import StoreService
+from rendezvous_twisted import logs, systemd, tls
+from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
+from rendezvous_twisted.logs import RendezvousRoot
+from rendezvous_twisted.metrics import Metrics, metrics_site
+from rendezvous_twisted.service import (
+    HangupReloader,
+    LateListenerService,
+    Lifecycle,
+    ListenerService,
+    OpenFileLimitService,
+    StoppingService,
+    StoreService,
+)
 from rendezvous_twisted.store import MemoryStore
-from rendezvous_twisted.web import RendezvousAPI
+from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
 
 _DEFAULTS = Config()
 #: The prefix of the environment variables that the .tac file reads.
@@ -32,6 +44,15 @@ def _positive(kind: type[float], option: str) -> Callable[[str], Any]:
 
     coerce.coerceDoc = "A positive number."  # type: ignore[attr-defined]
     return coerce
+
+
+def _log_format(value: str) -> str:
+    if value not in logs.FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(logs.FORMATS)}, not {value!r}")
+    return value
+
+
+_log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -79,6 +100,75 @@ class Options(usage.Options):
             "Parked long-poll GETs on one rendezvous.",
             int,
         ),
+        ("create-burst", "create_burst", "Creates one client may make at once.", int),
+        (
+            "create-per-second",
+            "create_per_second",
+            "Creates per second refilling a client's create budget.",
+            float,
+        ),
+        (
+            "request-burst",
+            "request_burst",
+            "Requests of any kind one client may make at once.",
+            int,
+        ),
+        (
+            "request-per-second",
+            "request_per_second",
+            "Requests per second refilling a client's request budget.",
+            float,
+        ),
+        (
+            "max-rate-buckets",
+            "max_rate_buckets",
+            "Clients whose rate budgets are remembered (least recently seen dropped).",
+            int,
+        ),
+        (
+            "ipv6-prefix-length",
+            "ipv6_prefix_length",
+            "Bits of an IPv6 address that name one client (1 to 128).",
+            int,
+        ),
+        (
+            "header-timeout",
+            "header_timeout_seconds",
+            "Seconds a request's line and headers may take to arrive.",
+            float,
+        ),
+        (
+            "body-timeout",
+            "body_timeout_seconds",
+            "Seconds a request's body may take to arrive, after its headers.",
+            float,
+        ),
+        (
+            "max-header-bytes",
+            "max_header_bytes",
+            "Bytes of a request's line and headers.",
+            int,
+        ),
+        ("max-headers", "max_headers", "Header lines of one request.", int),
+        ("max-connections", "max_connections", "Open connections across the server.", int),
+        (
+            "max-connections-per-address",
+            "max_connections_per_address",
+            "Open connections from one client address (trusted proxies exempt).",
+            int,
+        ),
+        (
+            "shutdown-timeout-seconds",
+            "shutdown_timeout_seconds",
+            "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
+            float,
+        ),
+    )
+    # (option, Config field): repeatable networks in CIDR notation.
+    _networks: tuple[tuple[str, str], ...] = (
+        ("trusted-proxy", "trusted_proxies"),
+        ("allow-create", "allow_create"),
+        ("deny", "deny"),
     )
 
     optParameters = [
@@ -93,17 +183,78 @@ class Options(usage.Options):
             "for the Location header. Default: the request's own scheme and Host.",
         ],
         [
-            "access-log",
+            "msc4108-session-prefix",
+            None,
+            _DEFAULTS.msc4108_session_prefix,
+            "Path under which MSC4108 session URLs live (a slash at each end).",
+        ],
+        [
+            "proxy-header",
+            None,
+            _DEFAULTS.proxy_header,
+            "The header trusted proxies name the client in: x-forwarded-for or forwarded "
+            "(RFC 7239). Only that one is read.",
+        ],
+        [
+            "tls-cert",
             None,
             None,
-            "Append the access log to this file instead of the server's log "
-            "(/dev/null drops it). Default: the server's log.",
+            "PEM file of the TLS certificate followed by its chain (e.g. fullchain.pem), "
+            "for every ssl: listener without privateKey= and every tls:ENDPOINT listener. "
+            "Reloaded on SIGHUP.",
+        ],
+        [
+            "tls-key",
+            None,
+            None,
+            "PEM file of the TLS private key (unencrypted) for --tls-cert. Reloaded on SIGHUP.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's own lines, honouring --logfile) or json (one JSON object per "
+            "line on standard output, for journald or a collector).",
+            _log_format,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics (/metrics) and a health check (/health) on this "
+            "endpoint, e.g. tcp:9090:interface=127.0.0.1. Off by default.",
         ],
     ]
+
+    #: (flag, help); environment variables set them with 1 (or 0).
+    _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
+    optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["listen"] = []
+        for option, _ in self._networks:
+            self[option] = []
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """
+        A network (CIDR) of reverse proxies whose X-Forwarded-For (or
+        Forwarded) and X-Forwarded-Proto are believed (repeatable).
+        """
+        self["trusted-proxy"].append(network)
+
+    def opt_allow_create(self, network: str) -> None:
+        """
+        A network (CIDR) allowed to create rendezvous (repeatable; default:
+        everyone).
+        """
+        self["allow-create"].append(network)
+
+    def opt_deny(self, network: str) -> None:
+        """
+        A network (CIDR) refused everything with 403 (repeatable).
+        """
+        self["deny"].append(network)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -115,54 +266,214 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for option, _ in self._networks:
+            for network in self[option]:
+                try:
+                    parse_network(network)
+                except ValueError as e:
+                    raise usage.UsageError(f"--{option}: {e}") from e
         try:
+            fields: dict[str, Any] = {
+                field: tuple(self[option]) for option, field in self._networks
+            }
+            fields.update({field: self[option] for option, field, _, _ in self._limits})
             self["config"] = Config(
                 public_url=self["public-url"],
-                **{field: self[option] for option, field, _, _ in self._limits},
+                msc4108_session_prefix=self["msc4108-session-prefix"],
+                proxy_header=self["proxy-header"],
+                **fields,
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """
+        Refuse TLS settings that cannot serve: one of --tls-cert and
+        --tls-key without the other, files given that no listener uses (a
+        server an operator meant to be TLS must not quietly serve plain
+        HTTP), a TLS listener without files, or files that do not load.
+        """
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
+        used = False
+        try:
+            metrics = [self["metrics"]] if self["metrics"] else []
+            for description in [*self["listen"], *metrics]:
+                files = tls.tls_files(description, default)
+                if files is not None:
+                    tls.load_identity(files)
+                    used = used or files == default
+        except ValueError as e:  # CertificateError included
+            raise usage.UsageError(str(e)) from e
+        if default is not None and not used:
+            raise usage.UsageError(
+                "--tls-cert/--tls-key are given but no listener uses them: "
+                "listen with ssl:PORT or tls:ENDPOINT"
+            )
+        self["tls-default"] = default
 
 
 def options_from_environment(environ: Mapping[str, str]) -> Options:
     """
     Parse L{Options} from C{RENDEZVOUS_*} environment variables, one per
     option: C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, and
-    C{RENDEZVOUS_LISTEN} holds space-separated endpoints.
+    C{RENDEZVOUS_LISTEN} holds space-separated endpoints, as do the
+    repeatable networks (C{RENDEZVOUS_TRUSTED_PROXY}, C{RENDEZVOUS_ALLOW_CREATE},
+    C{RENDEZVOUS_DENY}).
     """
+    repeatable = {"listen", *(option for option, _ in Options._networks)}
     argv: list[str] = []
     for name in [
-        "listen", "public-url", "access-log", *(option for option, *_ in Options._limits)
-    ]:  # fmt: skip
+        *sorted(repeatable),
+        "public-url",
+        "msc4108-session-prefix",
+        "proxy-header",
+        "tls-cert",
+        "tls-key",
+        "log-format",
+        "metrics",
+        *(option for option, *_ in Options._limits),
+    ]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
         if value is None:
             continue
-        for one in value.split() if name == "listen" else [value]:
+        for one in value.split() if name in repeatable else [value]:
             argv.append(f"--{name}={one}")
+    for flag, _ in Options._flags:
+        variable = ENVIRONMENT_PREFIX + flag.upper().replace("-", "_")
+        value = environ.get(variable, "").lower()
+        if value in ("1", "true", "yes"):
+            argv.append(f"--{flag}")
+        elif value not in ("", "0", "false", "no"):
+            raise usage.UsageError(f"{variable} must be 1 or 0, not {value!r}")
     options = Options()
     options.parseOptions(argv)  # type: ignore[no-untyped-call]
     return options
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(
+    options: Options, reactor: Any = None, environ: Mapping[str, str] | None = None
+) -> IService:
     """
-    The whole server: the store, and a listener per C{--listen}.
+    The whole server: the store, a listener per C{--listen}, certificate
+    reload on SIGHUP, and systemd notifications when run by systemd.
 
     @param reactor: provides L{IReactorTime} (the store's clock) and can
         listen as the endpoints ask; the global reactor when None.
+    @param environ: where C{NOTIFY_SOCKET} and C{WATCHDOG_*} are read;
+        C{os.environ} when None.
     """
+    if environ is None:
+        environ = os.environ
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     config: Config = options["config"]
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config).site(reactor, access_log=options["access-log"])
+    metrics = Metrics()
+    api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
+    site = api.site(reactor)
 
-    root = MultiService()
+    json_logs = options["log-format"] == "json"
+    root = RendezvousRoot(logs.observer("json") if json_logs else None)
+    OpenFileLimitService(config).setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
-    StoreService(store, config, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    lifecycle = Lifecycle()
+    StoreService(store, config, reactor, site, lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
+    contexts = tls.ContextRegistry()
+    # Always, and before any listener listens: SIGHUP's default action would
+    # kill the process, and a "systemctl reload" must never do that.
+    HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
+    listeners = []
     for description in options["listen"]:
-        strports.service(description, site, reactor=reactor).setServiceParent(root)
+        endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
+        listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
+        listener.setServiceParent(root)  # type: ignore[no-untyped-call]
+        listeners.append(listener)
+
+    def status() -> str:
+        return (
+            f"{store.rendezvous_count} rendezvous, {store.parked_count} parked readers, "
+            f"{site.in_flight} requests in flight, {site.connection_count} connections"
+        )
+
+    systemd.SystemdService(
+        systemd.Notifier.from_environment(environ),
+        listeners,
+        status,
+        lifecycle,
+        reactor,
+        systemd.watchdog_interval_seconds(environ, os.getpid()),
+    ).setServiceParent(root)  # type: ignore[no-untyped-call]
+    if options["metrics"]:
+        _watch(metrics, store, site, contexts)
+        endpoint = tls.listen_endpoint(reactor, options["metrics"], contexts, None)
+        LateListenerService(  # type: ignore[no-untyped-call]
+            endpoint, metrics_site(metrics, lambda: lifecycle.stopping, reactor), lifecycle
+        ).setServiceParent(root)
+    # Last in, first out: on stop, tell everyone at once that we are stopping.
+    StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+def _watch(
+    metrics: Metrics, store: MemoryStore, site: RendezvousSite, contexts: tls.ContextRegistry
+) -> None:
+    """
+    Export the counts that the store, the site and the TLS contexts keep.
+    """
+    metrics.watch(
+        "rendezvous_created", "Rendezvous created.", "counter", lambda: store.created_total
+    )
+    metrics.watch(
+        "rendezvous_deleted",
+        "Rendezvous deleted by a client.",
+        "counter",
+        lambda: store.deleted_total,
+    )
+    metrics.watch(
+        "rendezvous_expired",
+        "Rendezvous that reached their expiry.",
+        "counter",
+        lambda: store.expired_total,
+    )
+    metrics.watch(
+        "rendezvous_live",
+        "Rendezvous held now (expired ones not reclaimed yet included).",
+        "gauge",
+        lambda: store.rendezvous_count,
+    )
+    metrics.watch(
+        "rendezvous_parked_readers",
+        "Long-poll GETs parked now.",
+        "gauge",
+        lambda: store.parked_count,
+    )
+    metrics.watch(
+        "rendezvous_http_connections",
+        "Open HTTP connections.",
+        "gauge",
+        lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_requests_in_flight",
+        "Requests being received or answered.",
+        "gauge",
+        lambda: site.in_flight,
+    )
+
+    def reloads() -> dict[str, int]:
+        total = {"success": 0, "failure": 0}
+        for context in contexts.contexts:
+            for outcome, count in context.reloads.items():
+                total[outcome] += count
+        return total
+
+    metrics.watch(
+        "rendezvous_tls_reloads", "TLS certificate reloads, by outcome.", "counter", reloads
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from io import BytesIO
 from typing import Any, cast
@@ -18,6 +18,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -27,9 +28,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import conditions
+from rendezvous_twisted import conditions, msc4108
+from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.conditions import ANY
-from rendezvous_twisted.config import Config
+from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
+from rendezvous_twisted.metrics import Metrics
+from rendezvous_twisted.ratelimit import RateLimiter
 from rendezvous_twisted.store import (
     Full,
     NotFound,
@@ -67,6 +71,8 @@ PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
 
 JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
+#: Reason phrases Twisted lacks.
+_REASONS = {429: b"Too Many Requests"}
 #: Statuses whose answer has no body and so no Content-Length (RFC 9110 8.6).
 NO_BODY = frozenset((204, 304))
 
@@ -81,11 +87,12 @@ _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
-def error_body(errcode: str, message: str) -> bytes:
+def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
     """
-    The JSON body of every error: C{{"errcode": ..., "error": ...}}.
+    The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
+    C{extra} fields.
     """
-    return json.dumps({"errcode": errcode, "error": message}).encode("ascii")
+    return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
 def redact(rendezvous_id: str) -> str:
@@ -112,6 +119,19 @@ def prefer_wait(values: Sequence[bytes] | None) -> float | None:
     return None
 
 
+def client_address(request: IRequest) -> str | None:
+    """
+    The client's address as the logs show it: the client a trusted proxy
+    named, once the API has resolved it, else the peer's IP address; None
+    on a transport without one (a UNIX socket).  The one place that decides
+    it for logs.
+    """
+    resolved = getattr(request, "client", None)
+    if isinstance(resolved, Client) and resolved.address is not None:
+        return str(resolved.address)
+    return _peer_host(request.getClientAddress())
+
+
 @lru_cache(maxsize=1024)
 def _date_of_second(second: int) -> bytes:
     date: bytes = http.datetimeToString(second)
@@ -123,6 +143,7 @@ def _http_date(seconds: float) -> bytes:
     # name (now, and the expiry and last write of live rendezvous) repeat
     # across many requests: format each once.
     return _date_of_second(int(seconds))
+
 
 
 class HTTPError(Exception):
@@ -154,6 +175,23 @@ class UnknownPathError(HTTPError):
         super().__init__("no such endpoint")
 
 
+class PayloadTooLargeError(HTTPError):
+    code = 413
+    errcode = "M_TOO_LARGE"
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the payload is over {max_bytes} bytes")
+
+
+class RateLimitedError(HTTPError):
+    code = 429
+    errcode = "M_LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = ((b"Retry-After", b"%d" % retry_after_seconds),)
+
+
 class MethodNotAllowedError(HTTPError):
     code = 405
     errcode = "M_UNRECOGNIZED"
@@ -171,6 +209,11 @@ class RendezvousRequest(Request):
     """
 
     _refused = False
+    #: When the request's headers were in, on the site's reactor.
+    started: float | None = None
+    #: Who sent it, once L{RendezvousAPI} has resolved it (for limits, the
+    #: access log and the Location scheme).
+    client: Client | None = None
 
     @property
     def _max_bytes(self) -> int:
@@ -178,6 +221,13 @@ class RendezvousRequest(Request):
         return site.max_body_bytes
 
     def gotLength(self, length: int | None) -> None:
+        # The headers are in: from now until it is answered (or its
+        # connection is lost) this request is in flight, and a graceful stop
+        # waits for it, its body upload included.
+        site: RendezvousSite = cast(Any, self.channel).site
+        self.started = site.reactor.seconds()
+        site.request_started()
+        self.notifyFinish().addBoth(lambda _: site.request_ended())
         # Twisted spools bodies of unknown or large length to a temporary
         # file; ours are small and must never touch a disk.
         self.content = BytesIO()
@@ -206,14 +256,25 @@ class RendezvousRequest(Request):
         self._refused = True
         self.content = BytesIO()
         # The access log never sees this request (it never finishes).
-        address = self.getClientAddress()  # type: ignore[no-untyped-call]
         self._log.info(
             "refused a body over {max_bytes} bytes from {client}",
             max_bytes=self._max_bytes,
-            client=getattr(address, "host", "-"),
+            client=client_address(self) or "-",
         )
+        site: RendezvousSite = cast(Any, self.channel).site
+        site.metrics.refused("too_large")
         # Twisted would otherwise invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"Expect")
+        if not isinstance(self.channel, http.HTTPChannel):
+            # HTTP/2: answer on this stream alone, once the connection has
+            # registered it (this runs while the stream is being made); the
+            # connection and its other streams go on.
+            site.reactor.callLater(0, self._refuse_stream)
+            return
+        # The method is only set once the whole body is in; the channel has
+        # already parsed it from the request line.
+        method = getattr(self.channel, "_command", None) or self.method
+        site.metrics.request_done(method, 413, site.reactor.seconds() - (self.started or 0))
         transport = self.channel.transport
         assert transport is not None
         transport.write(
@@ -225,8 +286,37 @@ class RendezvousRequest(Request):
         )
         transport.loseConnection()
 
+    def _refuse_stream(self) -> None:
+        """
+        Answer an oversize HTTP/2 request 413 through this request, as any
+        other answer (so the access log and metrics see it).
+        """
+        if self.finished or self._disconnected:
+            return
+        stream = cast(Any, self.channel)
+        # Set here if the request line's fields have not come in yet.
+        if not hasattr(self, "path"):
+            self.method = stream.command or self.method
+            self.uri = self.path = stream.path or b"/"
+            self.clientproto = b"HTTP/2"
+        body = error_body("M_TOO_LARGE", f"the payload is over {self._max_bytes} bytes")
+        self.setResponseCode(413)
+        for name, value in (
+            *EVERY_RESPONSE,
+            (b"Content-Type", JSON),
+            (b"Content-Length", b"%d" % len(body)),
+        ):
+            self.responseHeaders.setRawHeaders(name, [value])
+        self.write(body)  # type: ignore[no-untyped-call]
+        self.finish()  # type: ignore[no-untyped-call]
 
-def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
+
+def _closing_answer(
+    status: bytes,
+    errcode: str,
+    message: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
     """
     A whole HTTP/1.1 error answer as bytes, with the every-response headers
     and C{Connection: close}, for refusals made below the resource, where
@@ -240,19 +330,123 @@ def _closing_answer(status: bytes, errcode: str, message: str) -> bytes:
         (b"Content-Type", JSON),
         (b"Content-Length", b"%d" % len(body)),
         (b"Connection", b"close"),
+        *headers,
     ):
         head.append(name + b": " + value)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _peer_host(address: IAddress) -> str | None:
+    """
+    The IP address of a peer, None for a peer that has none (a UNIX socket).
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
 
 
 class RendezvousChannel(http.HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering the requests it cannot parse
     (malformed request line, header or framing) with a JSON 400 like every
-    other refusal, rather than a bare status line.
+    other refusal, rather than a bare status line; counted against the
+    connection caps; and cut when a request's headers or body arrive too
+    slowly.
+
+    Twisted's idle timeout is reset by every byte, so a client dribbling a
+    byte at a time is never idle: the deadlines here run from the start of
+    a request's headers and of its body, whatever arrives meanwhile.  They
+    end when the request is handed to the resource, so a parked long-poll
+    is never cut by them.
     """
 
+    site: RendezvousSite
+    _deadline: IDelayedCall | None = None
+    #: Whether this connection was admitted and is counted by the site.
+    _admitted = False
+    #: The key it is counted under per address; None for trusted proxies
+    #: and peers without an IP address.
+    _connection_key: str | None = None
+    _log = Logger()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would just hang up; say why, like every refusal.
+        self._respondToBadRequestAndDisconnect()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        assert self.transport is not None
+        refusal = self.site.admit(self)
+        if refusal is not None:
+            self.transport.write(refusal)
+            self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        self._arm(self.site.config.header_timeout_seconds, "headers")
+
+    def dataReceived(self, data: bytes) -> None:
+        # The first byte of a request starts its headers' deadline; bytes
+        # that arrive while a request is handled are the next request's,
+        # buffered until that one is done.
+        if not self._admitted:
+            return  # refused: its answer is written and it is closing
+        if self._deadline is None and not self._handlingRequest:
+            self._arm(self.site.config.header_timeout_seconds, "headers")
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        assert self.transport is not None
+        if self.length != 0 and not getattr(self.transport, "disconnecting", False):
+            self._arm(self.site.config.body_timeout_seconds, "body")
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._disarm()
+        if self._admitted:
+            self._admitted = False
+            self.site.release(self._connection_key)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        # The site's reactor: the one Twisted gives this channel's timeouts.
+        reactor: IReactorTime = self.site.reactor
+        self._deadline = reactor.callLater(seconds, self._too_slow, what, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._deadline = None
+        assert self.transport is not None
+        if getattr(self.transport, "disconnecting", False):
+            return  # already refused (400, 413) and closing
+        self._log.info(
+            "closing a connection from {client}: request {what} not complete in {seconds}s",
+            client=_peer_host(self.transport.getPeer()) or "-",
+            what=what,
+            seconds=seconds,
+        )
+        self.transport.write(
+            _closing_answer(
+                b"408 Request Timeout",
+                "M_REQUEST_TIMEOUT",
+                f"the request {what} did not arrive within {seconds:g} seconds",
+            )
+        )
+        # As Twisted's own idle timeout: close, and abort a peer that does
+        # not read its answer.
+        self.timeoutConnection()  # type: ignore[no-untyped-call]
+
     def _respondToBadRequestAndDisconnect(self) -> None:
+        self._disarm()
         assert self.transport is not None
         self.transport.write(
             _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")
@@ -260,49 +454,272 @@ class RendezvousChannel(http.HTTPChannel):
         self.loseConnection()  # type: ignore[no-untyped-call]
 
 
+class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
+    """
+    Twisted's HTTP/1.x-or-2 switching protocol, telling its site when its
+    connection is gone, so that a graceful stop knows what is still open.
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            site = self._site
+            if isinstance(site, RendezvousSite):
+                site.connection_lost(self)
+
+
+#: The access log: one event per answered request.  A module-level logger, so
+#: that its namespace stays "rendezvous_twisted.access" (a Logger class
+#: attribute takes its class' name) and can be filtered on by that name.
+_access_log = Logger(namespace="rendezvous_twisted.access")
+
+
+def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
+    # The proxy forwards only IProtocol's methods; the transport is its
+    # channel's (the HTTP/1.1 channel, or the HTTP/2 one it switched to).
+    return getattr(protocol._channel, "transport", None)
+
+
+def _close(protocol: _GenericHTTPChannelProtocol) -> None:
+    """
+    Close an idle connection cleanly, letting its transport write what it
+    holds first.
+    """
+    channel = protocol._channel
+    if isinstance(channel, http.HTTPChannel):
+        channel.loseConnection()
+        return
+    transport = _transport_of(protocol)
+    # HTTP/2 closes with a GOAWAY frame, so the client knows no stream was
+    # lost and opens a new connection for what comes next.
+    h2 = getattr(channel, "conn", None)
+    if h2 is not None and hasattr(h2, "close_connection"):
+        h2.close_connection()
+        transport.write(h2.data_to_send())
+    # The channel is its transport's producer; a TLS transport would wait
+    # for it to unregister before closing.
+    transport.unregisterProducer()
+    transport.loseConnection()
+
+
+def _busy(protocol: _GenericHTTPChannelProtocol) -> bool:
+    # An HTTP/1.1 channel lists its requests from their first line until
+    # their answer is written; an HTTP/2 one lists its open streams.
+    channel = protocol._channel
+    return bool(getattr(channel, "requests", None) or getattr(channel, "streams", None))
+
+
 class RendezvousSite(Site):
     """
     The C{Site} for L{RendezvousAPI}: its requests enforce the body limit,
-    and its access log shows ids only as short hashes.
+    and its access log shows ids only as short hashes.  It keeps count of
+    its open connections and of the requests being answered, so that
+    L{drain} can stop gracefully.
     """
 
     requestFactory = RendezvousRequest
+    # Not "log": Site.log is the access log's method.
+    _logger = Logger()
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
         # is what switches to HTTP/2 when TLS negotiates it.
-        return _GenericHTTPChannelProtocol(RendezvousChannel())  # type: ignore[no-untyped-call]
+        channel = RendezvousChannel()  # type: ignore[no-untyped-call]
+        channel.totalHeadersSize = self.config.max_header_bytes
+        channel.maxHeaders = self.config.max_headers
+        # One header line can never be longer than all of them.
+        channel.MAX_LENGTH = self.config.max_header_bytes
+        return _TrackedChannelProtocol(channel)
 
     def __init__(
         self,
         resource: IResource,
         max_body_bytes: int,
         reactor: Any = None,
-        access_log: str | None = None,
+        config: Config | None = None,
+        clients: ClientResolver | None = None,
+        metrics: Metrics | None = None,
+        access_log: bool = True,
     ) -> None:
-        # Without a path, access lines go to the server's log, through every
-        # log observer; with one, Twisted appends them to that file itself,
-        # at a fraction of the cost per request (see bench/RESULTS.md).
-        super().__init__(  # type: ignore[no-untyped-call]
-            resource, logPath=access_log, logFormatter=_access_log_line, reactor=reactor
-        )
+        super().__init__(resource, reactor=reactor)  # type: ignore[no-untyped-call]
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or Metrics()
+        self.access_log = access_log
+        #: Requests whose answer is not finished yet (parked ones included).
+        self.in_flight = 0
+        self._connections: set[_GenericHTTPChannelProtocol] = set()
+        self._closing: set[_GenericHTTPChannelProtocol] = set()
+        self._watched: set[int] = set()
+        self._draining: Deferred[None] | None = None
+        self.config = config if config is not None else Config()
+        self.clients = clients if clients is not None else ClientResolver(self.config)
+        #: Open connections, and open connections per client key.
+        self.connection_count = 0
+        self._per_key: dict[str, int] = {}
 
+    def admit(self, channel: RendezvousChannel) -> bytes | None:
+        """
+        Count a new connection, or refuse it: None when admitted, else the
+        whole answer to write before closing it.  Past the global cap the
+        answer is 503 (the server is busy: no fault of this client); past
+        the per-address cap it is 429 (this client holds too many).
+        Connections from trusted proxies and from peers without an IP
+        address count only against the global cap: each carries many
+        clients.
+        """
+        if self.connection_count >= self.config.max_connections:
+            return _closing_answer(
+                b"503 Service Unavailable",
+                "M_LIMIT_EXCEEDED",
+                "the server has too many connections",
+                ((b"Retry-After", b"1"),),
+            )
+        assert channel.transport is not None
+        client = self.clients.peer(_peer_host(channel.transport.getPeer()))
+        key = None
+        if client.address is not None and not self.clients.trusted(client.address):
+            key = client.key
+            if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
+                return _closing_answer(
+                    b"429 Too Many Requests",
+                    "M_LIMIT_EXCEEDED",
+                    "too many connections from this address",
+                    ((b"Retry-After", b"1"),),
+                )
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        self.connection_count += 1
+        channel._admitted = True
+        channel._connection_key = key
+        return None
 
-def _access_log_line(timestamp: str, request: Request) -> str:
-    """
-    One access-log line: client, method, path with any id redacted, status
-    and length.  No query, no referrer, no agent: nothing a client could
-    use to smuggle a secret or a forged line into the log.
-    """
-    path = request.path.decode("ascii", "backslashreplace")
-    if path != "/":
-        path = "/~" + redact(path.removeprefix("/"))
-    address = request.getClientAddress()
-    client = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
-    method = request.method.decode("ascii", "backslashreplace")
-    proto = request.clientproto.decode("ascii", "backslashreplace")
-    return f'{client} - - {timestamp} "{method} {path} {proto}" {request.code} {request.sentLength}'
+    def release(self, key: str | None) -> None:
+        """
+        Forget a connection that L{admit} counted.
+        """
+        self.connection_count -= 1
+        if key is not None:
+            left = self._per_key[key] - 1
+            if left:
+                self._per_key[key] = left
+            else:
+                del self._per_key[key]
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        if protocol is not None:
+            self._connections.add(protocol)
+        return protocol
+
+    def log(self, request: http.Request) -> None:
+        """
+        Count every answered request, and log it (unless the access log is
+        off) as one structured event: client, method, path with any id
+        redacted, protocol, status, length and duration.  No query, no
+        referrer, no agent: nothing a client could use to smuggle a secret
+        or a forged line into the log.
+        """
+        started = getattr(request, "started", None)
+        duration = self.reactor.seconds() - started if started is not None else 0.0
+        self.metrics.request_done(request.method, request.code, duration)
+        if not self.access_log:
+            return
+        path = request.path.decode("ascii", "backslashreplace")
+        if path != "/":
+            path = "/~" + redact(path.removeprefix("/"))
+        _access_log.info(
+            # Shaped like the common log format (the date is the event's own).
+            '{client} - - "{method} {path} {protocol}" {status} {length} {duration_ms:.1f}ms',
+            client=client_address(cast(IRequest, request)) or "-",
+            method=request.method.decode("ascii", "backslashreplace"),
+            path=path,
+            protocol=request.clientproto.decode("ascii", "backslashreplace"),
+            status=request.code,
+            length=request.sentLength,
+            duration_ms=duration * 1000,
+        )
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        self._check_drained()
+
+    def connection_lost(self, protocol: _GenericHTTPChannelProtocol) -> None:
+        self._connections.discard(protocol)
+        self._closing.discard(protocol)
+        self._check_drained()
+
+    def drain(self, clock: Any, timeout_seconds: float) -> Deferred[None]:
+        """
+        Stop gracefully: let every request being answered finish, then close
+        every connection once its answers are written.  Fires when all are
+        closed, or after C{timeout_seconds}, when the rest are aborted.
+        Call it once the listeners stopped accepting.
+        """
+        self._draining = Deferred()
+        drained = self._draining
+        deadline = clock.callLater(timeout_seconds, self._abort_all)
+        self._logger.info(
+            "draining: {requests} requests in flight on {connections} connections",
+            requests=self.in_flight,
+            connections=len(self._connections),
+        )
+
+        def done(result: None) -> None:
+            if deadline.active():
+                deadline.cancel()
+
+        drained.addCallback(done)
+        self._check_drained()
+        return drained
+
+    def _check_drained(self) -> None:
+        if self._draining is None or self._draining.called:
+            return
+        for protocol in list(self._connections):
+            if protocol in self._closing:
+                continue
+            if _busy(protocol):
+                self._recheck_after_streams(protocol)
+                continue
+            # Nothing is being asked or answered on it: close it, which lets
+            # the transport write what it holds first.
+            if _transport_of(protocol) is not None:
+                self._closing.add(protocol)
+                _close(protocol)
+        if not self._connections:
+            self._draining.callback(None)
+
+    def _recheck_after_streams(self, protocol: _GenericHTTPChannelProtocol) -> None:
+        # An HTTP/2 stream outlives its request: the connection sends its end
+        # a reactor turn later, then forgets it and fires its cleanup
+        # Deferred.  Look again then.  (HTTP/1.1 requests are forgotten
+        # before their request_ended, which looks again by itself.)
+        cleanups = getattr(protocol._channel, "_streamCleanupCallbacks", None) or {}
+        for cleanup in cleanups.values():
+            if id(cleanup) not in self._watched:
+                self._watched.add(id(cleanup))
+                cleanup.addBoth(self._recheck)
+
+    def _recheck(self, result: object) -> object:
+        self._check_drained()
+        return result
+
+    def _abort_all(self) -> None:
+        self._logger.warn(
+            "shutdown timeout: aborting {requests} requests on {connections} connections",
+            requests=self.in_flight,
+            connections=len(self._connections),
+        )
+        for protocol in list(self._connections):
+            transport = _transport_of(protocol)
+            if transport is not None:
+                transport.abortConnection()
+        self._connections.clear()
+        if self._draining is not None and not self._draining.called:
+            self._draining.callback(None)
 
 
 def _written(request: IRequest, body: bytes) -> object:
@@ -391,7 +808,13 @@ class _GuardedResource(KleinResource):
         # own render reads them from the same attribute.
         self._error_handlers = app._error_handlers
 
+
     def render(self, request: IRequest) -> Any:
+        # Policy and rate limits come first: a preflight is a request too.
+        try:
+            self._api.admit(request)
+        except HTTPError as refusal:
+            return _written(request, self._api.refuse(request, refusal))
         # A preflight succeeds whatever the path, known or not: a failed one
         # is a broken browser client, and it reveals nothing.  Decided here,
         # once, before any routing.
@@ -495,6 +918,19 @@ class _GuardedResource(KleinResource):
         cast(Any, request).processingFailed(failure)
 
 
+def _refusal_reason(error: BaseException, code: int) -> str | None:
+    """
+    The metrics' name for a refusal by a limit, or None for other answers.
+    Any 429 that is not the store being full is a rate limit, whatever
+    refuses it.
+    """
+    if code == 413:
+        return "too_large"
+    if code == 429:
+        return "full" if isinstance(error, Full) else "rate_limited"
+    return None
+
+
 class RendezvousAPI:
     """
     The routes of SPEC.md over a L{RendezvousStore}.
@@ -511,15 +947,41 @@ class RendezvousAPI:
     app.url_map.merge_slashes = False
     log = Logger()
 
-    def __init__(self, store: RendezvousStore, config: Config) -> None:
+    def __init__(
+        self,
+        store: RendezvousStore,
+        config: Config,
+        clock: IReactorTime,
+        metrics: Metrics | None = None,
+        access_log: bool = True,
+    ) -> None:
+        """
+        @param clock: keeps time for the rate limits and times wake latency
+            for L{metrics}.
+        """
         self._store = store
         self._config = config
+        self.metrics = metrics or Metrics()
+        self._clock = clock
+        self._access_log = access_log
+        self._clients = ClientResolver(config)
+        self._request_limit = RateLimiter(
+            config.request_burst, config.request_per_second, config.max_rate_buckets, clock
+        )
+        self._create_limit = RateLimiter(
+            config.create_burst, config.create_per_second, config.max_rate_buckets, clock
+        )
         self._root_methods: dict[bytes, Callable[[IRequest], Any]] = {
             b"POST": self.create,
         }
         self._rendezvous_methods: dict[bytes, Callable[[IRequest, str], Any]] = {
             b"GET": self.read,
             b"PUT": self.write,
+            b"DELETE": self.delete,
+        }
+        self._msc4108_methods: dict[bytes, Callable[[IRequest, str], Any]] = {
+            b"GET": lambda request, session_id: self.read(request, session_id, msc4108.TEXT_PLAIN),
+            b"PUT": self.msc4108_write,
             b"DELETE": self.delete,
         }
 
@@ -529,12 +991,32 @@ class RendezvousAPI:
         """
         return _GuardedResource(self.app, self)
 
-    def site(self, reactor: Any = None, access_log: str | None = None) -> RendezvousSite:
+    def site(self, reactor: Any = None) -> RendezvousSite:
         """
-        A C{Site} serving this API, its requests bounded by C{max_bytes},
-        its access log in the server's log or appended to C{access_log}.
+        A C{Site} serving this API, its requests bounded by C{max_bytes}.
         """
-        return RendezvousSite(self.resource(), self._config.max_bytes, reactor, access_log)
+        return RendezvousSite(
+            self.resource(),
+            self._config.max_bytes,
+            reactor,
+            self._config,
+            self._clients,
+            self.metrics,
+            self._access_log,
+        )
+
+    def admit(self, request: IRequest) -> None:
+        """
+        Resolve the client of C{request} and apply the policy and the
+        request rate limit to it; raise the L{HTTPError} to answer with.
+        Creating has its own policy and limit, applied in L{create}.
+        """
+        client = self.client(request)
+        if self._clients.denied(client):
+            raise ForbiddenError("this network may not use this server")
+        retry_after = self._request_limit.take(client.key)
+        if retry_after is not None:
+            raise RateLimitedError("too many requests from this address", retry_after)
 
     # Routing.  Methods are dispatched here rather than by werkzeug, so that
     # a wrong method is a JSON 405 with Allow, and HEAD is not silently GET.
@@ -557,14 +1039,29 @@ class RendezvousAPI:
 
     @app.route("/<path:rest>")
     def _elsewhere(self, request: IRequest, rest: str) -> Any:
-        raise UnknownPathError()
+        # MSC4108's paths: fixed ones for create, and a configurable prefix
+        # for sessions, which no route declared on the class could follow.
+        path = "/" + rest
+        if path in msc4108.CREATE_PATHS:
+            if request.method != b"POST":
+                raise MethodNotAllowedError(ALLOW_ROOT)
+            return self.msc4108_create(request)
+        session_id = msc4108.session_id(path, self._config.msc4108_session_prefix)
+        if session_id is None:
+            raise UnknownPathError()
+        handler = self._msc4108_methods.get(request.method)
+        if handler is None:
+            raise MethodNotAllowedError(ALLOW_RENDEZVOUS)
+        if _ID.match(session_id) is None:
+            raise NotFound()
+        return handler(request, session_id)
 
     # The protocol.
 
     def create(self, request: IRequest) -> Deferred[bytes]:
         body = self._body(request)
         content_type = self._content_type(request)
-        d = self._store.create(body, content_type, self._client_address(request))
+        d = self._store.create(body, content_type, self._creator(request))
 
         def created(version: Version) -> bytes:
             location = self._base_url(request) + version.rendezvous_id
@@ -586,7 +1083,13 @@ class RendezvousAPI:
         d = self._store.write(rendezvous_id, body, content_type, if_match)
         return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
 
-    def read(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
+    def read(
+        self, request: IRequest, rendezvous_id: str, content_type: bytes | None = None
+    ) -> Deferred[bytes]:
+        """
+        GET, long-polling on a matching If-None-Match.  A 200 carries the
+        stored Content-Type, or C{content_type} when given.
+        """
         headers = request.requestHeaders
         # A browser opening the URL itself (not a page's fetch()): refuse,
         # so that nobody can host pages or files here for people to open.
@@ -596,25 +1099,88 @@ class RendezvousAPI:
             raise ForbiddenError("payloads cannot be opened as pages")
         if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
         if if_none_match is None:
-            return self._store.read(rendezvous_id).addCallback(self._payload, request)
+            d = self._store.read(rendezvous_id)
+            return d.addCallback(self._payload, request, content_type)
         timeout = self._config.poll_timeout_seconds
         wait = prefer_wait(headers.getRawHeaders(b"Prefer"))
         if wait is not None:
             timeout = min(timeout, wait)
 
+        parked = False
+
         def answer(wakeup: Wakeup) -> bytes:
             version = wakeup.version
             if wakeup.changed:
-                return self._payload(version, request)
+                if parked:
+                    self.metrics.woke(self._clock.seconds() - version.last_modified)
+                return self._payload(version, request, content_type)
             return self._respond(request, 304, b"", version.content_type, version)
 
-        return self._store.wait_for_change(rendezvous_id, if_none_match, timeout).addCallback(
-            answer
-        )
+        waiting = self._store.wait_for_change(rendezvous_id, if_none_match, timeout)
+        answered = waiting.addCallback(answer)
+        # Had the store answered at once, answer() has run by now; if it runs
+        # later, the reader was parked and a write woke it.
+        parked = True
+        return answered
 
     def delete(self, request: IRequest, rendezvous_id: str) -> Deferred[bytes]:
         d = self._store.delete(rendezvous_id)
         return d.addCallback(lambda _: self._respond(request, 204, b"", JSON))
+
+    # MSC4108: the same store and answers, with that proposal's rules.
+
+    def msc4108_create(self, request: IRequest) -> Deferred[bytes]:
+        """
+        POST to a create path: 201 with JSON C{{"url": ...}}, the absolute
+        session URL, and no Location.
+        """
+        body = self._msc4108_body(request)
+        d = self._store.create(body, msc4108.TEXT_PLAIN, self._creator(request))
+
+        def created(version: Version) -> bytes:
+            prefix = self._config.msc4108_session_prefix.lstrip("/")
+            url = self._base_url(request) + prefix + version.rendezvous_id
+            return self._respond(
+                request, 201, json.dumps({"url": url}).encode("ascii"), JSON, version
+            )
+
+        return d.addCallback(created)
+
+    def msc4108_write(self, request: IRequest, session_id: str) -> Deferred[bytes]:
+        """
+        PUT on a session: If-Match with exactly one strong ETag is required.
+        """
+        values = request.requestHeaders.getRawHeaders(b"If-Match")
+        if not values:
+            raise BadRequestError("M_MISSING_PARAM", "If-Match is required")
+        if_match = conditions.parse(values)
+        if if_match is None or not msc4108.is_single_strong(if_match):
+            raise BadRequestError("M_INVALID_PARAM", "If-Match must be one strong ETag")
+        body = self._msc4108_body(request)
+        d = self._store.write(session_id, body, msc4108.TEXT_PLAIN, if_match)
+
+        def stale(failure: Failure) -> None:
+            failure.trap(PreconditionFailed)
+            assert isinstance(failure.value, PreconditionFailed)
+            raise msc4108.ConcurrentWrite(failure.value)
+
+        d.addErrback(stale)
+        return d.addCallback(lambda version: self._respond(request, 202, b"", JSON, version))
+
+    def _msc4108_body(self, request: IRequest) -> bytes:
+        """
+        The body of an MSC4108 POST or PUT: text/plain, within the limit.
+        """
+        values = request.requestHeaders.getRawHeaders(b"Content-Type")
+        if not values or values == [b""]:
+            raise BadRequestError("M_MISSING_PARAM", "Content-Type is required: text/plain")
+        if len(values) > 1 or not msc4108.is_text_plain(values[0]):
+            raise BadRequestError("M_INVALID_PARAM", "Content-Type must be text/plain")
+        body = self._body(request)
+        limit = min(MSC4108_MAX_BYTES, self._store.max_bytes)
+        if len(body) > limit:
+            raise PayloadTooLargeError(limit)
+        return body
 
     def preflight(self, request: IRequest) -> bytes:
         for name, value in PREFLIGHT:
@@ -633,7 +1199,12 @@ class RendezvousAPI:
         Answer a refusal: status, JSON error body and any headers it needs.
         """
         version: Version | None = None
-        if isinstance(error, NotFound):
+        extra: Mapping[str, str] | None = None
+        if isinstance(error, msc4108.ConcurrentWrite):
+            code, errcode, message = 412, "M_UNKNOWN", "If-Match matches no current ETag"
+            extra = msc4108.CONCURRENT_WRITE_FIELDS
+            version = error.current
+        elif isinstance(error, NotFound):
             code, errcode, message = 404, "M_NOT_FOUND", "no such rendezvous"
         elif isinstance(error, PreconditionFailed):
             code, errcode, message = 412, "M_CONCURRENT_WRITE", "If-Match matches no current ETag"
@@ -652,7 +1223,10 @@ class RendezvousAPI:
                 request.responseHeaders.setRawHeaders(name, [value])
         else:  # pragma: no cover - a RendezvousError this map forgot
             return self._internal_error(request, Failure(error))
-        return self._respond(request, code, error_body(errcode, message), JSON, version)
+        reason = _refusal_reason(error, code)
+        if reason is not None:
+            self.metrics.refused(reason)
+        return self._respond(request, code, error_body(errcode, message, extra), JSON, version)
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
@@ -678,7 +1252,8 @@ class RendezvousAPI:
         Set the status and every header SPEC.md asks of this answer; return
         the body for Klein to write.  The one header helper.
         """
-        request.setResponseCode(code)
+        # Twisted knows no phrase for 429 and would send "Unknown Status".
+        request.setResponseCode(code, _REASONS.get(code))
         headers = request.responseHeaders
         for name, value in EVERY_RESPONSE:
             headers.setRawHeaders(name, [value])
@@ -696,8 +1271,12 @@ class RendezvousAPI:
             headers.setRawHeaders(b"Last-Modified", [_http_date(version.last_modified)])
         return body
 
-    def _payload(self, version: Version, request: IRequest) -> bytes:
-        return self._respond(request, 200, version.body, version.content_type, version)
+    def _payload(
+        self, version: Version, request: IRequest, content_type: bytes | None = None
+    ) -> bytes:
+        return self._respond(
+            request, 200, version.body, content_type or version.content_type, version
+        )
 
     def _body(self, request: IRequest) -> bytes:
         # Its size is the store's to judge (and RendezvousRequest's, before
@@ -722,18 +1301,47 @@ class RendezvousAPI:
         content_type: bytes = values[0]
         return content_type
 
-    def _client_address(self, request: IRequest) -> str:
-        address = request.getClientAddress()
-        if isinstance(address, (IPv4Address, IPv6Address)):
-            return address.host
-        # A UNIX socket or another transport: its clients share one budget.
-        return type(address).__name__
+    def _creator(self, request: IRequest) -> str:
+        """
+        Apply the create policy and the create rate limit to the client of
+        C{request}, and return the key the store counts its rendezvous
+        under: the same key as the limits, so that the per-address cap and
+        the limits agree on who a client is.
+        """
+        client = self.client(request)
+        if not self._clients.may_create(client):
+            raise ForbiddenError("this network may not create rendezvous")
+        retry_after = self._create_limit.take(client.key)
+        if retry_after is not None:
+            raise RateLimitedError("too many rendezvous created from this address", retry_after)
+        return client.key
+
+    def client(self, request: IRequest) -> Client:
+        """
+        Who sent C{request}: the peer, or the client a trusted proxy names.
+        Resolved once per request.
+        """
+        known = getattr(request, "client", None)
+        if isinstance(known, Client):
+            return known
+        headers = request.requestHeaders
+        client = self._clients.resolve(
+            _peer_host(request.getClientAddress()),
+            headers.getRawHeaders(self._config.proxy_header.encode("ascii")),
+            headers.getRawHeaders(b"X-Forwarded-Proto"),
+        )
+        if isinstance(request, RendezvousRequest):
+            request.client = client
+        return client
 
     def _base_url(self, request: IRequest) -> str:
         base = self._config.base_url
         if base is not None:
             return base
-        scheme = "https" if request.isSecure() else "http"
+        secure = self.client(request).secure
+        if secure is None:
+            secure = request.isSecure()
+        scheme = "https" if secure else "http"
         host = request.getHeader(b"Host")
         if host is None or _HOST.match(host) is None:
             own = request.getHost()

@@ -5,11 +5,12 @@ through treq's StubTreq, with time on a task.Clock.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 import pytest
+import pytest_twisted  # type: ignore[import-untyped]
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -24,6 +25,27 @@ from rendezvous_twisted.web import RendezvousAPI
 BASE = "http://rendezvous.test"
 #: The Clock starts here (2024-01-01T00:00:00Z), so HTTP-dates are realistic.
 EPOCH = 1704067200.0
+
+
+P = ParamSpec("P")
+
+
+def on_reactor(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Any]:
+    """
+    Run an async test on the real reactor (pytest-twisted), typed.
+    """
+    wrapped: Callable[P, Any] = pytest_twisted.ensureDeferred(test)
+    return wrapped
+
+
+def reactor_fixture(
+    fixture: Callable[P, AsyncIterator[Any]],
+) -> Callable[P, Any]:
+    """
+    An async yield fixture on the real reactor (pytest-twisted), typed.
+    """
+    wrapped: Callable[P, Any] = pytest_twisted.async_yield_fixture(fixture)
+    return wrapped
 
 
 @dataclass
@@ -95,7 +117,7 @@ class Harness:
         self.clock.advance(EPOCH)
         self.config = Config(**config)
         self.store = MemoryStore(self.config, self.clock)
-        self.api = RendezvousAPI(self.store, self.config)
+        self.api = RendezvousAPI(self.store, self.config, self.clock)
         # StubTreq copies treq's functions onto itself at run time: Any.
         self.client: Any = StubTreq(self.api.resource())  # type: ignore[no-untyped-call]
         # StubTreq serves through a plain Site; serve through ours, so that

@@ -67,7 +67,7 @@ def _numbers(figures: dict[str, Any], *names: str) -> None:
 def test_every_scenario_reports(report: dict[str, dict[str, Any]]) -> None:
     """--all prints one line per scenario, the many-cores skip and a summary."""
     assert set(report) == {
-        "floor", "read-heavy", "read-heavy:access-log-file", "exchange", "parked", "churn",
+        "floor", "read-heavy", "read-heavy:no-access-log", "exchange", "parked", "churn",
         "many-cores", "summary",
     }  # fmt: skip
     assert "Redis" in report["many-cores"]["skipped"]
@@ -77,9 +77,9 @@ def test_read_figures_are_ratios_to_the_floor(report: dict[str, dict[str, Any]])
     """Read-heavy reports 200 and 304 throughput, latency, CPU shares and ratios to the floor."""
     floor = report["floor"]
     _numbers(floor, "requests_per_s", "latency_ms_p50", "latency_ms_p99", "server_cpu_share")
-    for read in [report["read-heavy"], report["read-heavy:access-log-file"]]:
+    for read in [report["read-heavy"], report["read-heavy:no-access-log"]]:
         _read_figures(read, floor)
-    assert "--access-log=/dev/null" in report["read-heavy:access-log-file"]["server"]
+    assert "--no-access-log" in report["read-heavy:no-access-log"]["server"]
 
 
 def _read_figures(read: dict[str, Any], floor: dict[str, Any]) -> None:

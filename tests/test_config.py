@@ -24,7 +24,29 @@ LIMITS = [
     "max_parked",
     "max_parked_per_rendezvous",
     "max_content_type_bytes",
+    "create_burst",
+    "create_per_second",
+    "request_burst",
+    "request_per_second",
+    "max_rate_buckets",
+    "ipv6_prefix_length",
+    "header_timeout_seconds",
+    "body_timeout_seconds",
+    "max_header_bytes",
+    "max_headers",
+    "max_connections",
+    "max_connections_per_address",
+    "shutdown_timeout_seconds",
 ]
+#: The fields that are not limits: a URL, networks and a header name.
+NOT_LIMITS = {
+    "public_url",
+    "msc4108_session_prefix",
+    "trusted_proxies",
+    "proxy_header",
+    "allow_create",
+    "deny",
+}
 
 
 def test_defaults_are_those_of_the_spec() -> None:
@@ -41,6 +63,11 @@ def test_defaults_are_those_of_the_spec() -> None:
     assert config.base_url is None
 
 
+def test_shutdown_timeout_defaults_to_five_seconds() -> None:
+    """A graceful stop waits at most 5 s for requests in flight unless told otherwise."""
+    assert Config().shutdown_timeout_seconds == 5
+
+
 def test_default_listen_is_loopback_8080() -> None:
     """With no --listen, a newcomer's server listens on TCP port 8080 of the loopback only."""
     assert DEFAULT_LISTEN == "tcp:8080:interface=127.0.0.1"
@@ -48,7 +75,7 @@ def test_default_listen_is_loopback_8080() -> None:
 
 def test_limits_list_covers_every_numeric_field() -> None:
     """Every numeric field of Config is one of the limits checked below, so none goes unchecked."""
-    numeric = {f.name for f in dataclasses.fields(Config) if f.name != "public_url"}
+    numeric = {f.name for f in dataclasses.fields(Config) if f.name not in NOT_LIMITS}
     assert numeric == set(LIMITS)
 
 
@@ -81,6 +108,7 @@ def test_smallest_positive_limits_are_accepted(name: str) -> None:
     local = {
         "max_rendezvous": "max_rendezvous_per_address",
         "max_parked": "max_parked_per_rendezvous",
+        "max_connections": "max_connections_per_address",
     }
     if name in local:
         kwargs[local[name]] = 1

@@ -82,19 +82,26 @@ class TwistdServer:
     """
 
     def __init__(
-        self, args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        port_line: re.Pattern[bytes] = _PORT_LINE,
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
         environ["PYTHONUNBUFFERED"] = "1"
         environ.update(env or {})
         self.proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "--logfile=-", *args],
+            [*prefix, str(TWISTD), "-n", "--pidfile=", "--logfile=-", *args],
             cwd=cwd,
             env=environ,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         self.output = bytearray()
         self.eof = False
@@ -103,7 +110,7 @@ class TwistdServer:
         self.port = 0
         self.signalled = False
         try:
-            match = self.wait_for(_PORT_LINE, START_DEADLINE_SECONDS)
+            match = self.wait_for(port_line, START_DEADLINE_SECONDS)
         except BaseException:
             self.stop()
             raise
@@ -220,18 +227,11 @@ def start_plugin_server(cwd: Path, *limits: str) -> TwistdServer:
     return TwistdServer(["rendezvous", "--listen", LISTEN, *limits], cwd)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+def running(process: TwistdServer) -> Iterator[TwistdServer]:
     """
-    One C{twistd rendezvous} shared by the module's tests.
+    For a fixture: yield a started server, then stop it, and fail if it did
+    not stop cleanly or logged any trouble.
     """
-    process = start_plugin_server(
-        tmp_path_factory.mktemp("twistd"),
-        f"--max-bytes={MAX_BYTES}",
-        f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
-        f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
-        "--max-rendezvous-per-address=500",
-    )
     try:
         yield process
     finally:
@@ -240,6 +240,29 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     # garbage is collected, as late as shutdown: look at the whole log last.
     assert code in CLEAN_EXIT, process.text()
     process.assert_no_trouble()
+    for hidden in process.secrets:
+        assert hidden not in process.output, f"{hidden!r} is in the log"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+    """
+    One C{twistd rendezvous} shared by the module's tests.
+    """
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("twistd"),
+            f"--max-bytes={MAX_BYTES}",
+            f"--poll-timeout={POLL_TIMEOUT_SECONDS}",
+            f"--max-parked-per-rendezvous={MAX_PARKED_PER_RENDEZVOUS}",
+            "--max-rendezvous-per-address=500",
+            # These tests make hundreds of requests from one address in
+            # seconds: the rate limits (tested in test_abuse.py) must not
+            # interfere.
+            "--create-burst=10000",
+            "--request-burst=100000",
+        )
+    )
 
 
 # The clients.
@@ -297,9 +320,13 @@ class Conn:
     what it is given and reads responses by their framing.
     """
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
         self.port = port
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        # A source address other than 127.0.0.1 (any of 127/8 on Linux) is
+        # another client to the server's limits.
+        self.sock = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buffer = bytearray()
         self.closed_by_peer = False
 
@@ -473,11 +500,12 @@ def etag_of(response: Response) -> bytes:
     return etag
 
 
-def assert_exchange_works(server: TwistdServer) -> None:
+def assert_exchange_works(server: TwistdServer, source: str | None = None) -> None:
     """
-    A whole fresh exchange succeeds: create, read, park, write, wake, delete.
+    A whole fresh exchange succeeds, from C{source} if given: create, read,
+    park, write, wake, delete.
     """
-    with Conn(server.port) as a, Conn(server.port) as b:
+    with Conn(server.port, source=source) as a, Conn(server.port, source=source) as b:
         payload = secret("check-a")
         rendezvous_id, _ = create(server, a, payload)
         path = "/" + rendezvous_id

@@ -60,9 +60,42 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         "2",
         2,
     ),
+    ("create-burst", "create_burst", "RENDEZVOUS_CREATE_BURST", "3", 3),
+    ("create-per-second", "create_per_second", "RENDEZVOUS_CREATE_PER_SECOND", "0.25", 0.25),
+    ("request-burst", "request_burst", "RENDEZVOUS_REQUEST_BURST", "30", 30),
+    ("request-per-second", "request_per_second", "RENDEZVOUS_REQUEST_PER_SECOND", "2.5", 2.5),
+    ("max-rate-buckets", "max_rate_buckets", "RENDEZVOUS_MAX_RATE_BUCKETS", "1000", 1000),
+    ("ipv6-prefix-length", "ipv6_prefix_length", "RENDEZVOUS_IPV6_PREFIX_LENGTH", "56", 56),
+    ("header-timeout", "header_timeout_seconds", "RENDEZVOUS_HEADER_TIMEOUT", "2.5", 2.5),
+    ("body-timeout", "body_timeout_seconds", "RENDEZVOUS_BODY_TIMEOUT", "4", 4.0),
+    ("max-header-bytes", "max_header_bytes", "RENDEZVOUS_MAX_HEADER_BYTES", "4096", 4096),
+    ("max-headers", "max_headers", "RENDEZVOUS_MAX_HEADERS", "32", 32),
+    ("max-connections", "max_connections", "RENDEZVOUS_MAX_CONNECTIONS", "500", 500),
+    (
+        "max-connections-per-address",
+        "max_connections_per_address",
+        "RENDEZVOUS_MAX_CONNECTIONS_PER_ADDRESS",
+        "20",
+        20,
+    ),
+    (
+        "shutdown-timeout-seconds",
+        "shutdown_timeout_seconds",
+        "RENDEZVOUS_SHUTDOWN_TIMEOUT_SECONDS",
+        "2.5",
+        2.5,
+    ),
 ]
 PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
-EVERY_OPTION = [*LIMITS, PUBLIC_URL]
+MSC4108_SESSION_PREFIX = (
+    "msc4108-session-prefix",
+    "msc4108_session_prefix",
+    "RENDEZVOUS_MSC4108_SESSION_PREFIX",
+    "/qr/session/",
+    "/qr/session/",
+)
+PROXY_HEADER = ("proxy-header", "proxy_header", "RENDEZVOUS_PROXY_HEADER", "forwarded", "forwarded")
+EVERY_OPTION = [*LIMITS, PUBLIC_URL, MSC4108_SESSION_PREFIX, PROXY_HEADER]
 INTEGER_OPTIONS = [row[0] for row in LIMITS if isinstance(row[4], int)]
 
 
@@ -390,9 +423,7 @@ def twistd(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     Run the venv's twistd with the repository first on PYTHONPATH.
     """
     environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [environ.get("PYTHONPATH")])]
-    )
+    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [environ.get("PYTHONPATH")])])
     return subprocess.run(
         [str(Path(sys.executable).parent / "twistd"), *argv],
         cwd=cwd,
@@ -475,3 +506,9 @@ def test_tac_reads_the_limits_from_the_environment(monkeypatch: pytest.MonkeyPat
         s.factory for s in descendants(application) if isinstance(s, StreamServerEndpointService)
     }
     assert site.max_body_bytes == 4096
+
+
+def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
+    """A session prefix that Config refuses is a UsageError naming it."""
+    with pytest.raises(usage.UsageError, match="msc4108_session_prefix"):
+        parsed(["--msc4108-session-prefix=/"])

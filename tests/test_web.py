@@ -823,7 +823,7 @@ def test_json_errors_are_small_and_well_formed(harness: Harness) -> None:
 def connect(**config: Any) -> tuple[Harness, Any, StringTransport]:
     harness = Harness(**config)
     site = harness.api.site(MemoryReactorClock())
-    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 4321))  # type: ignore[no-untyped-call]
+    channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 4321))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
     channel.makeConnection(transport)
     return harness, channel, transport

@@ -1,0 +1,109 @@
+"""
+The worst-case memory of a server with a given L{Config}: what every cap
+allows at once, priced per item.
+
+The prices are upper bounds of what CPython 3.11 measured under
+C{tracemalloc} (tests/test_budget.py measures them again and fails if one
+is exceeded), rounded up for headroom.  Kernel socket buffers are not
+counted: they are the kernel's, sized by its own settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rendezvous_twisted.config import Config
+
+#: One rendezvous without its payload and content type: record, version,
+#: id, ETag, expiry timer and the per-address index (measured ~1.3 KiB).
+RECORD_OVERHEAD_BYTES = 2048
+#: One parked reader in the store: waiter, Deferred, poll timer
+#: (measured ~1.4 KiB).
+PARKED_READER_BYTES = 2048
+#: One token bucket and its key (measured ~210 bytes).
+BUCKET_BYTES = 320
+#: One connection's objects with a request in it: channel, transport,
+#: request, headers, Klein's state (measured ~12 KiB with a parked GET).
+CONNECTION_OVERHEAD_BYTES = 16384
+#: What a connection can buffer besides its request: one socket read
+#: (Twisted reads 64 KiB at a time) and the pipelined bytes Twisted keeps
+#: while a request is handled before it stops reading (16 KiB).
+CONNECTION_BUFFER_BYTES = 65536 + 16384
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """
+    One line of the budget: what, how many at most, bytes each at most.
+    """
+
+    name: str
+    count: int
+    bytes_each: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.count * self.bytes_each
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBudget:
+    """
+    The worst case, item by item.
+    """
+
+    items: tuple[Item, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(item.total_bytes for item in self.items)
+
+    def describe(self) -> str:
+        """
+        One line for the log: the total and each item, in MiB.
+        """
+        parts = ", ".join(
+            f"{item.name} {item.count} x {item.bytes_each} B = {_mib(item.total_bytes)}"
+            for item in self.items
+        )
+        return f"{_mib(self.total_bytes)} ({parts})"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def worst_case_memory(config: Config) -> MemoryBudget:
+    """
+    The most memory the caps of C{config} let the server's own data use at
+    once: every rendezvous full, every connection open with the largest
+    request it may send, every parked reader, every rate bucket.  The
+    process' fixed cost (the interpreter and its modules, some 40 MiB)
+    comes on top.
+    """
+    return MemoryBudget(
+        (
+            Item(
+                "rendezvous",
+                config.max_rendezvous,
+                config.max_bytes + config.max_content_type_bytes + RECORD_OVERHEAD_BYTES,
+            ),
+            # Each parked reader holds a connection (HTTP/1.1 answers one
+            # request at a time), so the connection cap bounds them too.
+            Item(
+                "parked readers",
+                min(config.max_parked, config.max_connections),
+                PARKED_READER_BYTES,
+            ),
+            # Two limiters: one for creates, one for every request.
+            Item("rate buckets", 2 * config.max_rate_buckets, BUCKET_BYTES),
+            Item(
+                "connections",
+                config.max_connections,
+                CONNECTION_OVERHEAD_BYTES
+                + CONNECTION_BUFFER_BYTES
+                + config.max_header_bytes
+                + config.max_bytes,
+            ),
+        )
+    )

@@ -1,0 +1,155 @@
+"""
+Prometheus metrics, on a registry of our own (never the process-global one),
+and the small C{twisted.web} site that serves them with a health check on
+a separate listener (C{--metrics ENDPOINT}).
+
+Counts that already live somewhere (rendezvous held, parked readers, TLS
+reloads, open connections) are read from their owners at scrape time by a
+collector; events seen only in passing (requests, refusals, wakes) are
+counted as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+#: The methods counted by name; anything else is counted as "other", so that
+#: a client cannot mint new time series by inventing methods.
+METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD"))
+#: Refusal reasons, all exported from the start (at zero).
+REASONS = ("too_large", "full", "rate_limited")
+
+#: Wake latency buckets: from a tenth of a millisecond to a second.
+WAKE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: Request duration buckets: a long-poll can take its whole poll timeout.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+class Metrics:
+    """
+    The server's metrics.  The web layer reports events through the methods
+    below; L{watch} adds sources read at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "rendezvous_http_requests",
+            "HTTP requests answered, by method and status.",
+            ["method", "status"],
+            registry=self.registry,
+        )
+        self._durations = Histogram(
+            "rendezvous_http_request_duration_seconds",
+            "Time from a request's headers to its answer (long-polls included).",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._refusals = Counter(
+            "rendezvous_refusals",
+            "Requests refused by a limit, by reason: too_large (413), full (429 at "
+            "capacity), rate_limited (any other 429).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REASONS:
+            self._refusals.labels(reason)
+        self._wakes = Histogram(
+            "rendezvous_wake_latency_seconds",
+            "Time from a write to the answer of a reader parked waiting for it.",
+            buckets=WAKE_BUCKETS,
+            registry=self.registry,
+        )
+        self._sources = _Sources()
+        self.registry.register(self._sources)
+
+    def request_done(self, method: bytes, status: int, duration_seconds: float) -> None:
+        name = method.decode("ascii", "replace")
+        self._requests.labels(name if name in METHODS else "other", str(status)).inc()
+        self._durations.observe(max(0.0, duration_seconds))
+
+    def refused(self, reason: str) -> None:
+        self._refusals.labels(reason).inc()
+
+    def woke(self, latency_seconds: float) -> None:
+        self._wakes.observe(max(0.0, latency_seconds))
+
+    def watch(self, name: str, documentation: str, kind: str, read: Callable[[], Any]) -> None:
+        """
+        Export C{read()} (a number, or a dict of label value to number with
+        the label "outcome") as a gauge or counter, read at scrape time.
+        """
+        self._sources.sources.append((name, documentation, kind, read))
+
+
+class _Sources(Collector):
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, str, str, Callable[[], Any]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, documentation, kind, read in self.sources:
+            value = read()
+            family: Metric
+            labels = ["outcome"] if isinstance(value, dict) else []
+            if kind == "counter":
+                family = CounterMetricFamily(name, documentation, labels=labels)
+            else:
+                family = GaugeMetricFamily(name, documentation, labels=labels)
+            if isinstance(value, dict):
+                for label, number in value.items():
+                    family.add_metric([label], number)
+            else:
+                family.add_metric([], value)
+            yield family
+
+
+class _MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        page: bytes = generate_latest(self._metrics.registry)
+        return page
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, stopping: Callable[[], bool]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._stopping = stopping
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if self._stopping():
+            request.setResponseCode(503)
+            return b"stopping\n"
+        return b"serving\n"
+
+
+def metrics_site(metrics: Metrics, stopping: Callable[[], bool], reactor: Any = None) -> Site:
+    """
+    The site of the metrics listener: C{/metrics} in Prometheus' text
+    format, C{/health} answering 200 while serving and 503 once a stop
+    began; nothing else.
+    """
+    root = Resource()
+    root.putChild(b"metrics", _MetricsPage(metrics))
+    root.putChild(b"health", _Health(stopping))
+    site = Site(root, reactor=reactor)
+    # Scrapes every few seconds would drown the log.
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site

@@ -1,0 +1,158 @@
+"""
+Tests for L{rendezvous_twisted.budget}: the worst-case memory is the caps
+times honest prices, and it is logged when the service starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Callable
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from rendezvous_twisted import budget
+from rendezvous_twisted.conditions import ANY
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.ratelimit import RateLimiter
+from rendezvous_twisted.service import StoreService
+from rendezvous_twisted.store import MemoryStore
+from rendezvous_twisted.web import RendezvousAPI
+
+from .conftest import fired
+
+
+def test_budget_at_the_defaults() -> None:
+    """At the defaults, the budget is every cap times its price, about 0.7 GiB in all."""
+    config = Config()
+    items = {item.name: item for item in budget.worst_case_memory(config).items}
+    assert items["rendezvous"].count == 10000
+    assert items["rendezvous"].bytes_each == 10240 + 255 + budget.RECORD_OVERHEAD_BYTES
+    assert items["parked readers"].count == config.max_connections
+    assert items["rate buckets"].count == 2 * config.max_rate_buckets
+    assert items["connections"].count == config.max_connections
+    total = budget.worst_case_memory(config).total_bytes
+    assert total == sum(item.count * item.bytes_each for item in items.values())
+    assert 500 * 2**20 < total < 800 * 2**20
+
+
+def test_budget_grows_with_each_cap() -> None:
+    """Raising any cap raises the budget: none is left out of it."""
+    base = budget.worst_case_memory(Config()).total_bytes
+    for change in [
+        {"max_rendezvous": 20000},
+        {"max_bytes": 20000},
+        {"max_rate_buckets": 200000},
+        {"max_connections": 8192},
+        {"max_header_bytes": 32768},
+    ]:
+        assert budget.worst_case_memory(Config(**change)).total_bytes > base, change  # type: ignore[arg-type]
+
+
+def test_budget_is_logged_at_start() -> None:
+    """Starting the store service logs the worst-case memory in MiB."""
+    config = Config()
+    service = StoreService(MemoryStore(config, Clock()), config, Clock())
+    with capturedLogs() as events:
+        service.startService()
+    lines = [formatEvent(e) for e in events]
+    assert any(
+        line.startswith("worst-case memory at these limits: ")
+        and budget.worst_case_memory(config).describe() in line
+        for line in lines
+    ), lines
+
+
+def measured(count: int, make: Callable[[int], object]) -> float:
+    """
+    Bytes allocated per item, under tracemalloc, making C{count} of them.
+    """
+    kept: list[object] = []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(count):
+            kept.append(make(i))
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / count
+
+
+def test_prices_bound_what_is_measured() -> None:
+    """
+    A rendezvous record, a parked reader and a rate bucket each cost less than the budget's price
+    for it.
+    """
+    count = 500
+    clock = Clock()
+    config = Config(max_rendezvous=count, max_rendezvous_per_address=1, max_parked=count)
+    store = MemoryStore(config, clock)
+    content_type = b"t" * config.max_content_type_bytes
+    record = measured(count, lambda i: store.create(b"", content_type, f"2001:db8:{i:x}::/64"))
+    assert record < budget.RECORD_OVERHEAD_BYTES + config.max_content_type_bytes
+    ids = [fired(store.read(rid)).rendezvous_id for rid in list(store._records)]
+    parked = measured(count, lambda i: store.wait_for_change(ids[i], ANY, 30))
+    assert parked < budget.PARKED_READER_BYTES
+    limiter = RateLimiter(10, 1.0, count, clock)
+    bucket = measured(count, lambda i: limiter.take(f"2001:db8:{i:x}::/64"))
+    assert bucket < budget.BUCKET_BYTES
+
+
+def test_connection_price_bounds_a_parked_connection() -> None:
+    """
+    A connection holding a parked GET costs less than the budget's price for a connection's objects.
+    """
+    count = 150
+    reactor = MemoryReactorClock()
+    config = Config(max_parked_per_rendezvous=count, max_parked=count, request_burst=count * 2)
+    store = MemoryStore(config, reactor)
+    site = RendezvousAPI(store, config, reactor).site(reactor)
+    version = fired(store.create(b"x", b"text/plain", "owner"))
+    request = (
+        b"GET /%s HTTP/1.1\r\nHost: rendezvous.example.org\r\nIf-None-Match: %s\r\n"
+        b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\n"
+        b"Origin: https://app.element.io\r\nAccept: */*\r\n\r\n"
+    ) % (version.rendezvous_id.encode("ascii"), version.etag)
+
+    def connection(i: int) -> object:
+        peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
+        channel = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        channel.dataReceived(request)
+        return channel, transport
+
+    per_connection = measured(count, connection)
+    assert store.parked_count == count
+    assert per_connection < budget.CONNECTION_OVERHEAD_BYTES
+
+
+def test_too_few_file_descriptors_are_warned_about() -> None:
+    """
+    When the process may open fewer files than max_connections needs, the
+    start is logged with a warning saying what to raise.
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 10**8:
+        pytest.skip("no finite descriptor limit to exceed")
+    config = Config(max_connections=soft, max_connections_per_address=1)
+    service = StoreService(MemoryStore(config, Clock()), config, Clock())
+    with capturedLogs() as events:
+        service.startService()
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1
+    assert "ulimit -n" in formatEvent(warnings[0])
+    config = Config(max_connections=max(1, soft - 64), max_connections_per_address=1)
+    service = StoreService(MemoryStore(config, Clock()), config, Clock())
+    with capturedLogs() as events:
+        service.startService()
+    assert not [e for e in events if e["log_level"] == LogLevel.warn]

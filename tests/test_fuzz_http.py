@@ -1,0 +1,238 @@
+"""
+Fuzzing: hypothesis writes raw HTTP/1.1 requests (methods, targets, ids,
+header names and values, conditional headers, Prefer, bodies, chunked and
+broken framing) to a real C{twistd rendezvous} over loopback.  The server
+must never answer 5xx, never log a failure, and a rendezvous created before
+the run (whose id the fuzzer never learns) must come out of it intact.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import string
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .test_end_to_end import (
+    Conn,
+    TwistdServer,
+    create,
+    etag_of,
+    running,
+    secret,
+    start_plugin_server,
+)
+
+#: How long a connection may stay silent before we stop waiting for more:
+#: a request with broken framing leaves the server waiting for bytes.
+QUIET_SECONDS = 0.05
+#: The most any one request may take to be answered.
+ANSWER_DEADLINE_SECONDS = 3.0
+
+_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+
+methods = st.one_of(
+    st.sampled_from(
+        [b"GET", b"PUT", b"POST", b"DELETE", b"OPTIONS", b"HEAD", b"PATCH", b"BREW", b"get", b""]
+    ),
+    st.binary(max_size=8),
+)
+ids = st.text(alphabet=string.ascii_letters + string.digits + "-_", max_size=70)
+targets = st.one_of(
+    st.just(b"/"),
+    ids.map(lambda i: b"/" + i.encode("ascii")),
+    st.binary(max_size=40).map(lambda b: b"/" + b),
+    st.sampled_from(
+        [b"//", b"/a/b", b"*", b"http://x/", b"/%ff%fe", b"/?q=1", b"/../../etc/passwd", b""]
+    ),
+)
+versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1x", b""])
+header_names = st.one_of(
+    st.sampled_from(
+        [
+            b"Content-Type",
+            b"If-Match",
+            b"If-None-Match",
+            b"Prefer",
+            b"Content-Length",
+            b"Transfer-Encoding",
+            b"Host",
+            b"X-Forwarded-For",
+            b"Forwarded",
+            b"X-Forwarded-Proto",
+            b"Sec-Fetch-Mode",
+            b"Sec-Fetch-Dest",
+            b"Expect",
+            b"Connection",
+            b"Origin",
+        ]
+    ),
+    st.binary(max_size=20),
+)
+header_values = st.one_of(
+    st.sampled_from(
+        [
+            b"*",
+            b'"x"',
+            b'W/"x", "y"',
+            b"wait=0",
+            b"wait=99999999999",
+            b'wait="5"; q',
+            b"chunked",
+            b"gzip, chunked",
+            b"100-continue",
+            b"-1",
+            b"0",
+            b"99999999999999999999",
+            b"navigate",
+            b"document",
+            b"close",
+            b"text/plain",
+            b"1.2.3.4, ::1, fe80::1%eth0, [2001:db8::1]:80, unknown",
+            b'for="[::1]:80";proto=https, for=_hidden',
+            b"\xff\xfe",
+            b"https",
+        ]
+    ),
+    st.binary(max_size=60),
+)
+headers = st.lists(st.tuples(header_names, header_values), max_size=8)
+framings = st.sampled_from(
+    ["none", "length", "long-length", "short-length", "chunked", "bad-chunked"]
+)
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """
+    One raw request, well-formed or not.
+    """
+    line = draw(methods) + b" " + draw(targets) + b" " + draw(versions)
+    lines = [line]
+    if draw(st.booleans()):
+        lines.append(b"Host: rendezvous.test")
+    lines += [name + b": " + value for name, value in draw(headers)]
+    body = draw(st.binary(max_size=300))
+    framing = draw(framings)
+    payload = b""
+    if framing == "length":
+        lines.append(b"Content-Length: %d" % len(body))
+        payload = body
+    elif framing == "long-length":
+        lines.append(b"Content-Length: %d" % (len(body) + 10))
+        payload = body
+    elif framing == "short-length":
+        lines.append(b"Content-Length: %d" % (len(body) // 2))
+        payload = body
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    elif framing == "bad-chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+        payload = b"%x\r\n%s\r\nzz\r\n" % (len(body) + 3, body)
+    if draw(st.booleans()):
+        lines.append(b"Connection: close")
+    separator = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
+    return separator.join(lines) + separator + separator + payload
+
+
+def answers_to(port: int, request: bytes) -> bytes:
+    """
+    Everything the server sends back on a fresh connection before it closes
+    it, or falls silent for L{QUIET_SECONDS}.
+    """
+    received = bytearray()
+    with Conn(port) as conn:
+        try:
+            conn.send(request)
+        except OSError:
+            return bytes(received)  # the server hung up mid-request
+        deadline = time.monotonic() + ANSWER_DEADLINE_SECONDS
+        for _ in range(10_000):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, _, _ = select.select([conn.sock], [], [], min(QUIET_SECONDS, remaining))
+            if not readable:
+                break
+            try:
+                chunk = conn.sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return bytes(received)
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+    """
+    A server whose rate limits are far above what the fuzzer sends, so that
+    every request reaches the code under test rather than a 429, and which
+    trusts the fuzzer as a proxy, so that its forwarding headers are read.
+    """
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("fuzz"),
+            "--max-bytes=200",
+            "--poll-timeout=1",
+            "--create-burst=1000000",
+            "--request-burst=1000000",
+            "--max-rendezvous-per-address=10000",
+            # So that the fuzzer's forwarding headers are parsed, not ignored.
+            "--trusted-proxy=127.0.0.1/32",
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def known(fuzzed: TwistdServer) -> tuple[str, bytes, bytes]:
+    """
+    A rendezvous created before the fuzzing: its id, payload and ETag.
+    """
+    with Conn(fuzzed.port) as conn:
+        payload = secret("known")
+        rendezvous_id, created = create(fuzzed, conn, payload, [("Content-Type", "text/plain")])
+    return rendezvous_id, payload, etag_of(created)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(request=raw_requests())
+def test_no_request_makes_the_server_fail(
+    fuzzed: TwistdServer, known: tuple[str, bytes, bytes], request: bytes
+) -> None:
+    """
+    No raw request, however malformed, gets a 5xx; the known rendezvous
+    stays intact and the server logs no failure.
+    """
+    answer = answers_to(fuzzed.port, request)
+    # Read the server's log as it goes, so that its pipe never fills and
+    # blocks it.
+    fuzzed.pump(0)
+    statuses = [int(status) for status in _STATUS.findall(answer)]
+    assert all(100 <= status < 500 for status in statuses), (request, answer)
+
+
+def test_after_fuzzing_the_known_rendezvous_is_intact(
+    fuzzed: TwistdServer, known: tuple[str, bytes, bytes]
+) -> None:
+    """
+    After the fuzzing, the rendezvous created before it has its payload,
+    content type and ETag, and the log shows no failure.
+    """
+    rendezvous_id, payload, etag = known
+    with Conn(fuzzed.port) as conn:
+        read = conn.exchange("GET", "/" + rendezvous_id)
+    assert (read.status, read.body, etag_of(read)) == (200, payload, etag)
+    assert read.header("Content-Type") == b"text/plain"
+    fuzzed.assert_no_trouble()
