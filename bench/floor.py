@@ -25,6 +25,8 @@ class Hello(Resource):
 
 def main() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    # Site opens logPath with open(path, "a") and never rotates or renames
+    # it (unlike twistd's --logfile), so naming the null device is safe.
     site = Site(Hello(), logPath="/dev/null")  # type: ignore[no-untyped-call]
     reactor.listenTCP(port, site, interface="127.0.0.1")  # type: ignore[arg-type]
     reactor.run()

@@ -127,7 +127,9 @@ class Server:
     Its output goes to a temporary file, shown if it fails to start.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], cpu: int | None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], cpu: int | None, discard_stdout: bool = False
+    ) -> None:
         self.name = name
         prefix: list[str] = []
         if cpu is not None:
@@ -140,13 +142,16 @@ class Server:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
         self.argv = [*prefix, *argv]
+        self._discard_stdout = discard_stdout
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
             self.argv,
             cwd=tempfile.gettempdir(),
             env=environ,
             stdin=subprocess.DEVNULL,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
+            # A server logging to standard output would fill the file: its
+            # log goes to the null device, opened here, never named to it.
+            stdout=subprocess.DEVNULL if discard_stdout else self._output,
+            stderr=self._output if discard_stdout else subprocess.STDOUT,
             # Its own open-file limit at the hard limit, for the parked rounds.
             preexec_fn=raise_nofile,
         )
@@ -174,7 +179,8 @@ class Server:
             time.sleep(0.02)
         output = self.output()
         self.stop()
-        raise RuntimeError(f"{self.name} did not start listening: {self.argv}\n{output}")
+        lost = " (standard output discarded: run it by hand to see it)" * self._discard_stdout
+        raise RuntimeError(f"{self.name} did not start listening{lost}: {self.argv}\n{output}")
 
     def output(self) -> str:
         self._output.seek(0)
@@ -194,15 +200,23 @@ class Server:
 def start_rendezvous(cpu: int | None, *limits: str) -> Server:
     """
     Start C{twistd -n rendezvous} of this working tree on tcp:0, logging to
-    /dev/null (the access log is still formatted, as in production), with
-    the benchmark's limits and then C{limits}, which win.
+    standard output, which is the null device (the access log is still
+    formatted and written, as in production), with the benchmark's limits
+    and then C{limits}, which win.  Its port is read from /proc, not from
+    its log.
     """
     twistd = Path(sys.executable).parent / "twistd"
+    # Not --logfile=/dev/null: twistd's LogFile rotates at 1 MB by renaming
+    # its file, which on a long run renames the null device itself (to
+    # /dev/null.1) and leaves a regular file in its place.  twistd never
+    # rotates standard output.  The cost: what twistd prints before failing
+    # to start is lost (only standard error is kept); the error names the
+    # command, to be run by hand.
     argv = [
-        str(twistd), "-n", "--pidfile=", "--logfile=/dev/null",
+        str(twistd), "-n", "--pidfile=", "--logfile=-",
         "rendezvous", "--listen=tcp:0:interface=127.0.0.1", *BENCH_LIMITS, *limits,
     ]  # fmt: skip
-    return Server("twistd rendezvous", argv, cpu)
+    return Server("twistd rendezvous", argv, cpu, discard_stdout=True)
 
 
 def start_floor(cpu: int | None) -> Server:
