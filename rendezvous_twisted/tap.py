@@ -379,7 +379,12 @@ def makeService(
     site = api.site(reactor)
 
     json_logs = options["log-format"] == "json"
-    root = RendezvousRoot(logs.observer("json") if json_logs else None)
+    log_observer = logs.observer("json") if json_logs else None
+    if not json_logs and logs.twistd_logs_to_stdout(getattr(options, "parent", None)):
+        # The same lines twistd's own observer would write, cheaper per
+        # access line; twistd keeps its own for a log file or syslog.
+        log_observer = logs.observer("text")
+    root = RendezvousRoot(log_observer)
     OpenFileLimitService(config).setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.

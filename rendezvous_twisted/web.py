@@ -28,7 +28,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import conditions, msc4108
+from rendezvous_twisted import access, conditions, msc4108
 from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
@@ -469,12 +469,6 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
                 site.connection_lost(self)
 
 
-#: The access log: one event per answered request.  A module-level logger, so
-#: that its namespace stays "rendezvous_twisted.access" (a Logger class
-#: attribute takes its class' name) and can be filtered on by that name.
-_access_log = Logger(namespace="rendezvous_twisted.access")
-
-
 def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
     # The proxy forwards only IProtocol's methods; the transport is its
     # channel's (the HTTP/1.1 channel, or the HTTP/2 one it switched to).
@@ -627,9 +621,7 @@ class RendezvousSite(Site):
         path = request.path.decode("ascii", "backslashreplace")
         if path != "/":
             path = "/~" + redact(path.removeprefix("/"))
-        _access_log.info(
-            # Shaped like the common log format (the date is the event's own).
-            '{client} - - "{method} {path} {protocol}" {status} {length} {duration_ms:.1f}ms',
+        access.emit(
             client=client_address(cast(IRequest, request)) or "-",
             method=request.method.decode("ascii", "backslashreplace"),
             path=path,
