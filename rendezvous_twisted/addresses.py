@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from rendezvous_twisted.config import Config, parse_network
 
@@ -121,6 +122,20 @@ class ClientResolver:
         self._deny = tuple(parse_network(n) for n in config.deny)
         self._ipv6_prefix = config.ipv6_prefix_length
         self._header = config.proxy_header.encode("ascii")
+        # Every request of a connection comes from the same peer: parse its
+        # address and build its key once, not per request (bounded, for
+        # peers spread over many IPv6 addresses).
+        self._untrusted_peer = lru_cache(maxsize=4096)(self._untrusted_peer_of)
+
+    def _untrusted_peer_of(self, host: str) -> Client | None:
+        """
+        The client that is the peer at C{host}, unless that peer is a
+        trusted proxy (None: its headers name the client).
+        """
+        address = parse_address(host)
+        if self.trusted(address):
+            return None
+        return Client(address, self.key(address))
 
     def key(self, address: IPAddress | None) -> str:
         """
@@ -188,9 +203,11 @@ class ClientResolver:
         walk: the hop that wrote it could not say who its client was, so the
         request is counted under that hop.
         """
+        if peer_host is not None:
+            peer = self._untrusted_peer(peer_host)
+            if peer is not None:
+                return peer
         address = parse_address(peer_host) if peer_host is not None else None
-        if peer_host is not None and not self.trusted(address):
-            return Client(address, self.key(address))
         rfc7239 = self._header == FORWARDED.encode("ascii")
         client = address
         # With X-Forwarded-For the scheme is X-Forwarded-Proto's.  RFC 7239

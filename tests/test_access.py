@@ -22,13 +22,13 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python.failure import Failure
-from twisted.scripts.twistd import ServerOptions
+from twisted.scripts._twistd_unix import ServerOptions
 
 from rendezvous_twisted import access, logs, tap
 
 #: Access events as the server emits them, with awkward values: a method
 #: with braces and escapes, a duration that rounds, a huge length.
-ACCESS = [
+ACCESS: list[dict[str, Any]] = [
     dict(client="127.0.0.1", method="GET", path="/~0a1b2c3d", protocol="HTTP/1.1",
          status=200, length=5, duration_ms=0.04999),
     dict(client="2001:db8::1", method="{X}\\xff", path="/", protocol="HTTP/1.0",
