@@ -380,7 +380,7 @@ def makeService(
 
     json_logs = options["log-format"] == "json"
     root = RendezvousRoot(logs.observer("json") if json_logs else None)
-    OpenFileLimitService(config).setServiceParent(root)  # type: ignore[no-untyped-call]
+    OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
