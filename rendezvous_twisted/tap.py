@@ -63,7 +63,7 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A rendezvous server for the Matrix log-in-with-a-QR-code handshake "
-        "(MSC3886), holding rendezvous in memory, with long-polling."
+        "(MSC3886 and MSC4108), holding rendezvous in memory, with long-polling."
     )
 
     # (option, Config field, help, number type)
