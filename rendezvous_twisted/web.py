@@ -10,13 +10,14 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from io import BytesIO
 from typing import Any, cast
 
 from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -131,9 +132,18 @@ def client_address(request: IRequest) -> str | None:
     return _peer_host(request.getClientAddress())
 
 
-def _http_date(seconds: float) -> bytes:
-    date: bytes = http.datetimeToString(int(seconds))
+@lru_cache(maxsize=1024)
+def _date_of_second(second: int) -> bytes:
+    date: bytes = http.datetimeToString(second)
     return date
+
+
+def _http_date(seconds: float) -> bytes:
+    # An HTTP-date names a whole second, and the few seconds that answers
+    # name (now, and the expiry and last write of live rendezvous) repeat
+    # across many requests: format each once.
+    return _date_of_second(int(seconds))
+
 
 
 class HTTPError(Exception):
@@ -722,6 +732,63 @@ def _written(request: IRequest, body: bytes) -> object:
     return NOT_DONE_YET
 
 
+@lru_cache(maxsize=256)
+def _check_host(hostname: bytes) -> None:
+    """
+    Raise UnicodeError for a Host that Klein (not UTF-8) or werkzeug (not
+    IDNA-encodable, as C{Map.bind} checks it) would refuse.  The few Hosts
+    a server sees are checked once each.
+    """
+    hostname.decode("utf-8").lower().partition(":")[0].encode("idna")
+
+
+class _Routes:
+    """
+    The Klein app's routes for C{/} and C{/<name>}, found without werkzeug:
+    what C{Map.match} would answer for a root path or a one-segment path, or
+    None to let werkzeug match.  Built from the app's own URL map, so a
+    route added there is routed right whether or not it is recognised here.
+    """
+
+    _ONE_SEGMENT = re.compile(r"/<([A-Za-z_][A-Za-z0-9_]*)>\Z")
+
+    def __init__(self, app: Klein) -> None:
+        self.root: tuple[str, int, dict[str, str]] | None = None
+        self.one_segment: tuple[str, int, str] | None = None
+        #: Segments that a static one-segment route matches first.
+        self.static: set[bytes] = set()
+        for rule in app.url_map.iter_rules():
+            segment_count = cast(Any, app.endpoints[rule.endpoint]).segment_count
+            one = self._ONE_SEGMENT.match(rule.rule)
+            if rule.methods is not None or rule.host is not None or rule.subdomain:
+                # A rule werkzeug may refuse by method or host: leave all
+                # routing to it rather than reason about precedence.
+                self.root = self.one_segment = None
+                break
+            if rule.rule == "/":
+                self.root = (rule.endpoint, segment_count, {})
+            elif one is not None and self.one_segment is None:
+                self.one_segment = (rule.endpoint, segment_count, one.group(1))
+            elif rule.rule.count("/") == 1 and "<" not in rule.rule:
+                self.static.add(rule.rule[1:].encode("utf-8"))
+
+    def lookup(self, segments: Sequence[bytes]) -> tuple[str, int, dict[str, str]] | None:
+        """
+        C{(endpoint, segment_count, arguments)} for the route werkzeug would
+        match to C{segments} (the unquoted path segments), or None.
+        """
+        if segments == [b""]:
+            return self.root
+        if len(segments) != 1 or self.one_segment is None:
+            return None
+        segment = segments[0]
+        # A "%2F" unquoted into the segment makes it two segments to werkzeug.
+        if b"/" in segment or segment in self.static:
+            return None
+        endpoint, segment_count, name = self.one_segment
+        return endpoint, segment_count, {name: segment.decode("utf-8")}
+
+
 class _GuardedResource(KleinResource):
     """
     Klein's resource, behind the one place that answers every CORS
@@ -731,9 +798,16 @@ class _GuardedResource(KleinResource):
     and a Host werkzeug refuses (which would escape as a 500).
     """
 
+    log = Logger()
+
     def __init__(self, app: Klein, api: RendezvousAPI) -> None:
         super().__init__(app)
         self._api = api
+        self._routes = _Routes(app)
+        # Klein keeps its error handlers, in registration order, here; its
+        # own render reads them from the same attribute.
+        self._error_handlers = app._error_handlers
+
 
     def render(self, request: IRequest) -> Any:
         # Policy and rate limits come first: a preflight is a request too.
@@ -756,11 +830,92 @@ class _GuardedResource(KleinResource):
         except UnicodeDecodeError:
             return _written(request, self._api.refuse(request, UnknownPathError()))
         try:
-            request.getRequestHostname().decode("utf-8")
-            return super().render(request)
+            _check_host(request.getRequestHostname())
+            route = self._routes.lookup(segments)
+            if route is None:
+                return super().render(request)
         except (UnicodeError, WerkzeugHTTPException):
             error = BadRequestError("M_BAD_REQUEST", "unusable Host header")
             return _written(request, self._api.refuse(request, error))
+        return self._execute(request, *route)
+
+    # What follows is KleinResource.render for the routes _Routes knows, with
+    # the per-request work that changes nothing for them left out: no
+    # werkzeug MapAdapter bound and matched, no IKleinRequest (nothing here
+    # builds URLs from it), and one callback pair on the route's Deferred,
+    # instead of five and two notifyFinish() Deferreds.  Klein's own render
+    # still serves every other request, and the same endpoints and error
+    # handlers (app.handle_errors) answer both ways.
+
+    def _execute(
+        self, request: IRequest, endpoint: str, segment_count: int, kwargs: dict[str, str]
+    ) -> object:
+        postpath = request.postpath or []
+        request.prepath.extend(postpath[:segment_count])
+        request.postpath = postpath[segment_count:]
+        try:
+            result = self._app.execute_endpoint(endpoint, request, **kwargs)
+        except Exception:
+            self._failed(Failure(), request, self._error_handlers)
+            return NOT_DONE_YET
+        if not isinstance(result, Deferred):
+            self._write(result, request)
+            return NOT_DONE_YET
+        if not result.called:
+            # A parked read: a client that hangs up cancels it (the store's
+            # canceller frees its slot), as Klein does.
+            cast(Any, request).notifyFinish().addErrback(lambda _: result.cancel())
+        result.addCallbacks(
+            self._write,
+            self._failed,
+            callbackArgs=(request,),
+            errbackArgs=(request, self._error_handlers),
+        )
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _gone(request: IRequest) -> bool:
+        """
+        Finished, or its client hung up: Klein's "request_finished".
+        """
+        return bool(cast(Any, request).finished or getattr(request, "_disconnected", False))
+
+    def _write(self, body: object, request: IRequest) -> None:
+        if self._gone(request):
+            return
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if not isinstance(body, bytes):
+            raise TypeError(f"a route answered {type(body).__name__}, not bytes")
+        request.write(body)
+        request.finish()
+
+    def _failed(
+        self,
+        failure: Failure,
+        request: IRequest,
+        handlers: Sequence[tuple[Sequence[type[Exception]], Callable[..., Any]]],
+    ) -> None:
+        """
+        Klein's processing_failed: the first error handler registered for
+        the failure's type answers; one that fails passes its own failure
+        to the handlers after it.
+        """
+        if self._gone(request):
+            if not failure.check(CancelledError):
+                self.log.failure("unhandled error processing a request", failure)
+            return
+        for index, (types, handler) in enumerate(handlers):
+            if failure.check(*types):
+                try:
+                    body = self._app.execute_error_handler(handler, request, failure)
+                    if isinstance(body, Deferred):
+                        raise TypeError("an error handler answered a Deferred")
+                    self._write(body, request)
+                except Exception:
+                    self._failed(Failure(), request, handlers[index + 1 :])
+                return
+        cast(Any, request).processingFailed(failure)
 
 
 def _refusal_reason(error: BaseException, code: int) -> str | None:

@@ -1,0 +1,289 @@
+"""
+C{python -m bench}: run one scenario against a running server, or every
+scenario against servers the benchmark starts itself.
+
+    python -m bench --url http://127.0.0.1:8080 --scenario read-heavy --seconds 8
+    python -m bench --all --repeat 3
+
+Each scenario prints one JSON line; C{--all} also writes them to C{--out}
+and ends with a summary line of medians over the repeats, every read
+figure as a ratio to the bare twisted.web floor measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.client import Target, new_event_loop
+from bench.servers import Probe, Server, raise_nofile, start_floor, start_rendezvous
+
+SCENARIOS = ("exchange", "read-heavy", "parked", "churn", "floor")
+#: File descriptors kept back from the open-file limit for everything that
+#: is not a parked connection (listener, epoll, logs, up to 128 writer
+#: connections, the setup connection).
+FD_RESERVE = 384
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+
+def parked_counts(spec: str, limit: int) -> list[int]:
+    """
+    The parked round sizes: a comma-separated list of numbers and C{max}
+    (as many as the open-file limit allows, in whole rendezvous of 8).
+    """
+    most = (limit - FD_RESERVE) // scenarios.PER_RENDEZVOUS * scenarios.PER_RENDEZVOUS
+    counts = []
+    for word in spec.split(","):
+        count = most if word.strip() == "max" else int(word)
+        if count > most:
+            raise SystemExit(f"{count} parked requests need more than the open-file limit {limit}")
+        counts.append(count)
+    return counts
+
+
+def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8080")
+    which.add_argument(
+        "--all", action="store_true", help="start the servers and run every scenario"
+    )
+    parser.add_argument("--scenario", choices=SCENARIOS, help="the scenario to run with --url")
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="length of each load phase (default 8)"
+    )
+    parser.add_argument(
+        "--server-pid", type=int, help="with --url: the server's pid, for its CPU and memory"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="with --all: runs to take medians of")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="with --all: do not pin server and client to cores"
+    )
+    parser.add_argument(
+        "--parked",
+        default="1000,10000,max",
+        help="parked round sizes, comma-separated; 'max' is the open-file limit (default "
+        "1000,10000,max)",
+    )
+    parser.add_argument("--churn-rate", type=float, default=500.0, help="creates per second")
+    parser.add_argument(
+        "--churn-seconds", type=float, default=30.0, help="length of a churn round (default 30)"
+    )
+    parser.add_argument(
+        "--churn-ttl", type=float, default=5.0, help="the churn server's TTL (default 5)"
+    )
+    parser.add_argument("--churn-rounds", type=int, default=3, help="churn rounds (default 3)")
+    parser.add_argument(
+        "--only", help="with --all: a comma-separated subset of the scenarios to run"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="also write the JSON lines here (--all: default bench/last-run.jsonl)",
+    )
+    options = parser.parse_args(argv)
+    if options.url and options.scenario is None:
+        parser.error("--url needs --scenario")
+    return options
+
+
+class Runner:
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.loop, self.loop_name = new_event_loop()
+        self.nofile = raise_nofile()
+        out: Path | None = options.out
+        if out is None and options.all:
+            out = Path(__file__).resolve().parent / "last-run.jsonl"
+        self.out = out.open("w") if out is not None else None
+
+    def emit(self, figures: dict[str, Any]) -> None:
+        line = json.dumps(figures)
+        print(line, flush=True)
+        if self.out is not None:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def scenario(self, name: str, url: str, probe: Probe | None) -> dict[str, Any]:
+        o = self.options
+        target = Target(url)
+        run: Callable[[], Any]
+        if name == "exchange":
+            run = lambda: scenarios.exchange(target, o.seconds, probe)  # noqa: E731
+        elif name == "read-heavy":
+            run = lambda: scenarios.read_heavy(target, o.seconds, probe)  # noqa: E731
+        elif name == "floor":
+            run = lambda: scenarios.floor(target, o.seconds, probe)  # noqa: E731
+        elif name == "parked":
+            counts = parked_counts(o.parked, self.nofile)
+            run = lambda: scenarios.parked(target, o.seconds, probe, counts)  # noqa: E731
+        else:
+            run = lambda: scenarios.churn(  # noqa: E731
+                target, o.churn_seconds, probe, o.churn_rate, o.churn_ttl, o.churn_rounds
+            )
+        figures: dict[str, Any] = self.loop.run_until_complete(run())
+        figures.update(url=url, loop=self.loop_name, processes=1)
+        return figures
+
+    def one(self) -> None:
+        o = self.options
+        probe = Probe(o.server_pid) if o.server_pid else None
+        self.emit(self.scenario(o.scenario, o.url, probe))
+
+    def all(self) -> list[dict[str, Any]]:
+        o = self.options
+        pin = not o.no_pin and len(os.sched_getaffinity(0)) >= 2
+        server_cpu = SERVER_CPU if pin else None
+        if pin:
+            os.sched_setaffinity(0, {CLIENT_CPU})
+        wanted = o.only.split(",") if o.only else list(SCENARIOS)
+        figures: list[dict[str, Any]] = []
+        for run in range(1, o.repeat + 1):
+            servers: list[Server] = []
+            try:
+                floor = start_floor(server_cpu)
+                servers.append(floor)
+                rendezvous = start_rendezvous(server_cpu)
+                servers.append(rendezvous)
+                churn = start_rendezvous(server_cpu, f"--ttl={o.churn_ttl}")
+                servers.append(churn)
+                # The same server without its access log, to show what the
+                # log's pipeline costs per request.
+                quiet = start_rendezvous(server_cpu, "--no-access-log")
+                servers.append(quiet)
+                for server in servers:
+                    server.ready()
+                chosen = [
+                    (name, variant, server)
+                    for name, variant, server in (
+                        ("floor", None, floor),
+                        ("read-heavy", None, rendezvous),
+                        ("read-heavy", "no-access-log", quiet),
+                        ("exchange", None, rendezvous),
+                        ("parked", None, rendezvous),
+                        ("churn", None, churn),
+                    )
+                    if name in wanted
+                ]
+                floor_rps = floor_cpu = None
+                for name, variant, server in chosen:
+                    result = self.scenario(name, server.url, server.probe)
+                    result.update(run=run, pinned=pin, server=" ".join(server.argv))
+                    if variant is not None:
+                        result["variant"] = variant
+                    if name == "floor":
+                        floor_rps = result["requests_per_s"]
+                        floor_cpu = result.get("server_cpu_us_per_request")
+                    if name == "read-heavy" and floor_rps:
+                        for kind in ("get200", "get304"):
+                            ratio = result[kind + "_requests_per_s"] / floor_rps
+                            result[kind + "_over_floor"] = round(ratio, 3)
+                            # The same ratio from CPU time per request.
+                            cpu = result.get(kind + "_server_cpu_us_per_request")
+                            if floor_cpu and cpu:
+                                result[kind + "_cpu_over_floor"] = round(floor_cpu / cpu, 3)
+                    self.emit(result)
+                    figures.append(result)
+            finally:
+                for server in servers:
+                    server.stop()
+        self.emit(
+            {
+                "scenario": "many-cores",
+                "skipped": "one process only: several processes need a shared store "
+                "(the Redis store), which does not exist yet",
+            }
+        )
+        summary = summarize(figures)
+        self.emit(summary)
+        return figures
+
+
+def summarize(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The median of each headline figure over the runs, with its range.
+    """
+    picks: dict[str, list[float]] = {}
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, (int, float)):
+            picks.setdefault(name, []).append(value)
+
+    for f in figures:
+        s = f["scenario"]
+        if s == "floor":
+            add("floor_requests_per_s", f["requests_per_s"])
+            add("floor_server_cpu_share", f.get("server_cpu_share"))
+            add("floor_server_cpu_us_per_request", f.get("server_cpu_us_per_request"))
+        elif s == "read-heavy":
+            prefix = f.get("variant", "")
+            prefix = prefix and prefix + "_"
+            for key in (
+                "get200_requests_per_s", "get200_over_floor", "get200_latency_ms_p99",
+                "get304_requests_per_s", "get304_over_floor", "get304_latency_ms_p99",
+                "get200_server_cpu_share", "get200_client_cpu_share",
+                "get200_cpu_over_floor", "get304_cpu_over_floor",
+                "get200_server_cpu_us_per_request", "get304_server_cpu_us_per_request",
+            ):  # fmt: skip
+                add(prefix + key, f.get(key))
+        elif s == "exchange":
+            for key in (
+                "flows_per_s", "requests_per_s", "wake_after_put_sent_ms_p99",
+                "unloaded_wake_after_put_sent_ms_p50", "unloaded_wake_after_put_sent_ms_p99",
+                "unloaded_wake_after_202_ms_p99", "server_cpu_share", "server_cpu_us_per_request",
+            ):  # fmt: skip
+                add("exchange_" + key, f.get(key))
+        elif s == "parked":
+            for r in f["rounds"]:
+                n = r["parked"]
+                for key in (
+                    "rss_per_parked_bytes",
+                    "idle_server_cpu_share",
+                    "wake_all_s",
+                    "wake_ms_p99",
+                ):
+                    add(f"parked_{n}_{key}", r.get(key))
+        elif s == "churn":
+            add("churn_worst_after_over_base", max(r["after_over_base"] for r in f["rounds"]))
+            add("churn_expired_not_404", sum(r["expired_not_404"] for r in f["rounds"]))
+            later = [r["after_over_first_after"] for r in f["rounds"][1:]]
+            if later:
+                add("churn_worst_after_over_first_after", max(later))
+    summary: dict[str, Any] = {"scenario": "summary", "runs": len({f.get("run") for f in figures})}
+    for name, values in picks.items():
+        summary[name] = {
+            "median": round(statistics.median(values), 4),
+            "min": min(values),
+            "max": max(values),
+        }
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = arguments(argv)
+    # A SIGTERM unwinds like ^C, so that the servers this run started stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    runner = Runner(options)
+    try:
+        if options.all:
+            runner.all()
+        else:
+            runner.one()
+    finally:
+        runner.loop.close()
+        if runner.out is not None:
+            runner.out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""
+A smoke test of the benchmark: C{python -m bench --all} starts its own
+servers (twistd rendezvous and the bare twisted.web floor), runs every
+scenario for a fraction of a second over real loopback sockets, and prints
+one JSON line per scenario.  Only the shape and correctness of the report
+are checked, never a performance figure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: Room for three server starts on a busy two-core machine.
+DEADLINE_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """
+    The JSON lines of one short, unpinned run of every scenario, by scenario.
+    """
+    out = tmp_path_factory.mktemp("bench") / "run.jsonl"
+    argv = [
+        sys.executable, "-m", "bench", "--all", "--no-pin", "--seconds=0.1",
+        "--parked=16,max", "--churn-seconds=0.2", "--churn-rate=100", "--churn-ttl=0.2",
+        "--churn-rounds=2", f"--out={out}",
+    ]  # fmt: skip
+    # "max" parked would open thousands of sockets; cap the open-file limit
+    # so that it means 16 more, and the run stays short.
+    cap = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{cap}; import runpy, sys; sys.argv = {argv[2:]!r}; "
+            "runpy.run_module('bench', run_name='__main__')",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=DEADLINE_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    printed = [json.loads(line) for line in done.stdout.splitlines()]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert printed == written
+    by_name = {line["scenario"]: line for line in printed if "variant" not in line}
+    for line in printed:
+        if "variant" in line:
+            by_name[line["scenario"] + ":" + line["variant"]] = line
+    return by_name
+
+
+def _numbers(figures: dict[str, Any], *names: str) -> None:
+    for name in names:
+        value = figures[name]
+        assert isinstance(value, (int, float)) and value >= 0, (name, value)
+
+
+def test_every_scenario_reports(report: dict[str, dict[str, Any]]) -> None:
+    """--all prints one line per scenario, the many-cores skip and a summary."""
+    assert set(report) == {
+        "floor", "read-heavy", "read-heavy:no-access-log", "exchange", "parked", "churn",
+        "many-cores", "summary",
+    }  # fmt: skip
+    assert "Redis" in report["many-cores"]["skipped"]
+
+
+def test_read_figures_are_ratios_to_the_floor(report: dict[str, dict[str, Any]]) -> None:
+    """Read-heavy reports 200 and 304 throughput, latency, CPU shares and ratios to the floor."""
+    floor = report["floor"]
+    _numbers(floor, "requests_per_s", "latency_ms_p50", "latency_ms_p99", "server_cpu_share")
+    for read in [report["read-heavy"], report["read-heavy:no-access-log"]]:
+        _read_figures(read, floor)
+    assert "--no-access-log" in report["read-heavy:no-access-log"]["server"]
+
+
+def _read_figures(read: dict[str, Any], floor: dict[str, Any]) -> None:
+    for kind in ("get200", "get304"):
+        _numbers(
+            read,
+            f"{kind}_requests_per_s",
+            f"{kind}_latency_ms_p50",
+            f"{kind}_latency_ms_p99",
+            f"{kind}_server_cpu_share",
+            f"{kind}_client_cpu_share",
+        )
+        ratio = read[f"{kind}_requests_per_s"] / floor["requests_per_s"]
+        assert read[f"{kind}_over_floor"] == pytest.approx(ratio, abs=0.001)
+
+
+def test_exchange_reports_flows_and_wake_latency(report: dict[str, dict[str, Any]]) -> None:
+    """Exchange runs whole flows, loaded (32 in flight) and unloaded (one), with wake latency."""
+    exchange = report["exchange"]
+    assert exchange["flows_in_flight"] == 32 and exchange["unloaded_flows_in_flight"] == 1
+    assert exchange["flows"] > 0 and exchange["unloaded_flows"] > 0
+    _numbers(
+        exchange,
+        "flows_per_s",
+        "requests_per_s",
+        "wake_after_put_sent_ms_p99",
+        "unloaded_wake_after_put_sent_ms_p50",
+        "unloaded_wake_after_put_sent_ms_p99",
+        "server_cpu_share",
+    )
+    # From B's 202 to A's 200 may be negative: the server answers A first.
+    assert isinstance(exchange["unloaded_wake_after_202_ms_p99"], float)
+
+
+def test_parked_rounds_go_to_the_open_file_limit(report: dict[str, dict[str, Any]]) -> None:
+    """Parked runs each round size, 'max' from the open-file limit, and wakes every reader."""
+    rounds = report["parked"]["rounds"]
+    assert [r["parked"] for r in rounds] == [16, (512 - 384) // 8 * 8]
+    for r in rounds:
+        assert r["rendezvous"] == r["parked"] // 8
+        _numbers(r, "idle_server_cpu_share", "wake_all_s", "wake_ms_p50", "wake_ms_p99")
+        assert isinstance(r["rss_per_parked_bytes"], int)
+
+
+def test_churn_finds_every_expired_id_gone(report: dict[str, dict[str, Any]]) -> None:
+    """Churn reports memory before, at peak and after expiry, and every expired id is a 404."""
+    churn = report["churn"]
+    assert len(churn["rounds"]) == 2
+    for r in churn["rounds"]:
+        assert r["created"] == 20
+        assert r["expired_not_404"] == 0
+        assert r["rss_peak_bytes"] >= r["rss_before_bytes"] > 0
+        _numbers(r, "rss_after_expiry_bytes", "after_over_base", "creates_per_s")
+
+
+def test_summary_takes_medians(report: dict[str, dict[str, Any]]) -> None:
+    """The summary line gives median, min and max of the headline figures."""
+    summary = report["summary"]
+    assert summary["runs"] == 1
+    ratio = summary["get200_over_floor"]
+    measured = report["read-heavy"]["get200_over_floor"]
+    assert ratio["min"] == ratio["median"] == ratio["max"] == measured
