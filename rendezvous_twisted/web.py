@@ -429,11 +429,13 @@ class RendezvousChannel(http.HTTPChannel):
             what=what,
             seconds=seconds,
         )
+        self.site.metrics.refused("slow")
+        unit = "second" if seconds == 1 else "seconds"
         self.transport.write(
             _closing_answer(
                 b"408 Request Timeout",
                 "M_REQUEST_TIMEOUT",
-                f"the request {what} did not arrive within {seconds:g} seconds",
+                f"the request {what} did not arrive within {seconds:g} {unit}",
             )
         )
         # As Twisted's own idle timeout: close, and abort a peer that does
@@ -443,6 +445,11 @@ class RendezvousChannel(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._disarm()
         assert self.transport is not None
+        self._log.info(
+            "answering an unparseable request from {client} with 400",
+            client=_peer_host(self.transport.getPeer()) or "-",
+        )
+        self.site.metrics.refused("malformed")
         self.transport.write(
             _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")
         )
@@ -680,28 +687,33 @@ class RendezvousSite(Site):
         clients.
         """
         if self.connection_count >= self.config.max_connections:
-            return _closing_answer(
-                b"503 Service Unavailable",
-                "M_LIMIT_EXCEEDED",
-                "the server has too many connections",
-                ((b"Retry-After", b"1"),),
+            return self._refuse_connection(
+                peer, b"503 Service Unavailable", "the server has too many connections"
             )
         client = self.clients.peer(_peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
             if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
-                return _closing_answer(
-                    b"429 Too Many Requests",
-                    "M_LIMIT_EXCEEDED",
-                    "too many connections from this address",
-                    ((b"Retry-After", b"1"),),
+                return self._refuse_connection(
+                    peer, b"429 Too Many Requests", "too many connections from this address"
                 )
             self._per_key[key] = self._per_key.get(key, 0) + 1
         self.connection_count += 1
         connection._admitted = True
         connection._connection_key = key
         return None
+
+    def _refuse_connection(self, peer: IAddress, status: bytes, message: str) -> bytes:
+        # Answered below the resource, so neither the access log nor the
+        # error mapping sees it: count and log it here.
+        self.metrics.refused("connections")
+        self._logger.info(
+            "refusing a connection from {client}: {why}",
+            client=_peer_host(peer) or "-",
+            why=message,
+        )
+        return _closing_answer(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
 
     def release(self, key: str | None) -> None:
         """
@@ -735,7 +747,8 @@ class RendezvousSite(Site):
         if not self.access_log:
             return
         path = request.path.decode("ascii", "backslashreplace")
-        if path != "/":
+        # Every path but the fixed create ones may hold an id.
+        if path != "/" and path not in msc4108.CREATE_PATHS:
             path = "/~" + redact(path.removeprefix("/"))
         _access_log.info(
             # Shaped like the common log format (the date is the event's own).
@@ -1369,6 +1382,9 @@ class RendezvousAPI:
             headers.setRawHeaders(name, [value])
         # Set explicitly: Twisted and Klein would otherwise send text/html.
         headers.setRawHeaders(b"Content-Type", [content_type])
+        # Twisted dates every answer when its request arrived; a long-poll
+        # is answered up to a poll timeout later, and its Date must say so.
+        headers.setRawHeaders(b"Date", [_http_date(self._clock.seconds())])
         if code in NO_BODY:
             headers.removeHeader(b"Content-Length")
         else:

@@ -27,6 +27,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from rendezvous_twisted import logs
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.metrics import Metrics
+from rendezvous_twisted.msc4108 import UNSTABLE_CREATE_PATH
 from rendezvous_twisted.service import OpenFileLimitService, StoreService, raise_open_file_limit
 from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import HTTPError, RendezvousAPI, redact
@@ -104,6 +105,19 @@ def test_no_access_log() -> None:
     assert access_events(events) == []
     page = samples(_render(metrics))
     assert value(page, "rendezvous_http_requests_total", method="GET", status="200") == 1
+
+
+def test_access_log_shows_the_fixed_create_paths_and_hashes_the_rest() -> None:
+    """
+    The access log names MSC4108's create paths as they are (they hold no secret) and still
+    hashes every other path.
+    """
+    harness = Harness()
+    with capturedLogs() as events:
+        harness.call("POST", UNSTABLE_CREATE_PATH, b"x", headers={"Content-Type": "text/plain"})
+        harness.call("GET", "/not/a/create/path")
+    paths = [event["path"] for event in access_events(events)]
+    assert paths == [UNSTABLE_CREATE_PATH, "/~" + redact("not/a/create/path")]
 
 
 def _render(metrics: Metrics) -> str:
