@@ -268,29 +268,19 @@ def raise_open_file_limit() -> tuple[int, int]:
 class OpenFileLimitService(Service):
     """
     On start, raises the open-file limit (L{raise_open_file_limit}) and
-    logs it, with a warning when it is too low for the parked readers the
-    configuration allows.
+    logs it.  Whether it suffices is L{StoreService}'s warning: every parked
+    reader holds a connection, so C{max_connections} (not C{max_parked}) is
+    what needs descriptors, and this service starts first so that the check
+    sees the raised limit.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         soft, hard = raise_open_file_limit()
-        unlimited = soft == resource.RLIM_INFINITY
         self.log.info(
             "open-file limit: {soft} (hard limit {hard})",
-            soft="unlimited" if unlimited else soft,
+            soft="unlimited" if soft == resource.RLIM_INFINITY else soft,
             hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
         )
-        if not unlimited and soft < self.config.max_parked:
-            self.log.warn(
-                "the open-file limit {soft} is below --max-parked {max_parked}: "
-                "parked readers will be refused connections first; raise it "
-                "(LimitNOFILE= in the systemd unit)",
-                soft=soft,
-                max_parked=self.config.max_parked,
-            )

@@ -63,7 +63,7 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A rendezvous server for the Matrix log-in-with-a-QR-code handshake "
-        "(MSC3886), holding rendezvous in memory, with long-polling."
+        "(MSC3886 and MSC4108), holding rendezvous in memory, with long-polling."
     )
 
     # (option, Config field, help, number type)
@@ -232,14 +232,17 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # The opt_* docstrings are the help of their options, and Twisted
+        # keeps their line breaks and indentation as runs of spaces.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
         self["listen"] = []
         for option, _ in self._networks:
             self[option] = []
 
     def opt_trusted_proxy(self, network: str) -> None:
         """
-        A network (CIDR) of reverse proxies whose X-Forwarded-For (or
-        Forwarded) and X-Forwarded-Proto are believed (repeatable).
+        A network (CIDR) of reverse proxies trusted to name the client (in
+        the --proxy-header) and its scheme (repeatable).
         """
         self["trusted-proxy"].append(network)
 
@@ -385,7 +388,7 @@ def makeService(
         # access line; twistd keeps its own for a log file or syslog.
         log_observer = logs.observer("text")
     root = RendezvousRoot(log_observer)
-    OpenFileLimitService(config).setServiceParent(root)  # type: ignore[no-untyped-call]
+    OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()

@@ -349,9 +349,10 @@ class RendezvousChannel(http.HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering the requests it cannot parse
     (malformed request line, header or framing) with a JSON 400 like every
-    other refusal, rather than a bare status line; counted against the
-    connection caps; and cut when a request's headers or body arrive too
-    slowly.
+    other refusal, rather than a bare status line; and cut when a request's
+    headers or body arrive too slowly.  (Its connection is counted against
+    the connection caps by L{_TrackedChannelProtocol}, which outlives it
+    when the connection switches to HTTP/2.)
 
     Twisted's idle timeout is reset by every byte, so a client dribbling a
     byte at a time is never idle: the deadlines here run from the start of
@@ -362,11 +363,6 @@ class RendezvousChannel(http.HTTPChannel):
 
     site: RendezvousSite
     _deadline: IDelayedCall | None = None
-    #: Whether this connection was admitted and is counted by the site.
-    _admitted = False
-    #: The key it is counted under per address; None for trusted proxies
-    #: and peers without an IP address.
-    _connection_key: str | None = None
     _log = Logger()
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -375,20 +371,22 @@ class RendezvousChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
-        assert self.transport is not None
-        refusal = self.site.admit(self)
-        if refusal is not None:
-            self.transport.write(refusal)
-            self.loseConnection()  # type: ignore[no-untyped-call]
-            return
         self._arm(self.site.config.header_timeout_seconds, "headers")
+
+    def refuse(self, answer: bytes) -> None:
+        """
+        Write C{answer} (a whole HTTP/1.1 response) and close, with no
+        deadline left to fire: for a connection the site did not admit.
+        """
+        self._disarm()
+        assert self.transport is not None
+        self.transport.write(answer)
+        self.loseConnection()  # type: ignore[no-untyped-call]
 
     def dataReceived(self, data: bytes) -> None:
         # The first byte of a request starts its headers' deadline; bytes
         # that arrive while a request is handled are the next request's,
         # buffered until that one is done.
-        if not self._admitted:
-            return  # refused: its answer is written and it is closing
         if self._deadline is None and not self._handlingRequest:
             self._arm(self.site.config.header_timeout_seconds, "headers")
         super().dataReceived(data)  # type: ignore[no-untyped-call]
@@ -406,9 +404,6 @@ class RendezvousChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._disarm()
-        if self._admitted:
-            self._admitted = False
-            self.site.release(self._connection_key)
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _arm(self, seconds: float, what: str) -> None:
@@ -434,11 +429,13 @@ class RendezvousChannel(http.HTTPChannel):
             what=what,
             seconds=seconds,
         )
+        self.site.metrics.refused("slow")
+        unit = "second" if seconds == 1 else "seconds"
         self.transport.write(
             _closing_answer(
                 b"408 Request Timeout",
                 "M_REQUEST_TIMEOUT",
-                f"the request {what} did not arrive within {seconds:g} seconds",
+                f"the request {what} did not arrive within {seconds:g} {unit}",
             )
         )
         # As Twisted's own idle timeout: close, and abort a peer that does
@@ -448,6 +445,11 @@ class RendezvousChannel(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._disarm()
         assert self.transport is not None
+        self._log.info(
+            "answering an unparseable request from {client} with 400",
+            client=_peer_host(self.transport.getPeer()) or "-",
+        )
+        self.site.metrics.refused("malformed")
         self.transport.write(
             _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")
         )
@@ -456,17 +458,132 @@ class RendezvousChannel(http.HTTPChannel):
 
 class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
     """
-    Twisted's HTTP/1.x-or-2 switching protocol, telling its site when its
-    connection is gone, so that a graceful stop knows what is still open.
+    Twisted's HTTP/1.x-or-2 switching protocol.  It lives as long as its
+    connection, across a switch to HTTP/2, so it is what the site counts
+    against the connection caps (admitted when made, released when lost) and
+    what tells the site when its connection is gone, so that a graceful stop
+    knows what is still open.
+
+    Over HTTP/1.1 its L{RendezvousChannel} times each request's headers and
+    body.  When ALPN picked "h2", Twisted puts that channel away for an
+    C{H2Connection} and cancels only its idle timeout; this disarms the
+    channel's own deadlines too.  From then on the connection has one
+    deadline: whenever no stream is open (from the switch, and each time its
+    last stream ends) a request's headers must come within
+    C{header_timeout_seconds}, or it is closed with GOAWAY, as Twisted's idle
+    timeout would close it.  An open stream (a parked long-poll included)
+    holds it open.
     """
 
+    #: Whether this connection was admitted and is counted by the site.
+    _admitted = False
+    #: The key it is counted under per address; None for trusted proxies
+    #: and peers without an IP address.
+    _connection_key: str | None = None
+    _h2_deadline: IDelayedCall | None = None
+    #: The HTTP/2 streams whose end is watched for.
+    _watched: frozenset[int] = frozenset()
+    _lost = False
+    _log = Logger()
+
+    def makeConnection(self, transport: Any) -> None:
+        site = self._site
+        assert isinstance(site, RendezvousSite)
+        refusal = site.admit(self, transport.getPeer())
+        super().makeConnection(transport)
+        if refusal is not None:
+            channel = self._channel
+            assert isinstance(channel, RendezvousChannel)
+            channel.refuse(refusal)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._admitted:
+            return  # refused: its answer is written and it is closing
+        old = self._channel
+        switching = self._negotiatedProtocol is None and (
+            getattr(old.transport, "negotiatedProtocol", None) == b"h2"
+        )
+        if switching and isinstance(old, RendezvousChannel):
+            # The HTTP/1.1 channel is put away, never to see connectionLost:
+            # its deadline would write an HTTP/1.1 408 into HTTP/2.
+            old._disarm()
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self._negotiatedProtocol == b"h2" and not self._lost:
+            self._let_close()
+            self._watch_streams()
+
     def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        self._disarm_h2()
         try:
             super().connectionLost(reason)
         finally:
             site = self._site
             if isinstance(site, RendezvousSite):
+                if self._admitted:
+                    self._admitted = False
+                    site.release(self._connection_key)
                 site.connection_lost(self)
+
+    def _watch_streams(self) -> None:
+        """
+        Arm the HTTP/2 deadline when no stream is open, else disarm it and
+        look again when each open stream is done.
+        """
+        channel = self._channel
+        if not channel.streams:
+            if self._h2_deadline is None:
+                site = self._site
+                assert isinstance(site, RendezvousSite)
+                seconds = site.config.header_timeout_seconds
+                self._h2_deadline = site.reactor.callLater(seconds, self._h2_too_slow, seconds)
+            return
+        self._disarm_h2()
+        # Twisted fires a stream's cleanup Deferred once it has forgotten
+        # the stream.  (HTTP/2 never reuses a stream id.)
+        for stream_id, cleanup in channel._streamCleanupCallbacks.items():
+            if stream_id not in self._watched:
+                self._watched |= {stream_id}
+                cleanup.addBoth(self._stream_done, stream_id)
+
+    def _stream_done(self, result: object, stream_id: int) -> object:
+        self._watched -= {stream_id}
+        if not self._lost:
+            self._watch_streams()
+        return result
+
+    def _disarm_h2(self) -> None:
+        if self._h2_deadline is not None:
+            if self._h2_deadline.active():
+                self._h2_deadline.cancel()
+            self._h2_deadline = None
+
+    def _h2_too_slow(self, seconds: float) -> None:
+        self._h2_deadline = None
+        channel = self._channel
+        transport = channel.transport
+        if self._lost or transport is None or getattr(transport, "disconnecting", False):
+            return
+        self._log.info(
+            "closing an HTTP/2 connection from {client}: no request headers in {seconds}s",
+            client=_peer_host(transport.getPeer()) or "-",
+            seconds=seconds,
+        )
+        # GOAWAY, a close, and an abort if the peer does not read it.
+        channel.timeoutConnection()
+        self._let_close()
+
+    def _let_close(self) -> None:
+        """
+        Let a TLS transport that Twisted's C{H2Connection} closed (on the
+        peer's GOAWAY, a protocol error, a timeout) close now: the
+        connection stays its producer, and TLS waits for its producer to
+        unregister, so the connection (and its count) would linger until
+        Twisted's abort timer.
+        """
+        transport: Any = self._channel.transport
+        if transport is not None and getattr(transport, "disconnecting", False):
+            transport.unregisterProducer()
 
 
 def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
@@ -552,10 +669,11 @@ class RendezvousSite(Site):
         self.connection_count = 0
         self._per_key: dict[str, int] = {}
 
-    def admit(self, channel: RendezvousChannel) -> bytes | None:
+    def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> bytes | None:
         """
-        Count a new connection, or refuse it: None when admitted, else the
-        whole answer to write before closing it.  Past the global cap the
+        Count a new connection from C{peer}, or refuse it: None when
+        admitted (L{release} must follow when it is lost), else the whole
+        answer to write before closing it.  Past the global cap the
         answer is 503 (the server is busy: no fault of this client); past
         the per-address cap it is 429 (this client holds too many).
         Connections from trusted proxies and from peers without an IP
@@ -563,29 +681,33 @@ class RendezvousSite(Site):
         clients.
         """
         if self.connection_count >= self.config.max_connections:
-            return _closing_answer(
-                b"503 Service Unavailable",
-                "M_LIMIT_EXCEEDED",
-                "the server has too many connections",
-                ((b"Retry-After", b"1"),),
+            return self._refuse_connection(
+                peer, b"503 Service Unavailable", "the server has too many connections"
             )
-        assert channel.transport is not None
-        client = self.clients.peer(_peer_host(channel.transport.getPeer()))
+        client = self.clients.peer(_peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
             if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
-                return _closing_answer(
-                    b"429 Too Many Requests",
-                    "M_LIMIT_EXCEEDED",
-                    "too many connections from this address",
-                    ((b"Retry-After", b"1"),),
+                return self._refuse_connection(
+                    peer, b"429 Too Many Requests", "too many connections from this address"
                 )
             self._per_key[key] = self._per_key.get(key, 0) + 1
         self.connection_count += 1
-        channel._admitted = True
-        channel._connection_key = key
+        connection._admitted = True
+        connection._connection_key = key
         return None
+
+    def _refuse_connection(self, peer: IAddress, status: bytes, message: str) -> bytes:
+        # Answered below the resource, so neither the access log nor the
+        # error mapping sees it: count and log it here.
+        self.metrics.refused("connections")
+        self._logger.info(
+            "refusing a connection from {client}: {why}",
+            client=_peer_host(peer) or "-",
+            why=message,
+        )
+        return _closing_answer(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
 
     def release(self, key: str | None) -> None:
         """
@@ -619,7 +741,8 @@ class RendezvousSite(Site):
         if not self.access_log:
             return
         path = request.path.decode("ascii", "backslashreplace")
-        if path != "/":
+        # Every path but the fixed create ones may hold an id.
+        if path != "/" and path not in msc4108.CREATE_PATHS:
             path = "/~" + redact(path.removeprefix("/"))
         access.emit(
             client=client_address(cast(IRequest, request)) or "-",
@@ -1251,6 +1374,9 @@ class RendezvousAPI:
             headers.setRawHeaders(name, [value])
         # Set explicitly: Twisted and Klein would otherwise send text/html.
         headers.setRawHeaders(b"Content-Type", [content_type])
+        # Twisted dates every answer when its request arrived; a long-poll
+        # is answered up to a poll timeout later, and its Date must say so.
+        headers.setRawHeaders(b"Date", [_http_date(self._clock.seconds())])
         if code in NO_BODY:
             headers.removeHeader(b"Content-Length")
         else:

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.web import http
 
 from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
 
@@ -286,6 +287,43 @@ def test_connection_cap_per_address_is_429_and_frees_on_close() -> None:
     assert site.connection_count == 3
 
 
+def refusals(site: Any, reason: str) -> float:
+    value = site.metrics.registry.get_sample_value("rendezvous_refusals_total", {"reason": reason})
+    assert value is not None
+    return float(value)
+
+
+def test_refusals_on_the_connection_are_counted_and_logged() -> None:
+    """
+    Refusals written on the connection below the resource (a connection cap, a 408, a 400) are
+    counted by reason and logged, as the error mapping's refusals are.
+    """
+    harness = Harness(max_connections_per_address=1, header_timeout_seconds=1)
+    clock = Clock()
+    site = harness.api.site(clock)
+    open_on(site)  # holds the address's one connection; it times out too
+    with capturedLogs() as events:
+        _, refused = open_on(site)
+        _, other = open_on(site, IPv4Address("TCP", "192.0.2.10", 1))
+        other.clear()
+        clock.advance(1)
+    assert refused.disconnecting
+    status, _, body = raw_answer(other)
+    assert status.startswith(b"HTTP/1.1 408 ")
+    assert b"within 1 second\"" in body
+    assert refusals(site, "connections") == 1
+    assert refusals(site, "slow") == 2
+    messages = [formatEvent(event) for event in events]
+    assert any("refusing a connection from 192.0.2.9" in m for m in messages), messages
+    assert any("not complete in 1s" in m for m in messages), messages
+    bad, transport = open_on(site, IPv4Address("TCP", "192.0.2.11", 1))
+    with capturedLogs() as events:
+        bad.dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+    assert raw_answer(transport)[0].startswith(b"HTTP/1.1 400 ")
+    assert refusals(site, "malformed") == 1
+    assert any("unparseable request from 192.0.2.11" in formatEvent(e) for e in events)
+
+
 def test_trusted_proxies_are_only_under_the_global_connection_cap() -> None:
     """
     A trusted proxy's connections count against max_connections only; past that, anyone gets 503.
@@ -315,6 +353,25 @@ def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
     assert transport.value() == b""
     assert harness.store.rendezvous_count == 0
     refused_channel.connectionLost(Failure(ConnectionDone()))
+    assert site.connection_count == 1
+
+
+def test_refused_connection_never_switches_to_http2() -> None:
+    """
+    A refused connection whose TLS negotiated h2 stays the HTTP/1.1 channel
+    that wrote its refusal: what it sends is never read as HTTP/2.
+    """
+    harness = Harness(max_connections_per_address=1)
+    site = harness.api.site(Clock())
+    open_on(site)
+    protocol = site.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    assert raw_answer(transport)[0] == b"HTTP/1.1 429 Too Many Requests"
+    protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert isinstance(protocol._channel, http.HTTPChannel)
+    protocol.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1
 
 

@@ -2,12 +2,15 @@
 HTTP/2 over TLS (ALPN "h2", with the C{http2} extra installed), tested with
 the C{h2} library as the client against a real C{twistd rendezvous}:
 long-polling on one multiplexed connection, a 413 that leaves the connection
-usable, and a graceful stop answering a parked HTTP/2 reader 304.
+usable, a graceful stop answering a parked HTTP/2 reader 304, the header
+deadline of HTTP/2 connections, and their release from the connection caps.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import select
 import signal
 import socket
@@ -19,6 +22,7 @@ import pytest
 
 h2_connection = pytest.importorskip("h2.connection", reason="the http2 extra is not installed")
 import h2.config  # noqa: E402
+import h2.errors  # noqa: E402
 import h2.events  # noqa: E402
 
 from .certificates import CA, cert_pem  # noqa: E402
@@ -53,6 +57,10 @@ class H2Client:
         self.ended: set[int] = set()
         self.reset: set[int] = set()
         self.closed = False
+        #: The error code of the server's GOAWAY, once one came.
+        self.goaway: int | None = None
+        #: Whether the server closed TLS.
+        self.eof = False
 
     def close(self) -> None:
         self.sock.close()
@@ -83,7 +91,7 @@ class H2Client:
             return False
         data = self.sock.recv(65536)
         if not data:
-            self.closed = True
+            self.closed = self.eof = True
             return False
         for event in self.conn.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
@@ -102,6 +110,7 @@ class H2Client:
                 self.reset.add(event.stream_id)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closed = True
+                self.goaway = event.error_code
         self.sock.sendall(self.conn.data_to_send())
         return True
 
@@ -146,9 +155,47 @@ class H2Client:
             self._pump(remaining)
         return True
 
+    def goodbye(self) -> None:
+        """
+        Send GOAWAY, as a client done with the connection does.
+        """
+        self.conn.close_connection()
+        self.sock.sendall(self.conn.data_to_send())
 
-@pytest.fixture
-def h2_server(tmp_path: Path) -> tuple[TwistdServer, CA]:
+    def wait_forgotten(self, timeout: float = 5.0) -> None:
+        """
+        Wait for the server to close TLS, then hang up (L{hang_up}).
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(100_000):
+            remaining = deadline - time.monotonic()
+            if self.eof or remaining <= 0:
+                break
+            self._pump(remaining)
+        assert self.eof, f"the server did not close TLS within {timeout}s"
+        self.hang_up(max(0.0, deadline - time.monotonic()))
+
+    def hang_up(self, timeout: float = 5.0) -> None:
+        """
+        End the TCP connection (a FIN, as a client going away does), and
+        wait for the server to close its side.  The server closes the socket
+        just before it runs its connectionLost, in one go: anything asked of
+        it after this returns is answered after that.
+        """
+        # SSLSocket.shutdown drops TLS: what follows reads the raw socket.
+        self.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + timeout
+        for _ in range(100_000):
+            readable, _, _ = select.select(
+                [self.sock], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if not readable:
+                raise AssertionError(f"the server did not close TCP within {timeout}s")
+            if self.sock.recv(65536) == b"":
+                return
+
+
+def start_h2_server(tmp_path: Path, *extra: str) -> tuple[TwistdServer, CA]:
     ca = CA.make("h2")
     ca.write_leaf(tmp_path / "tls")
     process = TwistdServer(
@@ -159,12 +206,17 @@ def h2_server(tmp_path: Path) -> tuple[TwistdServer, CA]:
             f"--tls-cert={tmp_path / 'tls' / 'fullchain.pem'}",
             f"--tls-key={tmp_path / 'tls' / 'key.pem'}",
             "--max-bytes=100",
-            "--poll-timeout=30",
+            *extra,
         ],
         tmp_path,
-        port_line=__import__("re").compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
+        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
     )
     return process, ca
+
+
+@pytest.fixture
+def h2_server(tmp_path: Path) -> tuple[TwistdServer, CA]:
+    return start_h2_server(tmp_path, "--poll-timeout=30")
 
 
 def test_long_poll_over_http2(h2_server: tuple[TwistdServer, CA]) -> None:
@@ -232,4 +284,132 @@ def test_long_poll_over_http2(h2_server: tuple[TwistdServer, CA]) -> None:
     assert b'"GET /~' in process.output and b"HTTP/2" in process.output
     for hidden in process.secrets:
         assert hidden not in process.output
+    process.assert_no_trouble()
+
+
+#: The header deadline of the servers below: short, so that the tests can
+#: outlast it.
+HEADER_TIMEOUT_SECONDS = 1.0
+_METRICS_PORT = re.compile(rb"\bSite starting on (\d+)")
+
+
+def open_connections(metrics_port: int) -> float:
+    """
+    The server's C{rendezvous_http_connections} gauge, scraped over HTTP.
+    """
+    client = http.client.HTTPConnection(HOST, metrics_port, timeout=5)
+    try:
+        client.request("GET", "/metrics")
+        text = client.getresponse().read().decode("utf-8")
+    finally:
+        client.close()
+    match = re.search(r"^rendezvous_http_connections (\S+)$", text, re.MULTILINE)
+    assert match is not None, text
+    return float(match.group(1))
+
+
+def test_http2_long_poll_outlives_the_header_deadline(tmp_path: Path) -> None:
+    """
+    An HTTP/2 long-poll parked for longer than the header deadline is
+    answered 304 at its poll timeout, and its connection goes on serving.
+    """
+    process, ca = start_h2_server(
+        tmp_path, f"--header-timeout={HEADER_TIMEOUT_SECONDS}", "--poll-timeout=2.5"
+    )
+    client = H2Client(process.port, ca)
+    try:
+        assert client.alpn == "h2"
+        payload = secret("h2-deadline")
+        process.secrets.append(payload)
+        status, headers, body = client.response(client.request("POST", "/", {}, payload))
+        assert status == 200, body
+        path = headers["location"].removeprefix("https://localhost")
+        process.secrets.append(path[1:].encode())
+        parked = client.request("GET", path, {"if-none-match": headers["etag"]})
+        asked = time.monotonic()
+        status, answered, _ = client.response(parked, timeout=10)
+        waited = time.monotonic() - asked
+        assert status == 304, process.text()
+        assert answered["etag"] == headers["etag"]
+        assert waited > HEADER_TIMEOUT_SECONDS, f"answered after {waited:.2f}s"
+        assert not client.closed
+        assert client.response(client.request("GET", path))[:3:2] == (200, payload)
+    finally:
+        client.close()
+        code = process.stop()
+    assert code in CLEAN_EXIT, process.text()
+    assert b"Request Timeout" not in process.output
+    process.assert_no_trouble()
+
+
+def test_http2_connections_are_released_when_closed(tmp_path: Path) -> None:
+    """
+    Every closed HTTP/2 connection leaves the connection count, so that a
+    client opening more of them, one after another, than
+    max_connections_per_address is still served.
+    """
+    cap = 2
+    process, ca = start_h2_server(
+        tmp_path,
+        f"--max-connections-per-address={cap}",
+        "--metrics",
+        f"tcp:0:interface={HOST}",
+    )
+    try:
+        metrics_port = int(process.wait_for(_METRICS_PORT, 10).group(1))
+        for attempt in range(cap + 2):
+            client = H2Client(process.port, ca)
+            try:
+                assert client.alpn == "h2"
+                assert client.response(client.request("OPTIONS", "/"))[0] == 204
+                assert open_connections(metrics_port) == 1
+                if attempt % 2:
+                    # GOAWAY: the server closes the connection.
+                    client.goodbye()
+                    client.wait_forgotten()
+                else:
+                    client.hang_up()
+            finally:
+                client.close()
+            assert open_connections(metrics_port) == 0
+    finally:
+        code = process.stop()
+    assert code in CLEAN_EXIT, process.text()
+    process.assert_no_trouble()
+
+
+def test_http2_connection_without_a_request_is_closed_with_goaway(tmp_path: Path) -> None:
+    """
+    An HTTP/2 connection with no stream open for the header deadline (one
+    that never asks anything, or stays silent after its answers) is closed
+    with a GOAWAY, not with HTTP/1.1 bytes, and leaves the connection count.
+    """
+    process, ca = start_h2_server(
+        tmp_path,
+        f"--header-timeout={HEADER_TIMEOUT_SECONDS}",
+        "--metrics",
+        f"tcp:0:interface={HOST}",
+    )
+    opened = time.monotonic()
+    silent = H2Client(process.port, ca)
+    answered = H2Client(process.port, ca)
+    try:
+        metrics_port = int(process.wait_for(_METRICS_PORT, 10).group(1))
+        assert answered.response(answered.request("OPTIONS", "/"))[0] == 204
+        idle_since = time.monotonic()
+        for client, since in ((silent, opened), (answered, idle_since)):
+            assert client.alpn == "h2"
+            assert client.wait_closed(timeout=HEADER_TIMEOUT_SECONDS + 5), process.text()
+            # Not at once: at the deadline (the answered client saw its
+            # answer a little after the server's deadline started).
+            assert time.monotonic() - since > HEADER_TIMEOUT_SECONDS / 2
+            assert client.goaway == h2.errors.ErrorCodes.NO_ERROR
+            client.wait_forgotten()
+        process.wait_for(re.compile(rb"closing an HTTP/2 connection from 127.0.0.1"), 5)
+        assert open_connections(metrics_port) == 0
+    finally:
+        silent.close()
+        answered.close()
+        code = process.stop()
+    assert code in CLEAN_EXIT, process.text()
     process.assert_no_trouble()

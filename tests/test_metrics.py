@@ -20,12 +20,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Application
-from twisted.logger import ILogObserver, LogEvent, capturedLogs, formatEvent
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted import logs
+from rendezvous_twisted.config import Config
 from rendezvous_twisted.metrics import Metrics
-from rendezvous_twisted.service import raise_open_file_limit
+from rendezvous_twisted.msc4108 import UNSTABLE_CREATE_PATH
+from rendezvous_twisted.service import OpenFileLimitService, StoreService, raise_open_file_limit
+from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import HTTPError, RendezvousAPI, redact
 
 from .conftest import Harness
@@ -101,6 +105,19 @@ def test_no_access_log() -> None:
     assert access_events(events) == []
     page = samples(_render(metrics))
     assert value(page, "rendezvous_http_requests_total", method="GET", status="200") == 1
+
+
+def test_access_log_shows_the_fixed_create_paths_and_hashes_the_rest() -> None:
+    """
+    The access log names MSC4108's create paths as they are (they hold no secret) and still
+    hashes every other path.
+    """
+    harness = Harness()
+    with capturedLogs() as events:
+        harness.call("POST", UNSTABLE_CREATE_PATH, b"x", headers={"Content-Type": "text/plain"})
+        harness.call("GET", "/not/a/create/path")
+    paths = [event["path"] for event in access_events(events)]
+    assert paths == [UNSTABLE_CREATE_PATH, "/~" + redact("not/a/create/path")]
 
 
 def _render(metrics: Metrics) -> str:
@@ -191,6 +208,25 @@ def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard - 1, hard))
     assert raise_open_file_limit() == (hard, hard)
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+
+
+def test_open_file_limit_is_checked_against_connections_not_parked_readers() -> None:
+    """
+    A start whose descriptor limit covers max_connections logs no warning,
+    however many parked readers max_parked allows (each holds a connection).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 1024:
+        pytest.skip("needs a finite hard limit of at least 1024 descriptors")
+    config = Config(max_connections=100, max_parked=hard + 1)
+    try:
+        with capturedLogs() as events:
+            OpenFileLimitService().privilegedStartService()
+            StoreService(MemoryStore(config, Clock()), config, Clock()).startService()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert any("open-file limit" in formatEvent(e) for e in events)
+    assert [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn] == []
 
 
 # A real process.

@@ -512,3 +512,11 @@ def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
     """A session prefix that Config refuses is a UsageError naming it."""
     with pytest.raises(usage.UsageError, match="msc4108_session_prefix"):
         parsed(["--msc4108-session-prefix=/"])
+
+
+def test_help_texts_are_wrapped_without_runs_of_spaces() -> None:
+    """Every line of `twistd rendezvous --help` holds its words one space apart."""
+    options = tap.Options()
+    for line in str(options).splitlines():
+        text = re.sub(r"^\s*(--[\w-]+=?\s+)?", "", line)
+        assert "  " not in text, line

@@ -418,6 +418,19 @@ def test_matching_if_none_match_is_parked_and_woken_by_put(harness: Harness) -> 
     assert_every_response_headers(answer)
 
 
+def test_long_poll_answer_is_dated_when_answered_not_when_asked(harness: Harness) -> None:
+    """A parked GET answered later carries the Date of its answer, not of its arrival."""
+    rendezvous_id, created = harness.create()
+    d = long_poll(harness, rendezvous_id, created_etag(created))
+    harness.advance(7)
+    harness.call("PUT", f"/{rendezvous_id}", b"from B")
+    harness.flush()
+    answer: Answer = fired(d)
+    date = answer.header("date")
+    assert date is not None
+    assert parsedate_to_datetime(date.decode("ascii")).timestamp() == EPOCH + 7
+
+
 def test_put_answers_every_parked_reader(harness: Harness) -> None:
     """One PUT answers every parked reader of the rendezvous with 200."""
     rendezvous_id, created = harness.create()

@@ -8,6 +8,6 @@ from twisted.application.service import ServiceMaker
 rendezvous = ServiceMaker(
     "rendezvous-twisted",
     "rendezvous_twisted.tap",
-    "A rendezvous server for the Matrix QR-code login handshake (MSC3886).",
+    "A rendezvous server for the Matrix QR-code login handshake (MSC3886 and MSC4108).",
     "rendezvous",
 )
