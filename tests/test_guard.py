@@ -208,6 +208,33 @@ def test_parked_long_poll_outlives_the_deadlines() -> None:
     assert not transport.disconnecting
 
 
+def test_parked_requests_are_in_flight_until_answered_or_abandoned() -> None:
+    """
+    A parked GET counts as in flight until it is answered or its client hangs up, and only once.
+    """
+    harness = Harness(poll_timeout_seconds=30)
+    clock = Clock()
+    site = harness.api.site(clock)
+    parked = []
+    for port in (1, 2):
+        rendezvous_id, created = harness.create()
+        channel, transport = open_on(site, IPv4Address("TCP", "192.0.2.9", port))
+        channel.dataReceived(
+            b"GET /%s HTTP/1.1\r\nHost: x\r\nIf-None-Match: %s\r\n\r\n"
+            % (rendezvous_id.encode("ascii"), created.header("etag") or b"")
+        )
+        parked.append((rendezvous_id, channel, transport))
+    assert (site.in_flight, harness.store.parked_count) == (2, 2)
+    (woken_id, woken, woken_transport), (_, abandoned, _) = parked
+    harness.call("PUT", f"/{woken_id}", b"next")
+    assert raw_answer(woken_transport)[2] == b"next"
+    assert site.in_flight == 1
+    abandoned.connectionLost(Failure(ConnectionDone()))
+    assert (site.in_flight, harness.store.parked_count) == (0, 0)
+    woken.connectionLost(Failure(ConnectionDone()))
+    assert site.in_flight == 0
+
+
 def test_keep_alive_requests_each_get_a_fresh_deadline() -> None:
     """On a kept-alive connection, each request's header deadline runs from its own first byte."""
     harness = Harness(header_timeout_seconds=2)
