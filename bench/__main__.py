@@ -13,6 +13,7 @@ figure as a ratio to the bare twisted.web floor measured in the same run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -86,6 +87,12 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", help="with --all: a comma-separated subset of the scenarios to run"
     )
     parser.add_argument(
+        "--scenario-timeout",
+        type=float,
+        help="stop a scenario that has not finished after this many seconds (default: a "
+        "generous bound from its settings); a lost answer never hangs the run",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="also write the JSON lines here (--all: default bench/last-run.jsonl)",
@@ -130,9 +137,34 @@ class Runner:
             run = lambda: scenarios.churn(  # noqa: E731
                 target, o.churn_seconds, probe, o.churn_rate, o.churn_ttl, o.churn_rounds
             )
-        figures: dict[str, Any] = self.loop.run_until_complete(run())
+        bound = o.scenario_timeout or self.bound(name)
+        try:
+            figures: dict[str, Any] = self.loop.run_until_complete(
+                asyncio.wait_for(run(), bound)
+            )
+        except TimeoutError:
+            raise SystemExit(
+                f"bench: the {name} scenario did not finish within {bound:g} s "
+                "(an answer never came); stopped"
+            ) from None
         figures.update(url=url, loop=self.loop_name, processes=1)
         return figures
+
+    def bound(self, name: str) -> float:
+        """
+        Seconds a scenario may take before the run is stopped: its load
+        phases several times over, plus room for setup on a busy machine.
+        """
+        o = self.options
+        seconds = float(o.seconds)
+        if name == "parked":
+            counts = parked_counts(o.parked, self.nofile)
+            # Connecting, an idle window and the wake of each round.
+            return sum(60 + seconds + count / 100 for count in counts)
+        if name == "churn":
+            return float(o.churn_rounds * (o.churn_seconds + o.churn_ttl + 60) + 60)
+        # exchange and read-heavy have two load phases, floor one.
+        return 4 * seconds + 120
 
     def one(self) -> None:
         o = self.options

@@ -9,6 +9,7 @@ are checked, never a performance figure.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,28 @@ def test_summary_takes_medians(report: dict[str, dict[str, Any]]) -> None:
     ratio = summary["get200_over_floor"]
     measured = report["read-heavy"]["get200_over_floor"]
     assert ratio["min"] == ratio["median"] == ratio["max"] == measured
+
+
+def test_a_scenario_whose_answers_never_come_stops_by_itself() -> None:
+    """
+    Against a server that accepts connections but never answers, a scenario stops at its time
+    bound with a clear message, instead of hanging the run.
+    """
+    silent = socket.socket()
+    try:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)  # the kernel accepts; nobody ever reads or answers
+        port = silent.getsockname()[1]
+        argv = ["--scenario=floor", "--seconds=0.1", "--scenario-timeout=1"]
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", f"--url=http://127.0.0.1:{port}", *argv],
+            cwd=REPO,
+            capture_output=True,
+            timeout=DEADLINE_SECONDS,
+            check=False,
+        )
+    finally:
+        silent.close()
+    assert done.returncode != 0
+    assert b"did not finish within 1 s" in done.stderr, done.stderr
+    assert done.stdout == b""
