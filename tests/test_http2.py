@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,46 +115,42 @@ class H2Client:
         self.sock.sendall(self.conn.data_to_send())
         return True
 
-    def response(self, stream: int, timeout: float = 5.0) -> tuple[int, Headers, bytes]:
+    def _pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """
+        Read frames until C{done()} holds (True) or C{timeout} seconds pass
+        (False).
+        """
         deadline = time.monotonic() + timeout
         for _ in range(100_000):
-            if stream in self.ended:
-                headers = self.headers[stream]
-                return int(headers[":status"]), headers, bytes(self.bodies[stream])
+            if done():
+                return True
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.closed:
-                break
+            if remaining <= 0:
+                return False
             self._pump(remaining)
-        raise AssertionError(f"no whole response on stream {stream} within {timeout}s")
+        return done()
+
+    def response(self, stream: int, timeout: float = 5.0) -> tuple[int, Headers, bytes]:
+        self._pump_until(lambda: stream in self.ended or self.closed, timeout)
+        if stream not in self.ended:
+            raise AssertionError(f"no whole response on stream {stream} within {timeout}s")
+        headers = self.headers[stream]
+        return int(headers[":status"]), headers, bytes(self.bodies[stream])
 
     def wait_closed(self, timeout: float = 5.0) -> bool:
         """
         Whether the server ends the connection (GOAWAY or a close) within
         C{timeout}.
         """
-        deadline = time.monotonic() + timeout
-        for _ in range(100_000):
-            if self.closed:
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._pump(remaining)
-        return False
+        return self._pump_until(lambda: self.closed, timeout)
 
     def quiet_for(self, stream: int, seconds: float) -> bool:
         """
         True when stream C{stream} gets no response within C{seconds}.
         """
-        deadline = time.monotonic() + seconds
-        for _ in range(100_000):
-            if stream in self.headers or stream in self.ended:
-                return False
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            self._pump(remaining)
-        return True
+        return not self._pump_until(
+            lambda: stream in self.headers or stream in self.ended, seconds
+        )
 
     def goodbye(self) -> None:
         """
@@ -167,11 +164,7 @@ class H2Client:
         Wait for the server to close TLS, then hang up (L{hang_up}).
         """
         deadline = time.monotonic() + timeout
-        for _ in range(100_000):
-            remaining = deadline - time.monotonic()
-            if self.eof or remaining <= 0:
-                break
-            self._pump(remaining)
+        self._pump_until(lambda: self.eof, timeout)
         assert self.eof, f"the server did not close TLS within {timeout}s"
         self.hang_up(max(0.0, deadline - time.monotonic()))
 
