@@ -1266,6 +1266,15 @@ class RendezvousAPI:
 
         parked = False
 
+        def dated(result: Any) -> Any:
+            # Twisted dates every answer when its request arrived; a parked
+            # one (200, 304 or 404) comes up to a poll timeout later.
+            if parked:
+                request.responseHeaders.setRawHeaders(
+                    b"Date", [_http_date(self._clock.seconds())]
+                )
+            return result
+
         def answer(wakeup: Wakeup) -> bytes:
             version = wakeup.version
             if wakeup.changed:
@@ -1275,7 +1284,7 @@ class RendezvousAPI:
             return self._respond(request, 304, b"", version.content_type, version)
 
         waiting = self._store.wait_for_change(rendezvous_id, if_none_match, timeout)
-        answered = waiting.addCallback(answer)
+        answered = waiting.addBoth(dated).addCallback(answer)
         # Had the store answered at once, answer() has run by now; if it runs
         # later, the reader was parked and a write woke it.
         parked = True
@@ -1417,9 +1426,6 @@ class RendezvousAPI:
             headers.setRawHeaders(name, [value])
         # Set explicitly: Twisted and Klein would otherwise send text/html.
         headers.setRawHeaders(b"Content-Type", [content_type])
-        # Twisted dates every answer when its request arrived; a long-poll
-        # is answered up to a poll timeout later, and its Date must say so.
-        headers.setRawHeaders(b"Date", [_http_date(self._clock.seconds())])
         if code in NO_BODY:
             headers.removeHeader(b"Content-Length")
         else:

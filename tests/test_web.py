@@ -431,6 +431,19 @@ def test_long_poll_answer_is_dated_when_answered_not_when_asked(harness: Harness
     assert parsedate_to_datetime(date.decode("ascii")).timestamp() == EPOCH + 7
 
 
+def test_parked_reader_answered_404_is_dated_when_answered(harness: Harness) -> None:
+    """A parked GET answered 404 by a later DELETE carries the Date of that answer."""
+    rendezvous_id, created = harness.create()
+    d = long_poll(harness, rendezvous_id, created_etag(created))
+    harness.advance(3)
+    harness.call("DELETE", f"/{rendezvous_id}")
+    harness.flush()
+    answer: Answer = fired(d)
+    date = answer.header("date")
+    assert answer.code == 404 and date is not None
+    assert parsedate_to_datetime(date.decode("ascii")).timestamp() == EPOCH + 3
+
+
 def test_put_answers_every_parked_reader(harness: Harness) -> None:
     """One PUT answers every parked reader of the rendezvous with 200."""
     rendezvous_id, created = harness.create()
