@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,15 +95,18 @@ class Node:
 
 
 @contextmanager
-def start_nodes(count: int, store_url: str, cwd: Path, *options: str) -> Iterator[list[Node]]:
+def start_nodes(
+    store_urls: Sequence[str], cwd: Path, *options: str, healthy: bool = True
+) -> Iterator[list[Node]]:
     """
-    Start C{count} processes on C{store_url} side by side; stop them all
-    afterwards, and fail if one did not exit cleanly, logged a failure, or
-    logged an id or a payload.
+    Start one process on each of C{store_urls}, side by side, and unless told
+    otherwise wait until their /health says they reach Redis (they listen
+    before); stop them all afterwards, and fail if one did not exit
+    cleanly, logged a failure, or logged an id or a payload.
     """
     with ExitStack() as stack:
         servers = []
-        for _ in range(count):
+        for store_url in store_urls:
             server = TwistdServer(
                 ["rendezvous", "--listen", LISTEN, "--store", store_url, *NODE_OPTIONS, *options],
                 cwd,
@@ -116,6 +119,8 @@ def start_nodes(count: int, store_url: str, cwd: Path, *options: str) -> Iterato
             server.wait_started()
             metrics_port = int(server.wait_for(_METRICS_PORT, 10).group(1))
             nodes.append(Node(server, metrics_port))
+        if healthy:
+            wait_until(lambda: all(n.health() == 200 for n in nodes), "healthy", nodes)
         yield nodes
 
 
@@ -199,7 +204,7 @@ def nodes(
     Two processes sharing the session's redis-server, for the whole module.
     """
     redis_server.flushall()
-    with start_nodes(2, redis_server.url, tmp_path_factory.mktemp("nodes")) as started:
+    with start_nodes([redis_server.url] * 2, tmp_path_factory.mktemp("nodes")) as started:
         yield started
 
 
@@ -293,6 +298,20 @@ def test_delete_on_one_node_answers_a_reader_parked_on_another(nodes: list[Node]
         reader.read_response(timeout=5).assert_error(404, "M_NOT_FOUND")
         assert time.monotonic() - started < WAKE_BOUND_SECONDS
         assert a.parked() == 0
+
+
+def test_nodes_on_a_unix_socket_and_on_tls_share_one_redis(tmp_path: Path) -> None:
+    """
+    A process on Redis' unix socket (unix://) and one on its TLS port
+    (rediss://, trusting a private CA) serve one exchange between them.
+    """
+    with (
+        RedisServer(tls=True) as redis,
+        start_nodes([redis.unix_url, redis.tls_url], tmp_path) as nodes,
+    ):
+        on_unix, on_tls = nodes
+        exchange_across(on_unix, on_tls, nodes)
+        exchange_across(on_tls, on_unix, nodes)
 
 
 # Behind a real nginx.

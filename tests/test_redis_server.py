@@ -107,9 +107,7 @@ def test_tls() -> None:
     with RedisServer(tls=True) as server:
         assert server.command("PING", via="tls") == b"PONG"
         assert server.ca_path is not None
-        assert server.tls_url == (
-            f"rediss://localhost:{server.tls_port}/0?ca={server.ca_path}"
-        )
+        assert server.tls_url == (f"rediss://localhost:{server.tls_port}/0?ca={server.ca_path}")
         assert server.tls_port not in (0, server.port)
 
 

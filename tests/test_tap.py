@@ -86,7 +86,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         2.5,
     ),
 ]
-PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
+PUBLIC_URL = (
+    "public-url",
+    "public_url",
+    "RENDEZVOUS_PUBLIC_URL",
+    "https://h.test/rz",
+    "https://h.test/rz",
+)
 MSC4108_SESSION_PREFIX = (
     "msc4108-session-prefix",
     "msc4108_session_prefix",
