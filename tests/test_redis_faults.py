@@ -180,6 +180,11 @@ def test_redis_stopping_under_parked_readers_and_arriving_requests(
         )
         exchange_across(a, b, nodes)
         exchange_across(b, a, nodes)
+        # Redis came back empty (it keeps nothing on disk): the rendezvous
+        # from before the outage is gone, on every node.
+        for node in nodes:
+            with Conn(node.port) as conn:
+                conn.exchange("GET", path).assert_error(404, "M_NOT_FOUND")
     print(
         f"Redis stopped: parked readers answered in {parked_answered * 1000:.0f} ms; "
         f"{len(load.answers)} reads during the stop ({load.count(503)} refused), "
@@ -195,13 +200,15 @@ def test_hung_redis_gives_503_within_the_store_timeout(
     """
     While Redis is frozen (it accepts but never answers), every request gets
     a 503 after about --store-timeout-seconds, never hangs; once Redis is
-    thawed the same process serves a whole exchange.
+    thawed the same process reads what Redis holds and serves a whole
+    exchange.
     """
     timeout = f"--store-timeout-seconds={STORE_TIMEOUT_SECONDS}"
     with start_nodes([own_redis.url], tmp_path, timeout) as nodes:
         [node] = nodes
         with Conn(node.port) as writer:
-            rendezvous_id, created = create(node.server, writer, hidden(nodes, "offer"))
+            offer = hidden(nodes, "offer")
+            rendezvous_id, created = create(node.server, writer, offer)
         hide(nodes, rendezvous_id)
         path, etag = "/" + rendezvous_id, etag_of(created)
 
@@ -212,6 +219,11 @@ def test_hung_redis_gives_503_within_the_store_timeout(
             assert seconds < STORE_TIMEOUT_SECONDS + 0.5, seconds
         assert node.alive()
         own_redis.resume()
+        # The first command after the thaw gets its own reply, not a late
+        # one meant for a request that was already refused.
+        with Conn(node.port) as conn:
+            read = conn.exchange("GET", path)
+        assert (read.status, read.body, etag_of(read)) == (200, offer, etag)
 
         wait_until(lambda: node.health() == 200, "healthy again", nodes, RECOVERY_BOUND_SECONDS)
         exchange_across(node, node, nodes)
