@@ -546,10 +546,9 @@ def test_store_option_and_variable_choose_redis() -> None:
     service = tap.makeService(options, reactor=reactor)
     store = store_service(service).store
     assert isinstance(store, RedisStore)
-    # Its connections are a service of the tree, before the StoreService,
-    # so that they close only after the store answered what was in flight.
-    children = list(service)  # type: ignore[call-overload]
-    assert children.index(store.service) < children.index(store_service(service))
+    # The StoreService owns its connections, to close them only once the
+    # requests in flight were answered.
+    assert store_service(service).connections is store.service
 
 
 @pytest.mark.parametrize("url", ["redis://", "mysql://h/0", "unix://relative"])
