@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IRe
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from rendezvous_twisted.budget import worst_case_memory
+from rendezvous_twisted.budget import redis_memory, worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
 from rendezvous_twisted.web import RendezvousSite
@@ -118,10 +118,16 @@ class StoreService(Service):
             max_parked=c.max_parked,
             per_rendezvous=c.max_parked_per_rendezvous,
         )
+        in_redis = self.connections is not None
         self.log.info(
             "worst-case memory at these limits: {budget}",
-            budget=worst_case_memory(c).describe(),
+            budget=worst_case_memory(c, in_redis).describe(),
         )
+        if in_redis:
+            self.log.info(
+                "worst-case memory in Redis, for all processes together: {budget}",
+                budget=redis_memory(c).describe(),
+            )
         self._check_descriptor_limit()
 
     def _check_descriptor_limit(self) -> None:
