@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -182,16 +182,6 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 
-#: KEYS: record.  ARGV: now.  Nil, or the fields and the PTTL.
-_READ = """
-local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
-if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
-  return false
-end
-v[6] = redis.call('PTTL', KEYS[1])
-return v
-"""
-
 #: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
 #: too large, body, type, new ETag, channel, id, then the strong ETags.
 _WRITE = """
@@ -257,7 +247,6 @@ class _Script:
 
 _SCRIPTS = {
     "create": _Script(_CREATE),
-    "read": _Script(_READ),
     "write": _Script(_WRITE),
     "delete": _Script(_DELETE),
 }
@@ -424,7 +413,17 @@ class RedisStore:
         for rendezvous_id in list(self._waiting):
             self._answer_all(rendezvous_id, Failure(StoreUnavailable("lost the store's events")))
 
-    def _command(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+    def _script(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        return self._unavailable(_SCRIPTS[script].run(self._commands, keys, args))
+
+    def _command(self, *arguments: bytes | str | int) -> Deferred[Any]:
+        return self._unavailable(self._commands.execute(*arguments))
+
+    def _unavailable(self, d: Deferred[Any]) -> Deferred[Any]:
+        """
+        Turn Redis' failures into L{StoreUnavailable}.
+        """
+
         def down(failure: Failure) -> Failure:
             if not failure.check(RedisDown, RedisReplyError):
                 return failure
@@ -435,7 +434,7 @@ class RedisStore:
                 self.log.warn("the store is unavailable: {error}", error=failure.getErrorMessage())
             return Failure(StoreUnavailable(failure.getErrorMessage()))
 
-        return _SCRIPTS[script].run(self._commands, keys, args).addErrback(down)
+        return d.addErrback(down)
 
     # Introspection.
 
@@ -471,7 +470,7 @@ class RedisStore:
         ttl = round(self._config.ttl_seconds * 1000)
         rendezvous_id = secrets.token_urlsafe(16)
         etag = self._mint_etag()
-        d = self._command(
+        d = self._script(
             "create",
             [self._live_key, self._owner_prefix + owner, self._key(rendezvous_id)],
             [
@@ -517,14 +516,22 @@ class RedisStore:
         return version, pttl / 1000
 
     def _read(self, rendezvous_id: str) -> Deferred[tuple[Version, float]]:
-        d = self._command("read", [self._key(rendezvous_id)], [self._now_ms()])
+        # Two plain commands rather than a script: a script may write, so a
+        # Redis at its maxmemory would refuse it, and reads must go on.  A
+        # delete between the two shows as a PTTL below zero.
+        key = self._key(rendezvous_id)
+        fields = self._command(b"HMGET", key, b"b", b"t", b"e", b"m", b"x")
+        kept = self._command(b"PTTL", key)
+        now = self._clock.seconds()
 
-        def found(fields: list[Any] | None) -> tuple[Version, float]:
-            if fields is None:
+        def found(replies: list[Any]) -> tuple[Version, float]:
+            [(_, values), (_, pttl)] = replies
+            if values[0] is None or pttl < 0 or int(values[4]) <= now * 1000:
                 raise NotFound()
-            return self._version(rendezvous_id, fields)
+            return self._version(rendezvous_id, [*values, pttl])
 
-        return d.addCallback(found)
+        both = DeferredList([fields, kept], fireOnOneErrback=True, consumeErrors=True)
+        return both.addCallbacks(found, lambda failure: failure.value.subFailure)
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
         return self._read(rendezvous_id).addCallback(lambda found: found[0])
@@ -535,7 +542,7 @@ class RedisStore:
         now = self._now_ms()
         too_large = len(body) > self.max_bytes
         etag = self._mint_etag()
-        d = self._command(
+        d = self._script(
             "write",
             [self._key(rendezvous_id)],
             [
@@ -566,7 +573,7 @@ class RedisStore:
         return d.addCallback(written)
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
-        d = self._command(
+        d = self._script(
             "delete",
             [self._key(rendezvous_id), self._live_key],
             [self._now_ms(), self._channel, rendezvous_id, self._owner_prefix],

@@ -159,7 +159,7 @@ def test_too_few_file_descriptors_are_warned_about() -> None:
 
 
 def test_rendezvous_in_redis_leave_the_process_budget() -> None:
-    """With --store redis the process' budget has no rendezvous; Redis' budget has them all, once."""
+    """With --store redis the process' budget has no rendezvous, and Redis' has them all."""
     config = Config()
     in_process = {item.name for item in budget.worst_case_memory(config, in_redis=True).items}
     assert "rendezvous" not in in_process
