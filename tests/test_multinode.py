@@ -251,34 +251,38 @@ def test_a_put_racing_a_park_on_another_node_is_never_lost(nodes: list[Node]) ->
 
 def test_if_match_race_across_nodes_has_exactly_one_winner(nodes: list[Node]) -> None:
     """
-    Two writers on two nodes racing with the same If-Match: in every round
-    exactly one gets 202 and the other 412 with the winner's ETag, and the
-    winner's payload is what everyone reads.
+    Writers on two nodes racing with the same If-Match: in every round
+    exactly one gets 202 and every other 412 with the winner's ETag, and
+    the winner's payload is what everyone reads.
     """
-    a, b = nodes
-    wins = {a.port: 0, b.port: 0}
-    with Conn(a.port) as on_a, Conn(b.port) as on_b, Conn(b.port) as reader:
-        rendezvous_id, created = create(a.server, on_a, hidden(nodes, "start"))
+    with ExitStack() as stack:
+        # Two writers per node, each on its own connection.
+        writers = [(node, stack.enter_context(Conn(node.port))) for node in nodes for _ in range(2)]
+        wins = {node.port: 0 for node in nodes}
+        reader = stack.enter_context(Conn(nodes[1].port))
+        rendezvous_id, created = create(nodes[0].server, writers[0][1], hidden(nodes, "start"))
         hide(nodes, rendezvous_id)
         path, etag = "/" + rendezvous_id, etag_of(created)
         for round_ in range(RACE_ROUNDS):
-            payloads = {on_a: hidden(nodes, f"a{round_}"), on_b: hidden(nodes, f"b{round_}")}
-            # Both requests are on the wire before either answer is read;
-            # who sends first alternates.
-            order = [on_a, on_b] if round_ % 2 else [on_b, on_a]
-            for conn in order:
-                conn.request("PUT", path, [("If-Match", etag)], payloads[conn])
-            answers = {conn: conn.read_response() for conn in order}
+            payloads = [hidden(nodes, f"w{i}r{round_}") for i in range(len(writers))]
+            # Every request is on the wire before any answer is read; the
+            # order of sending turns each round.
+            order = [(i + round_) % len(writers) for i in range(len(writers))]
+            for i in order:
+                writers[i][1].request("PUT", path, [("If-Match", etag)], payloads[i])
+            answers = {i: writers[i][1].read_response() for i in order}
             statuses = sorted(answer.status for answer in answers.values())
-            assert statuses == [202, 412], [(r.head, r.body) for r in answers.values()]
-            [(winner, won)] = [(c, r) for c, r in answers.items() if r.status == 202]
-            [lost] = [r for r in answers.values() if r.status == 412]
-            assert etag_of(lost) == etag_of(won)
-            wins[winner.port] += 1
+            assert statuses == [202] + [412] * (len(writers) - 1), [
+                (r.head, r.body) for r in answers.values()
+            ]
+            [(winner, won)] = [(i, r) for i, r in answers.items() if r.status == 202]
+            for lost in answers.values():
+                assert etag_of(lost) == etag_of(won)
+            wins[writers[winner][0].port] += 1
             etag = etag_of(won)
             now = reader.exchange("GET", path)
             assert (now.status, now.body, etag_of(now)) == (200, payloads[winner], etag)
-        assert on_b.exchange("DELETE", path).status == 204
+        assert reader.exchange("DELETE", path).status == 204
     print(f"If-Match race: wins per node {sorted(wins.values())}")
 
 
