@@ -17,12 +17,15 @@ private server that a test may stop, restart or pause).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import selectors
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -443,3 +446,87 @@ def own_redis() -> Iterator[RedisServer]:
     """
     with RedisServer() as server:
         yield server
+
+
+class SilentLink:
+    """
+    A TCP relay to a L{RedisServer}, in a thread: what connects to C{port}
+    is relayed to Redis' port.  L{go_silent} makes every connection relayed
+    so far go quiet, both ways, without closing it (bytes are swallowed),
+    as a network partition does, or a NAT that forgot an idle flow, or a
+    failover that moved Redis' address; connections made afterwards are
+    relayed as before.
+    """
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.listener = socket.create_server((HOST, 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._silent: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._closing = False
+        self._thread = threading.Thread(target=self._relay, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def go_silent(self) -> None:
+        with self._lock:
+            self._silent.update(self._peers)
+
+    def _relay(self) -> None:
+        for _ in itertools.count():
+            for key, _events in self._selector.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._wake_reader:
+                    return
+                if sock is self.listener:
+                    self._accept()
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                with self._lock:
+                    silent, peer = sock in self._silent, self._peers.get(sock)
+                if not data:
+                    self._selector.unregister(sock)
+                    if not silent and peer is not None:
+                        self._selector.unregister(peer)
+                        peer.close()
+                    sock.close()
+                elif not silent and peer is not None:
+                    peer.sendall(data)
+
+    def _accept(self) -> None:
+        client, _ = self.listener.accept()
+        try:
+            upstream = socket.create_connection((HOST, self.redis.port), timeout=1)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._peers[client], self._peers[upstream] = upstream, client
+        self._selector.register(client, selectors.EVENT_READ)
+        self._selector.register(upstream, selectors.EVENT_READ)
+
+    def close(self) -> None:
+        self._wake_writer.send(b"x")
+        self._thread.join(timeout=10)
+        for sock in [self.listener, self._wake_reader, self._wake_writer, *self._peers]:
+            sock.close()
+        self._selector.close()
+
+    def __enter__(self) -> SilentLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
