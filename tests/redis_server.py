@@ -136,6 +136,22 @@ def _process_state(pid: int) -> str:
     return stat.rpartition(")")[2].split()[0]
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> int:
+    """
+    End a process gracefully: SIGTERM (after a SIGCONT, should it be
+    stopped), then SIGKILL if it is still there after a few seconds.  Its
+    exit code.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_DEADLINE_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout=STOP_DEADLINE_SECONDS)
+
+
 class RedisServer:
     """
     One C{redis-server} process of our own; see the module docstring.
@@ -296,17 +312,7 @@ class RedisServer:
         Stop gracefully (SIGTERM; thawed first if paused) and wait for the
         exit; SIGKILL if it takes longer than a few seconds.  Its exit code.
         """
-        proc = self.proc
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_DEADLINE_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait(timeout=STOP_DEADLINE_SECONDS)
+        return 0 if self.proc is None else terminate(self.proc)
 
     def kill(self) -> None:
         """

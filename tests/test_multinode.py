@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .redis_server import RedisServer, free_port
+from .redis_server import RedisServer, free_port, terminate
 from .test_end_to_end import (
     HOST,
     LISTEN,
@@ -435,13 +434,7 @@ http {{
         return self.error_log.read_text() if self.error_log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminate(self.proc)
 
 
 @pytest.fixture
