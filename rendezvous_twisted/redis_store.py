@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -283,6 +283,14 @@ class _Waiter:
         self.timer: IDelayedCall | None = None
 
 
+def _first_error(failure: Failure) -> Failure:
+    """
+    The failure of the command that failed a C{DeferredList}.
+    """
+    assert isinstance(failure.value, FirstError)
+    return failure.value.subFailure
+
+
 def _retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
@@ -333,7 +341,7 @@ class RedisStore:
         timeout = config.store_timeout_seconds
         endpoint = store_endpoint(reactor, url, timeout)
         self._commands = RedisConnection(
-            endpoint, reactor, timeout, self._select, on_up=self._up, name="commands"
+            endpoint, reactor, timeout, self._select, on_up=self._commands_up, name="commands"
         )
         self._events = RedisConnection(
             endpoint,
@@ -399,6 +407,43 @@ class RedisStore:
     def _subscribe(self, protocol: RedisProtocol) -> Deferred[Any]:
         return self._authenticate(protocol).addCallback(
             lambda _: protocol.execute(b"SUBSCRIBE", self._channel)
+        )
+
+    def _commands_up(self) -> None:
+        self._check_persistence()
+        self._up()
+
+    def _check_persistence(self) -> None:
+        """
+        Warn if this Redis writes its data to disk: payloads must live in
+        memory only (README: "Running several processes or machines").
+        """
+
+        def persists(replies: list[Any]) -> None:
+            [(_, save), (_, appendonly)] = replies
+            settings = dict(zip(save[::2], save[1::2], strict=True))
+            settings.update(zip(appendonly[::2], appendonly[1::2], strict=True))
+            if settings.get(b"save") or settings.get(b"appendonly") == b"yes":
+                self.log.warn(
+                    "Redis at {url} writes its data to disk (save {save!r}, appendonly "
+                    '{appendonly!r}), payloads included; set save "" and appendonly no',
+                    url=str(self._url),
+                    save=settings.get(b"save", b"").decode("ascii", "replace"),
+                    appendonly=settings.get(b"appendonly", b"").decode("ascii", "replace"),
+                )
+
+        def unknown(failure: Failure) -> None:
+            self.log.info(
+                "could not check whether Redis writes to disk ({error}); it must not",
+                error=_first_error(failure).getErrorMessage(),
+            )
+
+        checks = [
+            self._commands.execute(b"CONFIG", b"GET", b"save"),
+            self._commands.execute(b"CONFIG", b"GET", b"appendonly"),
+        ]
+        DeferredList(checks, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            persists, unknown
         )
 
     def _up(self) -> None:
@@ -531,7 +576,7 @@ class RedisStore:
             return self._version(rendezvous_id, [*values, pttl])
 
         both = DeferredList([fields, kept], fireOnOneErrback=True, consumeErrors=True)
-        return both.addCallbacks(found, lambda failure: failure.value.subFailure)
+        return both.addCallbacks(found, _first_error)
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
         return self._read(rendezvous_id).addCallback(lambda found: found[0])

@@ -133,6 +133,40 @@ async def test_a_silent_redis_fails_commands_at_their_deadline() -> None:
         await port.stopListening()
 
 
+@on_reactor
+async def test_a_connection_that_goes_quiet_is_made_anew() -> None:
+    """A connection whose heartbeat PING goes unanswered is dropped and connected again."""
+    from twisted.internet import reactor
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(_Mute)
+    )
+    events: list[str] = []
+    again: Deferred[None] = Deferred()
+
+    def up() -> None:
+        events.append("up")
+        if events.count("up") == 2:
+            again.callback(None)
+
+    connection = RedisConnection(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        reactor,
+        0.1,
+        lambda protocol: Deferred.fromCoroutine(_nothing()),
+        on_up=up,
+        on_down=lambda: events.append("down"),
+        heartbeat_seconds=0.1,
+    )
+    connection.service.startService()
+    try:
+        await again.addTimeout(5, reactor)
+        assert events == ["up", "down", "up"]
+    finally:
+        await connection.service.stopService()
+        await port.stopListening()
+
+
 async def _nothing() -> None:
     return None
 
