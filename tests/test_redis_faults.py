@@ -11,13 +11,14 @@ wait is on a socket, a pipe or a process, with a deadline.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from rendezvous_twisted.resp import RedisConnection
 
 from .redis_server import RedisServer, SilentLink
 from .test_end_to_end import Conn, Headers, Response, create, etag_of
@@ -38,8 +39,11 @@ STORE_TIMEOUT_SECONDS = 0.3
 ANSWER_BOUND_SECONDS = 1.0
 #: How long the nodes may take to reconnect once Redis is back.
 RECOVERY_BOUND_SECONDS = 10.0
-#: How long a process may take to replace connections that went silent.
-SILENCE_RECOVERY_BOUND_SECONDS = 2.0
+#: How often a process PINGs each connection to Redis: one that went
+#: silent is found out and replaced within this and a store timeout.
+HEARTBEAT_SECONDS: float = (
+    inspect.signature(RedisConnection).parameters["heartbeat_seconds"].default
+)
 
 
 def assert_unavailable(response: Response) -> None:
@@ -255,35 +259,53 @@ def test_server_started_while_redis_is_down(own_redis: RedisServer, tmp_path: Pa
         exchange_across(node, node, nodes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a connection to Redis that goes silent is never replaced (/work/notes/INFRA.md)",
-)
 def test_connections_to_redis_that_go_silent_are_replaced(
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """
     When a process' connections to Redis go silent while Redis itself is
     fine (a partition, a NAT that forgot the flows, a failover that moved
-    the address), its requests get 503 within the store timeout, and within
-    a few timeouts it connects anew and serves again, wakes included.
+    the address), its requests get 503 within the store timeout, its parked
+    reader a 503 by the next heartbeat PING, and then it connects anew and
+    serves again, wakes included.
     """
     timeout = f"--store-timeout-seconds={STORE_TIMEOUT_SECONDS}"
+    found_out = HEARTBEAT_SECONDS + STORE_TIMEOUT_SECONDS + ANSWER_BOUND_SECONDS
     with (
         SilentLink(own_redis) as link,
         start_nodes([link.url, own_redis.url], tmp_path, timeout) as nodes,
+        Conn(nodes[0].port) as parked,
     ):
         linked, direct = nodes
         exchange_across(direct, linked, nodes)
-        link.go_silent()
-        [(refused, seconds)] = ask_all_at_once(linked, [("POST", "/", (), b"offer")])
-        assert_unavailable(refused)
-        assert seconds < STORE_TIMEOUT_SECONDS + 0.5
+        with Conn(direct.port) as writer:
+            rendezvous_id, created = create(direct.server, writer, hidden(nodes, "offer"))
+            hide(nodes, rendezvous_id)
+            path, etag = "/" + rendezvous_id, etag_of(created)
+            parked.request("GET", path, [("If-None-Match", etag), ("Prefer", "wait=30")])
+            wait_parked(linked, 1)
+
+            link.go_silent()
+            silent = time.monotonic()
+            [(refused, seconds)] = ask_all_at_once(linked, [("POST", "/", (), b"offer")])
+            assert_unavailable(refused)
+            assert seconds < STORE_TIMEOUT_SECONDS + 0.5
+            # The change reaches Redis, but not the silent subscription.
+            assert writer.exchange("PUT", path, [("If-Match", etag)], b"x").status == 202
+        assert_unavailable(parked.read_response(timeout=found_out))
+        answered = time.monotonic() - silent
 
         def serves() -> bool:
+            if linked.health() != 200:  # both connections up
+                return False
             [(answer, _)] = ask_all_at_once(linked, [("POST", "/", (), b"probe")])
             return answer.status == 200
 
-        wait_until(serves, "serving again", nodes, SILENCE_RECOVERY_BOUND_SECONDS)
+        wait_until(serves, "serving again", nodes, found_out)
+        recovered = time.monotonic() - silent
         exchange_across(direct, linked, nodes)
         exchange_across(linked, direct, nodes)
+    print(
+        f"silent connections: parked reader answered after {answered:.2f} s, "
+        f"serving again after {recovered:.2f} s (heartbeat {HEARTBEAT_SECONDS} s)"
+    )
