@@ -303,6 +303,33 @@ def test_delete_on_one_node_answers_a_reader_parked_on_another(nodes: list[Node]
         assert a.parked() == 0
 
 
+def test_expiry_answers_a_reader_parked_on_another_node(
+    nodes: list[Node], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """
+    A rendezvous made by a process with a one-second TTL expires for a
+    reader parked on another process (404 at its Expires, not at the poll
+    timeout), and for every process after.
+    """
+    with start_nodes([redis_server.url], tmp_path, "--ttl=1") as [short]:
+        everyone = [*nodes, short]
+        with Conn(short.port) as writer, Conn(nodes[1].port) as reader:
+            rendezvous_id, created = create(short.server, writer, hidden(everyone, "brief"))
+            hide(everyone, rendezvous_id)
+            path = "/" + rendezvous_id
+            reader.request("GET", path, [("If-None-Match", etag_of(created))])
+            wait_parked(nodes[1], 1)
+            parked = time.monotonic()
+            reader.read_response(timeout=5).assert_error(404, "M_NOT_FOUND")
+            waited = time.monotonic() - parked
+        for node in everyone:
+            with Conn(node.port) as conn:
+                conn.exchange("GET", path).assert_error(404, "M_NOT_FOUND")
+    # At the expiry, under a second after the creation; not at the poll
+    # timeout (10 s).
+    assert waited < 1.5, waited
+
+
 def test_nodes_on_a_unix_socket_and_on_tls_share_one_redis(tmp_path: Path) -> None:
     """
     A process on Redis' unix socket (unix://) and one on its TLS port
