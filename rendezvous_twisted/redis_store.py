@@ -47,6 +47,8 @@ from rendezvous_twisted.store import (
     TooLarge,
     Version,
     Wakeup,
+    parking_refusal,
+    retry_after,
 )
 
 DEFAULT_PREFIX = "rendezvous:"
@@ -292,10 +294,6 @@ def _first_error(failure: Failure) -> Failure:
     """
     assert isinstance(failure.value, FirstError)
     return failure.value.subFailure
-
-
-def _retry_after(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
 
 
 #: At most one warning per this many seconds while the store is unavailable.
@@ -554,10 +552,10 @@ class RedisStore:
                 )
             if outcome == b"exists":  # pragma: no cover - 2**-128
                 return self.create(body, content_type, owner)
-            retry_after = _retry_after(float(detail) / 1000 - now / 1000)
+            seconds = retry_after(float(detail) / 1000 - now / 1000)
             if outcome == b"owner":
-                raise Full("too many rendezvous from this address", retry_after)
-            raise Full("the server is full", retry_after)
+                raise Full("too many rendezvous from this address", seconds)
+            raise Full("the server is full", seconds)
 
         return d.addCallback(created)
 
@@ -657,17 +655,14 @@ class RedisStore:
                 return Wakeup(version, changed=True)
 
             return self.read(rendezvous_id).addCallback(unparked)
-        waiting = self._waiting.get(rendezvous_id)
-        if waiting is not None and len(waiting) >= self._config.max_parked_per_rendezvous:
-            soonest = min(waiter.deadline for waiter in waiting)
-            return fail(
-                Full(
-                    "too many readers wait on this rendezvous",
-                    _retry_after(soonest - self._clock.seconds()),
-                )
-            )
-        if self._parked >= self._config.max_parked:
-            return fail(Full("too many readers wait on this server", 1))
+        refusal = parking_refusal(
+            self._config,
+            self._waiting.get(rendezvous_id, {}),
+            self._parked,
+            self._clock.seconds(),
+        )
+        if refusal is not None:
+            return fail(refusal)
         # Parked before it reads: a change published while the read is out
         # reads again (see _changed), so that no wake-up falls in between.
         waiter = _Waiter(if_none_match, self._clock.seconds() + timeout_seconds)
