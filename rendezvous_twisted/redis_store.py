@@ -50,6 +50,9 @@ from rendezvous_twisted.store import (
 )
 
 DEFAULT_PREFIX = "rendezvous:"
+#: Each connection is PINGed every this many store timeouts, so that one
+#: that went quiet is found out within one more (6 s at the defaults).
+HEARTBEAT_TIMEOUTS = 5
 
 
 @dataclass(frozen=True)
@@ -339,9 +342,16 @@ class RedisStore:
         self._ready: list[Deferred[None]] = []
         self._last_warning = -math.inf
         timeout = config.store_timeout_seconds
+        heartbeat = HEARTBEAT_TIMEOUTS * timeout
         endpoint = store_endpoint(reactor, url, timeout)
         self._commands = RedisConnection(
-            endpoint, reactor, timeout, self._select, on_up=self._commands_up, name="commands"
+            endpoint,
+            reactor,
+            timeout,
+            self._select,
+            on_up=self._commands_up,
+            name="commands",
+            heartbeat_seconds=heartbeat,
         )
         self._events = RedisConnection(
             endpoint,
@@ -352,6 +362,7 @@ class RedisStore:
             on_up=self._up,
             on_down=self._events_lost,
             name="events",
+            heartbeat_seconds=heartbeat,
         )
         #: Start it to connect (and keep reconnecting); stop it to disconnect.
         self.service = _Connections(url)
