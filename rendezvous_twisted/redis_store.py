@@ -161,12 +161,15 @@ def store_endpoint(reactor: Any, url: StoreURL, timeout_seconds: float) -> IStre
     return endpoint
 
 
-# The scripts.  Times are milliseconds on the writer's clock.  A record is a
+# The scripts.  Their first line (Redis 7) has Redis check its maxmemory
+# before a script runs: without it, a script whose first write frees memory
+# (ZREMRANGEBYSCORE) runs whole past the limit.  A delete, which frees
+# memory, may run there.  Times are milliseconds on the writer's clock.  A record is a
 # hash: b body, t content type, e ETag, m last modified, x expires, o owner.
 
 #: KEYS: live set, owner's set, record.  ARGV: now, expires, ttl, max
 #: rendezvous, max per owner, body, type, ETag, owner, id.
-_CREATE = """
+_CREATE = """#!lua
 local expired = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
@@ -189,7 +192,7 @@ return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 
 #: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
 #: too large, body, type, new ETag, channel, id, then the strong ETags.
-_WRITE = """
+_WRITE = """#!lua
 local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
 if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
   return {'nf'}
@@ -213,7 +216,7 @@ return {'ok', v[5], redis.call('PTTL', KEYS[1])}
 """
 
 #: KEYS: record, live set.  ARGV: now, channel, id, owner sets' prefix.
-_DELETE = """
+_DELETE = """#!lua flags=allow-oom
 local v = redis.call('HMGET', KEYS[1], 'x', 'o')
 if not v[1] or tonumber(v[1]) <= tonumber(ARGV[1]) then
   return 0
