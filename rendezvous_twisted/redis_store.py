@@ -422,8 +422,32 @@ class RedisStore:
         )
 
     def _commands_up(self) -> None:
+        self._check_version()
         self._check_persistence()
         self._up()
+
+    def _check_version(self) -> None:
+        """
+        Log an error if this Redis is older than 7.0, whose scripts
+        (declared with a first line of flags) older ones cannot load.
+        """
+
+        def version(info: bytes) -> None:
+            for line in info.splitlines():
+                if line.startswith(b"redis_version:"):
+                    found = line.partition(b":")[2].decode("ascii", "replace")
+                    major = found.partition(".")[0]
+                    if major.isdigit() and int(major) < 7:
+                        self.log.error(
+                            "Redis at {url} is version {version}: 7.0 or newer is needed, "
+                            "and until then creates, writes and deletes fail (503)",
+                            url=str(self._url),
+                            version=found,
+                        )
+
+        # INFO may well not be granted (README's ACL user): then the scripts'
+        # own errors tell.
+        self._commands.execute(b"INFO", b"server").addCallbacks(version, lambda _: None)
 
     def _check_persistence(self) -> None:
         """

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -356,3 +358,42 @@ async def test_a_redis_at_its_maxmemory_refuses_writes_but_serves_reads_and_dele
             await store.read(kept.rendezvous_id)
     finally:
         await store.close()
+
+
+class _OldRedis(Protocol):
+    """
+    A "Redis 6.2" that answers the commands a store sends on connecting.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        for command in data.split(b"*")[1:]:
+            if b"SUBSCRIBE" in command:
+                self.transport.write(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+            elif b"PING" in command:
+                self.transport.write(b"+PONG\r\n")
+            elif b"INFO" in command:
+                info = b"# Server\r\nredis_version:6.2.14\r\n"
+                self.transport.write(b"$%d\r\n%s\r\n" % (len(info), info))
+            elif b"CONFIG" in command:
+                self.transport.write(b"*0\r\n")
+
+
+@on_reactor
+async def test_a_redis_older_than_7_is_named_in_an_error() -> None:
+    """Connecting to a Redis older than 7.0 logs an error naming its version and what fails."""
+    from twisted.internet import reactor
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(_OldRedis)
+    )
+    with capturedLogs() as events:
+        store = await connected(f"redis://127.0.0.1:{port.getHost().port}/0")
+        try:
+            await wait_for(lambda: any("6.2.14" in formatEvent(e) for e in events))
+        finally:
+            await store.close()
+            await port.stopListening()
+    [error] = [e for e in events if "6.2.14" in formatEvent(e)]
+    assert error["log_level"] == LogLevel.error
+    assert "7.0 or newer" in formatEvent(error)
