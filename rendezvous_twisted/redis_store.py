@@ -187,6 +187,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[10])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[10])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 
@@ -301,6 +302,18 @@ def _first_error(failure: Failure) -> Failure:
 
 #: At most one warning per this many seconds while the store is unavailable.
 _WARN_EVERY_SECONDS = 10.0
+
+
+def _woken(waiter: _Waiter, version: Version) -> bool:
+    """
+    Whether C{version} answers a parked reader: it is another write than
+    the one the reader was parked on (a write wakes every reader, those
+    with C{If-None-Match: *} too), or one its condition does not match.
+    """
+    seen = waiter.version
+    if seen is not None and version.etag != seen.etag:
+        return True
+    return not waiter.condition.matches_weak(version.etag)
 
 
 class RedisStore:
@@ -800,7 +813,7 @@ class RedisStore:
             for waiter in list(self._waiting.get(rendezvous_id, ())):
                 if isinstance(found, Failure):
                     self._settle(rendezvous_id, waiter, found)
-                elif not waiter.condition.matches_weak(found[0].etag):
+                elif _woken(waiter, found[0]):
                     self._settle(rendezvous_id, waiter, Wakeup(found[0], changed=True))
             if again and rendezvous_id in self._waiting:
                 self._refresh(rendezvous_id)
