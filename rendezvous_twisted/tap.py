@@ -314,7 +314,22 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
         self["store-url"] = self._store_url()
+        self._check_ports()
         self._check_tls()
+
+    def _check_ports(self) -> None:
+        """
+        Refuse a TCP port outside 0-65535 now, rather than with a traceback
+        when the listener starts.
+        """
+        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
+        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+            fields = description.removeprefix("tls:").split(":")
+            if fields[0] in ("tcp", "tcp6", "ssl") and len(fields) > 1 and fields[1].isdigit():
+                if int(fields[1]) > 65535:
+                    raise usage.UsageError(
+                        f"--{option} {description}: port {fields[1]} is not in 0-65535"
+                    )
 
     def _store_url(self) -> StoreURL | None:
         """

@@ -587,3 +587,13 @@ def test_empty_store_password_file_is_a_usage_error(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(usage.UsageError, match="empty"):
         parsed(["--store=redis://h", f"--store-password-file={empty}"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--listen=tcp:65536"], ["--listen=tls:tcp6:180810"], ["--metrics=tcp:180810"]],
+)
+def test_a_port_past_65535_is_a_usage_error(argv: list[str]) -> None:
+    """A TCP port past 65535 stops twistd with a usage error, not a traceback at listen time."""
+    with pytest.raises(usage.UsageError, match="not in 0-65535"):
+        parsed(argv)
