@@ -324,12 +324,10 @@ class Options(usage.Options):
         """
         metrics = [("metrics", self["metrics"])] if self["metrics"] else []
         for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
-            fields = description.removeprefix("tls:").split(":")
-            if fields[0] in ("tcp", "tcp6", "ssl") and len(fields) > 1 and fields[1].isdigit():
-                if int(fields[1]) > 65535:
-                    raise usage.UsageError(
-                        f"--{option} {description}: port {fields[1]} is not in 0-65535"
-                    )
+            kind, _, rest = description.removeprefix("tls:").partition(":")
+            port = rest.partition(":")[0]
+            if kind in ("tcp", "tcp6", "ssl") and port.isdigit() and int(port) > 65535:
+                raise usage.UsageError(f"--{option} {description}: port {port} is not in 0-65535")
 
     def _store_url(self) -> StoreURL | None:
         """
