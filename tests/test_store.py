@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
 from twisted.internet import reactor
@@ -37,6 +37,9 @@ from rendezvous_twisted.store import (
 )
 
 from .conftest import EPOCH, answered, on_reactor, reactor_fixture
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
 
 try:
     from rendezvous_twisted import redis_store  # type: ignore[attr-defined,unused-ignore]
@@ -78,9 +81,12 @@ class Stores:
     redis_url: str | None = None
     made: list[Any] = field(default_factory=list)
 
-    async def __call__(self, clock: Clock | None = None, **config: Any) -> tuple[Store, Clock]:
+    async def __call__(
+        self, clock: Clock | None = None, prefix: str | None = None, **config: Any
+    ) -> tuple[Store, Clock]:
         """
-        A new store with C{config}, on C{clock} or on a new Clock at EPOCH.
+        A new store with C{config}, on C{clock} or on a new Clock at EPOCH;
+        a Redis one keeps its keys under C{prefix} if given.
         """
         if clock is None:
             clock = Clock()
@@ -88,8 +94,11 @@ class Stores:
         if self.kind == "memory":
             return MemoryStore(Config(**config), clock), clock
         assert redis_store is not None and self.redis_url is not None
+        url = self.redis_url
+        if prefix is not None:
+            url += ("&" if "?" in url else "?") + "prefix=" + prefix
         store = redis_store.RedisStore(
-            Config(**config), clock, reactor, redis_store.parse_store_url(self.redis_url)
+            Config(**config), clock, reactor, redis_store.parse_store_url(url)
         )
         self.made.append(store)
         store.connect()
@@ -115,15 +124,15 @@ class Stores:
             await within(store.close())
 
 
-BACKENDS = [
-    "memory",
-    pytest.param(
-        "redis",
-        marks=pytest.mark.skipif(
-            redis_store is None, reason="rendezvous_twisted.redis_store is not there yet"
-        ),
+REDIS = pytest.param(
+    "redis",
+    marks=pytest.mark.skipif(
+        redis_store is None, reason="rendezvous_twisted.redis_store is not there yet"
     ),
-]
+)
+BACKENDS = ["memory", REDIS]
+#: Runs a test against RedisStore alone.
+redis_only = pytest.mark.parametrize("kind", [REDIS])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -961,6 +970,113 @@ async def test_expired_rendezvous_is_not_found_and_reclaimed() -> None:
     assert store.rendezvous_count == 0
     assert not clock.getDelayedCalls()
     assert isinstance(await failure_of(store.read(rendezvous_id)), NotFound)
+
+
+# What only Redis holds.
+
+
+def keys(redis_server: RedisServer) -> list[bytes]:
+    """
+    Every key in the test's Redis database.
+    """
+    found: list[bytes] = redis_server.command("KEYS", "*")
+    return sorted(found)
+
+
+async def exercise(store: Store) -> None:
+    """
+    Every kind of operation once: creates (one refused), a write, a parked
+    reader woken, a timed-out one, a delete.
+    """
+    first = await create(store, owner="a")
+    second = await create(store, owner="a")
+    await failure_of(store.create(b"x", TYPE, "a"))
+    third = await create(store, owner="b")
+    await store.write(first.rendezvous_id, b"b", TYPE, ANY)
+    woken = park(store, second)
+    await parked(store, 1)
+    await store.write(second.rendezvous_id, b"c", TYPE, ANY)
+    await within(woken)
+    assert await within(park(store, third, timeout=0)) == Wakeup(third, changed=False)
+    await store.delete(first.rendezvous_id)
+
+
+@redis_only
+@on_reactor
+async def test_redis_key_expiry_is_a_px_set_at_creation(
+    make: Stores, redis_server: RedisServer
+) -> None:
+    """A rendezvous' key carries a PX of its TTL from creation, which a write never sets again."""
+    store, clock = await make(ttl_seconds=60)
+    created = await create(store)
+    [key] = [key for key in keys(redis_server) if created.rendezvous_id.encode() in key]
+    assert 59_000 < redis_server.command("PTTL", key) <= 60_000
+    # As if 30 s had passed in Redis, whose clock is not the test's.
+    assert redis_server.command("PEXPIRE", key, 30_000) == 1
+    clock.advance(10)
+    await store.write(created.rendezvous_id, b"later", TYPE, ANY)
+    assert 0 < redis_server.command("PTTL", key) <= 30_000
+
+
+@redis_only
+@on_reactor
+async def test_redis_expiry_of_the_key_is_expiry_of_the_rendezvous(
+    make: Stores, redis_server: RedisServer
+) -> None:
+    """Once Redis has expired a rendezvous' key it is NotFound, whatever the store's clock says."""
+    store, _ = await make(ttl_seconds=60)
+    created = await create(store)
+    d = park(store, created)
+    await parked(store, 1)
+    for key in keys(redis_server):
+        if created.rendezvous_id.encode() in key:
+            # A PX in the past: Redis drops the key at once, as its expiry would.
+            redis_server.command("PEXPIRE", key, 0)
+    assert isinstance(await failure_of(store.read(created.rendezvous_id)), NotFound)
+    assert isinstance(
+        await failure_of(store.write(created.rendezvous_id, b"", TYPE, ANY)), NotFound
+    )
+    d.cancel()
+
+
+@redis_only
+@on_reactor
+async def test_redis_holds_nothing_without_an_expiry(
+    make: Stores, redis_server: RedisServer
+) -> None:
+    """Every key the store leaves in Redis expires by itself, whatever the operations were."""
+    store, _ = await make(max_rendezvous_per_address=2, ttl_seconds=60)
+    await exercise(store)
+    held = keys(redis_server)
+    assert held
+    for key in held:
+        assert 0 < redis_server.command("PTTL", key) <= 60_000, key
+
+
+@redis_only
+@on_reactor
+async def test_redis_keys_are_under_the_prefix(make: Stores, redis_server: RedisServer) -> None:
+    """Every key the store writes is under its prefix: rendezvous: unless the URL names one."""
+    default, _ = await make(max_rendezvous_per_address=2)
+    await exercise(default)
+    held = keys(redis_server)
+    assert held and all(key.startswith(b"rendezvous:") for key in held), held
+    redis_server.flushall()
+    custom, _ = await make(prefix="other-app:", max_rendezvous_per_address=2)
+    await exercise(custom)
+    held = keys(redis_server)
+    assert held and all(key.startswith(b"other-app:") for key in held), held
+
+
+@redis_only
+@on_reactor
+async def test_redis_stores_on_two_prefixes_do_not_meet(make: Stores) -> None:
+    """Stores on one Redis under two prefixes share neither rendezvous nor caps."""
+    one, clock = await make(prefix="one:", max_rendezvous=1, max_rendezvous_per_address=1)
+    other, _ = await make(clock, prefix="two:", max_rendezvous=1, max_rendezvous_per_address=1)
+    created = await create(one)
+    assert isinstance(await failure_of(other.read(created.rendezvous_id)), NotFound)
+    assert (await create(other)).rendezvous_id != created.rendezvous_id
 
 
 # A private redis-server until tests/redis_server.py lands on main.
