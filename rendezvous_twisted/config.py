@@ -114,6 +114,9 @@ class Config:
     #: and their connections to close before aborting them.  Parked readers
     #: are answered at once, so this bounds slow uploads and slow readers.
     shutdown_timeout_seconds: float = 5.0
+    #: Longest a request waits for the store (Redis) to answer before it is
+    #: refused with 503; also the time to connect.
+    store_timeout_seconds: float = 1.0
     #: Longest Content-Type a writer may store, so that a header cannot
     #: smuggle more bytes into memory than the payload limit admits.
     max_content_type_bytes: int = 255

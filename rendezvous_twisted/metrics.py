@@ -130,9 +130,10 @@ class _MetricsPage(Resource):
 class _Health(Resource):
     isLeaf = True
 
-    def __init__(self, stopping: Callable[[], bool]) -> None:
+    def __init__(self, stopping: Callable[[], bool], store_available: Callable[[], bool]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._stopping = stopping
+        self._store_available = store_available
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -140,18 +141,26 @@ class _Health(Resource):
         if self._stopping():
             request.setResponseCode(503)
             return b"stopping\n"
+        if not self._store_available():
+            request.setResponseCode(503)
+            return b"store unavailable\n"
         return b"serving\n"
 
 
-def metrics_site(metrics: Metrics, stopping: Callable[[], bool], reactor: Any = None) -> Site:
+def metrics_site(
+    metrics: Metrics,
+    stopping: Callable[[], bool],
+    reactor: Any = None,
+    store_available: Callable[[], bool] = lambda: True,
+) -> Site:
     """
     The site of the metrics listener: C{/metrics} in Prometheus' text
-    format, C{/health} answering 200 while serving and 503 once a stop
-    began; nothing else.
+    format, C{/health} answering 200 while serving, and 503 once a stop
+    began or while the store (Redis) cannot be reached; nothing else.
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics))
-    root.putChild(b"health", _Health(stopping))
+    root.putChild(b"health", _Health(stopping, store_available))
     site = Site(root, reactor=reactor)
     # Scrapes every few seconds would drown the log.
     site.log = lambda request: None  # type: ignore[method-assign]

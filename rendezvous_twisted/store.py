@@ -62,6 +62,13 @@ class Full(RendezvousError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class StoreUnavailable(RendezvousError):
+    """
+    The store cannot answer now (its Redis is down, unreachable or slow);
+    the client should try again shortly.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
     """
@@ -97,6 +104,22 @@ class RendezvousStore(Protocol):
     """
 
     max_bytes: int
+    #: Rendezvous created, deleted and expired since start, for metrics.
+    created_total: int
+    deleted_total: int
+    expired_total: int
+
+    @property
+    def rendezvous_count(self) -> int:
+        """
+        How many rendezvous are held, as far as this process knows.
+        """
+
+    @property
+    def parked_count(self) -> int:
+        """
+        How many readers are parked in this process.
+        """
 
     def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
         """

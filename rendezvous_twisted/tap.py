@@ -19,6 +19,7 @@ from rendezvous_twisted import logs, systemd, tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
 from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
+from rendezvous_twisted.redis_store import RedisStore, parse_store_url
 from rendezvous_twisted.service import (
     HangupReloader,
     LateListenerService,
@@ -28,12 +29,14 @@ from rendezvous_twisted.service import (
     StoppingService,
     StoreService,
 )
-from rendezvous_twisted.store import MemoryStore
+from rendezvous_twisted.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
 
 _DEFAULTS = Config()
 #: The prefix of the environment variables that the .tac file reads.
 ENVIRONMENT_PREFIX = "RENDEZVOUS_"
+#: --store's value for the in-memory store.
+MEMORY = "memory:"
 
 
 def _positive(kind: type[float], option: str) -> Callable[[str], Any]:
@@ -163,6 +166,12 @@ class Options(usage.Options):
             "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
             float,
         ),
+        (
+            "store-timeout-seconds",
+            "store_timeout_seconds",
+            "Longest a request waits for Redis (--store) before a 503, in seconds.",
+            float,
+        ),
     )
     # (option, Config field): repeatable networks in CIDR notation.
     _networks: tuple[tuple[str, str], ...] = (
@@ -216,6 +225,14 @@ class Options(usage.Options):
             "text (twistd's own lines, honouring --logfile) or json (one JSON object per "
             "line on standard output, for journald or a collector).",
             _log_format,
+        ],
+        [
+            "store",
+            None,
+            MEMORY,
+            "Where rendezvous are kept: memory: (this process), or a Redis shared by "
+            "several processes: redis://[user:password@]host[:port][/db], "
+            "rediss://...[?ca=FILE] (TLS) or unix:///path/to/redis.sock[?db=N].",
         ],
         [
             "metrics",
@@ -288,6 +305,12 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
+        self["store-url"] = None
+        if self["store"] != MEMORY:
+            try:
+                self["store-url"] = parse_store_url(self["store"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from e
         self._check_tls()
 
     def _check_tls(self) -> None:
@@ -338,6 +361,7 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
         "tls-key",
         "log-format",
         "metrics",
+        "store",
         *(option for option, *_ in Options._limits),
     ]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
@@ -376,7 +400,12 @@ def makeService(
 
         reactor = global_reactor
     config: Config = options["config"]
-    store = MemoryStore(config, reactor)
+    store: RendezvousStore
+    if options["store-url"] is None:
+        store = MemoryStore(config, reactor)
+    else:
+        redis = RedisStore(config, reactor, reactor, options["store-url"])
+        store = redis
     metrics = Metrics()
     api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
     site = api.site(reactor)
@@ -389,6 +418,10 @@ def makeService(
         log_observer = logs.observer("text")
     root = RendezvousRoot(log_observer)
     OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
+    if isinstance(store, RedisStore):
+        # Before the StoreService, so that it disconnects last, once the
+        # requests in flight were answered.
+        store.service.setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
@@ -422,7 +455,14 @@ def makeService(
         _watch(metrics, store, site, contexts)
         endpoint = tls.listen_endpoint(reactor, options["metrics"], contexts, None)
         LateListenerService(  # type: ignore[no-untyped-call]
-            endpoint, metrics_site(metrics, lambda: lifecycle.stopping, reactor), lifecycle
+            endpoint,
+            metrics_site(
+                metrics,
+                lambda: lifecycle.stopping,
+                reactor,
+                store_available=lambda: getattr(store, "available", True),
+            ),
+            lifecycle,
         ).setServiceParent(root)
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
@@ -430,7 +470,7 @@ def makeService(
 
 
 def _watch(
-    metrics: Metrics, store: MemoryStore, site: RendezvousSite, contexts: tls.ContextRegistry
+    metrics: Metrics, store: RendezvousStore, site: RendezvousSite, contexts: tls.ContextRegistry
 ) -> None:
     """
     Export the counts that the store, the site and the TLS contexts keep.
@@ -462,6 +502,13 @@ def _watch(
         "gauge",
         lambda: store.parked_count,
     )
+    if isinstance(store, RedisStore):
+        metrics.watch(
+            "rendezvous_store_available",
+            "1 while both connections to Redis are up, else 0.",
+            "gauge",
+            lambda: int(store.available),
+        )
     metrics.watch(
         "rendezvous_http_connections",
         "Open HTTP connections.",

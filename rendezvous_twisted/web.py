@@ -40,6 +40,7 @@ from rendezvous_twisted.store import (
     PreconditionFailed,
     RendezvousError,
     RendezvousStore,
+    StoreUnavailable,
     TooLarge,
     Version,
     Wakeup,
@@ -1384,6 +1385,12 @@ class RendezvousAPI:
             request.responseHeaders.setRawHeaders(
                 b"Retry-After", [b"%d" % error.retry_after_seconds]
             )
+        elif isinstance(error, StoreUnavailable):
+            # The client may try again at once: another node or a Redis
+            # that is back may answer.
+            code, errcode = 503, "M_UNKNOWN"
+            message = "the rendezvous store is unavailable; try again shortly"
+            request.responseHeaders.setRawHeaders(b"Retry-After", [b"1"])
         elif isinstance(error, HTTPError):
             code, errcode, message = error.code, error.errcode, str(error)
             for name, value in error.headers:

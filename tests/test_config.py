@@ -37,6 +37,7 @@ LIMITS = [
     "max_connections",
     "max_connections_per_address",
     "shutdown_timeout_seconds",
+    "store_timeout_seconds",
 ]
 #: The fields that are not limits: a URL, networks and a header name.
 NOT_LIMITS = {

@@ -1,0 +1,327 @@
+"""
+A small Redis client on Twisted: RESP2 over one connection, kept up.
+
+Why not txredisapi: it connects through the global reactor, queues
+commands while disconnected (a request would hang where we must answer
+503 at once), and decodes replies as text unless told otherwise.  What the
+store needs is small: pipelined commands with replies matched in order, a
+deadline on each, one subscription, and a connection that comes back by
+itself.  Replies are parsed by C{hiredis} when it is installed (the
+C{redis} extra), by L{ReplyParser} otherwise.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class RedisReplyError(Exception):
+    """
+    Redis answered a command with an error reply.
+    """
+
+
+class RedisDown(Exception):
+    """
+    A command got no answer: no connection, a lost one, too many commands
+    waiting, or no reply within the deadline.
+    """
+
+
+_INCOMPLETE = object()
+
+
+class ReplyParser:
+    """
+    RESP2 replies from a byte stream, in pure Python: C{feed} bytes, then
+    C{gets} until it returns False (no whole reply yet).  The interface is
+    C{hiredis.Reader}'s, so that either can be used.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._position = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._position:
+            self._buffer = self._buffer[self._position :]
+            self._position = 0
+        self._buffer += data
+
+    def gets(self) -> Any:
+        reply = self._parse(self._position)
+        if reply is _INCOMPLETE:
+            return False
+        value, self._position = reply
+        return value
+
+    def _parse(self, start: int) -> Any:
+        buffer = self._buffer
+        end = buffer.find(b"\r\n", start)
+        if end < 0:
+            return _INCOMPLETE
+        kind, line, after = buffer[start : start + 1], buffer[start + 1 : end], end + 2
+        if kind == b"$":
+            length = int(line)
+            if length < 0:
+                return None, after
+            if len(buffer) < after + length + 2:
+                return _INCOMPLETE
+            return buffer[after : after + length], after + length + 2
+        if kind == b":":
+            return int(line), after
+        if kind == b"+":
+            return line, after
+        if kind == b"-":
+            return RedisReplyError(line.decode("utf-8", "replace")), after
+        if kind == b"*":
+            length = int(line)
+            if length < 0:
+                return None, after
+            items = []
+            for _ in range(length):
+                item = self._parse(after)
+                if item is _INCOMPLETE:
+                    return _INCOMPLETE
+                value, after = item
+                items.append(value)
+            return items, after
+        raise ValueError(f"not a RESP2 reply: {kind!r}")
+
+
+def reply_parser() -> Any:
+    """
+    The fastest parser at hand: hiredis' if installed, else L{ReplyParser}.
+    """
+    try:
+        import hiredis
+    except ImportError:  # pragma: no cover - the redis extra is not installed
+        return ReplyParser()
+    return hiredis.Reader(replyError=RedisReplyError)
+
+
+def encode(arguments: Sequence[bytes | str | int]) -> bytes:
+    """
+    One command as a RESP2 array of bulk strings.
+    """
+    parts = [b"*%d\r\n" % len(arguments)]
+    for argument in arguments:
+        if isinstance(argument, str):
+            argument = argument.encode("utf-8")
+        elif isinstance(argument, int):
+            argument = b"%d" % argument
+        parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument))
+    return b"".join(parts)
+
+
+class RedisProtocol(Protocol):
+    """
+    One connection: commands are written at once (pipelined), and each
+    reply answers the oldest command still waiting.  A reply that is a
+    pub/sub C{message} goes to C{on_message} instead.
+    """
+
+    log = Logger()
+
+    def __init__(self, on_message: Callable[[bytes, bytes], None] | None = None) -> None:
+        self._waiting: deque[Deferred[Any]] = deque()
+        self._parser = reply_parser()
+        self._on_message = on_message
+        self.on_lost: Callable[[RedisProtocol], None] | None = None
+
+    @property
+    def waiting(self) -> int:
+        """
+        How many commands wait for their reply.
+        """
+        return len(self._waiting)
+
+    def execute(self, *arguments: bytes | str | int) -> Deferred[Any]:
+        """
+        Send a command; the Deferred fires with its reply, or fails with
+        L{RedisReplyError} or L{RedisDown}.
+        """
+        assert self.transport is not None
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        self.transport.write(encode(arguments))
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        try:
+            parser.feed(data)
+            reply = parser.gets()
+            while reply is not False:
+                self._deliver(reply)
+                reply = parser.gets()
+        except Exception:
+            # A reply we cannot parse leaves the stream unusable.
+            self.log.failure("unparseable reply from Redis; reconnecting")
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _deliver(self, reply: Any) -> None:
+        if (
+            self._on_message is not None
+            and type(reply) is list
+            and len(reply) == 3
+            and reply[0] == b"message"
+        ):
+            self._on_message(reply[1], reply[2])
+            return
+        if not self._waiting:
+            raise ValueError("a reply that no command asked for")
+        d = self._waiting.popleft()
+        if d.called:
+            return  # its deadline passed; the reply comes too late
+        if isinstance(reply, RedisReplyError):
+            d.errback(reply)
+        else:
+            d.callback(reply)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for d in waiting:
+            if not d.called:
+                d.errback(RedisDown("the connection to Redis was lost"))
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class _Factory(Factory):
+    noisy = False
+
+    def __init__(
+        self, connection: RedisConnection, on_message: Callable[[bytes, bytes], None] | None
+    ) -> None:
+        self._connection = connection
+        self._on_message = on_message
+
+    def buildProtocol(self, addr: IAddress | None) -> RedisProtocol:
+        protocol = RedisProtocol(self._on_message)
+        protocol.on_lost = self._connection._lost
+        self._connection._building = protocol
+        return protocol
+
+
+def _jitter() -> float:
+    # Up to a tenth of a second, so that processes that lost Redis together
+    # do not all knock at once; backoffPolicy's default is up to a second.
+    return random.random() / 10  # noqa: S311 - not a secret
+
+
+class RedisConnection:
+    """
+    A connection to Redis that is kept up: reconnected with backoff when
+    lost, while every command sent meanwhile fails at once with
+    L{RedisDown} rather than waiting for it.
+
+    @param prepare: runs on each new connection before it is used (AUTH,
+        SELECT, SUBSCRIBE); a failure drops that connection and retries.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        reactor: IReactorTime,
+        timeout_seconds: float,
+        prepare: Callable[[RedisProtocol], Deferred[Any]],
+        on_message: Callable[[bytes, bytes], None] | None = None,
+        on_up: Callable[[], None] | None = None,
+        on_down: Callable[[], None] | None = None,
+        max_waiting: int = 10_000,
+        name: str = "redis",
+    ) -> None:
+        self._reactor = reactor
+        self._timeout_seconds = timeout_seconds
+        self._prepare = prepare
+        self._on_up = on_up
+        self._on_down = on_down
+        self._max_waiting = max_waiting
+        self._name = name
+        self._protocol: RedisProtocol | None = None
+        # The connection ClientService is preparing (it hands prepare a
+        # proxy of it).
+        self._building: RedisProtocol | None = None
+        self.service = ClientService(
+            endpoint,
+            _Factory(self, on_message),
+            retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=2.0, jitter=_jitter),
+            clock=reactor,
+            prepareConnection=self._prepared,
+        )
+
+    @property
+    def up(self) -> bool:
+        """
+        Whether a prepared connection is there to take commands.
+        """
+        return self._protocol is not None
+
+    def execute(self, *arguments: bytes | str | int) -> Deferred[Any]:
+        """
+        Send one command with a deadline of C{timeout_seconds}.
+        """
+        protocol = self._protocol
+        if protocol is None:
+            return fail(RedisDown("not connected to Redis"))
+        if protocol.waiting >= self._max_waiting:
+            return fail(RedisDown("too many commands wait for Redis"))
+        return self._deadline(protocol.execute(*arguments))
+
+    def _deadline(self, d: Deferred[Any]) -> Deferred[Any]:
+        timer = self._reactor.callLater(self._timeout_seconds, self._late, d)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(settled)
+
+    def _late(self, d: Deferred[Any]) -> None:
+        if not d.called:
+            d.errback(RedisDown(f"Redis did not answer within {self._timeout_seconds}s"))
+
+    def _prepared(self, proxy: IProtocol) -> Deferred[Any]:
+        protocol, self._building = self._building, None
+        assert protocol is not None
+
+        def ready(result: Any) -> Any:
+            self._protocol = protocol
+            self.log.info("{name}: connected to Redis", name=self._name)
+            if self._on_up is not None:
+                self._on_up()
+            return result
+
+        def refused(failure: Failure) -> Failure:
+            self.log.error(
+                "{name}: Redis refused the connection's set-up: {error}",
+                name=self._name,
+                error=failure.getErrorMessage(),
+            )
+            return failure
+
+        return self._deadline(self._prepare(protocol)).addCallbacks(ready, refused)
+
+    def _lost(self, protocol: RedisProtocol) -> None:
+        if self._protocol is protocol:
+            self._protocol = None
+            if not self.service.running:
+                return  # we closed it
+            self.log.warn("{name}: lost the connection to Redis; reconnecting", name=self._name)
+            if self._on_down is not None:
+                self._on_down()
