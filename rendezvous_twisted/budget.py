@@ -17,6 +17,10 @@ from rendezvous_twisted.config import Config
 #: One rendezvous without its payload and content type: record, version,
 #: id, ETag, expiry timer and the per-address index (measured ~1.3 KiB).
 RECORD_OVERHEAD_BYTES = 2048
+#: One rendezvous in Redis without its payload and content type: the hash,
+#: its entries in the live and per-address sorted sets, and a per-address
+#: set of its own (measured ~3.0 KiB with redis-server 7.0 and jemalloc).
+REDIS_RECORD_OVERHEAD_BYTES = 4096
 #: One parked reader in the store: waiter, Deferred, poll timer
 #: (measured ~1.4 KiB).
 PARKED_READER_BYTES = 2048
@@ -73,21 +77,31 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def worst_case_memory(config: Config) -> MemoryBudget:
+def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
     """
     The most memory the caps of C{config} let the server's own data use at
     once: every rendezvous full, every connection open with the largest
     request it may send, every parked reader, every rate bucket.  The
     process' fixed cost (the interpreter and its modules, some 40 MiB)
     comes on top.
+
+    @param in_redis: the rendezvous live in Redis (see L{redis_memory}),
+        not in this process.
     """
-    return MemoryBudget(
-        (
+    rendezvous = (
+        ()
+        if in_redis
+        else (
             Item(
                 "rendezvous",
                 config.max_rendezvous,
                 config.max_bytes + config.max_content_type_bytes + RECORD_OVERHEAD_BYTES,
             ),
+        )
+    )
+    return MemoryBudget(
+        (
+            *rendezvous,
             # Each parked reader holds a connection (HTTP/1.1 answers one
             # request at a time), so the connection cap bounds them too.
             Item(
@@ -104,6 +118,23 @@ def worst_case_memory(config: Config) -> MemoryBudget:
                 + CONNECTION_BUFFER_BYTES
                 + config.max_header_bytes
                 + config.max_bytes,
+            ),
+        )
+    )
+
+
+def redis_memory(config: Config) -> MemoryBudget:
+    """
+    The most memory the rendezvous of every process together may take in
+    the Redis they share: the caps are counted in Redis, so this does not
+    grow with the number of processes.  Redis' own fixed cost comes on top.
+    """
+    return MemoryBudget(
+        (
+            Item(
+                "rendezvous in Redis",
+                config.max_rendezvous,
+                config.max_bytes + config.max_content_type_bytes + REDIS_RECORD_OVERHEAD_BYTES,
             ),
         )
     )

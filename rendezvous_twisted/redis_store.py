@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
@@ -182,16 +182,6 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 
-#: KEYS: record.  ARGV: now.  Nil, or the fields and the PTTL.
-_READ = """
-local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
-if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
-  return false
-end
-v[6] = redis.call('PTTL', KEYS[1])
-return v
-"""
-
 #: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
 #: too large, body, type, new ETag, channel, id, then the strong ETags.
 _WRITE = """
@@ -257,7 +247,6 @@ class _Script:
 
 _SCRIPTS = {
     "create": _Script(_CREATE),
-    "read": _Script(_READ),
     "write": _Script(_WRITE),
     "delete": _Script(_DELETE),
 }
@@ -292,6 +281,14 @@ class _Waiter:
         self.deferred: Deferred[Wakeup] | None = None
         self.version: Version | None = None
         self.timer: IDelayedCall | None = None
+
+
+def _first_error(failure: Failure) -> Failure:
+    """
+    The failure of the command that failed a C{DeferredList}.
+    """
+    assert isinstance(failure.value, FirstError)
+    return failure.value.subFailure
 
 
 def _retry_after(seconds: float) -> int:
@@ -344,7 +341,7 @@ class RedisStore:
         timeout = config.store_timeout_seconds
         endpoint = store_endpoint(reactor, url, timeout)
         self._commands = RedisConnection(
-            endpoint, reactor, timeout, self._select, on_up=self._up, name="commands"
+            endpoint, reactor, timeout, self._select, on_up=self._commands_up, name="commands"
         )
         self._events = RedisConnection(
             endpoint,
@@ -412,6 +409,43 @@ class RedisStore:
             lambda _: protocol.execute(b"SUBSCRIBE", self._channel)
         )
 
+    def _commands_up(self) -> None:
+        self._check_persistence()
+        self._up()
+
+    def _check_persistence(self) -> None:
+        """
+        Warn if this Redis writes its data to disk: payloads must live in
+        memory only (README: "Running several processes or machines").
+        """
+
+        def persists(replies: list[Any]) -> None:
+            [(_, save), (_, appendonly)] = replies
+            settings = dict(zip(save[::2], save[1::2], strict=True))
+            settings.update(zip(appendonly[::2], appendonly[1::2], strict=True))
+            if settings.get(b"save") or settings.get(b"appendonly") == b"yes":
+                self.log.warn(
+                    "Redis at {url} writes its data to disk (save {save!r}, appendonly "
+                    '{appendonly!r}), payloads included; set save "" and appendonly no',
+                    url=str(self._url),
+                    save=settings.get(b"save", b"").decode("ascii", "replace"),
+                    appendonly=settings.get(b"appendonly", b"").decode("ascii", "replace"),
+                )
+
+        def unknown(failure: Failure) -> None:
+            self.log.info(
+                "could not check whether Redis writes to disk ({error}); it must not",
+                error=_first_error(failure).getErrorMessage(),
+            )
+
+        checks = [
+            self._commands.execute(b"CONFIG", b"GET", b"save"),
+            self._commands.execute(b"CONFIG", b"GET", b"appendonly"),
+        ]
+        DeferredList(checks, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            persists, unknown
+        )
+
     def _up(self) -> None:
         if self.available:
             ready, self._ready = self._ready, []
@@ -424,7 +458,17 @@ class RedisStore:
         for rendezvous_id in list(self._waiting):
             self._answer_all(rendezvous_id, Failure(StoreUnavailable("lost the store's events")))
 
-    def _command(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+    def _script(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        return self._unavailable(_SCRIPTS[script].run(self._commands, keys, args))
+
+    def _command(self, *arguments: bytes | str | int) -> Deferred[Any]:
+        return self._unavailable(self._commands.execute(*arguments))
+
+    def _unavailable(self, d: Deferred[Any]) -> Deferred[Any]:
+        """
+        Turn Redis' failures into L{StoreUnavailable}.
+        """
+
         def down(failure: Failure) -> Failure:
             if not failure.check(RedisDown, RedisReplyError):
                 return failure
@@ -435,7 +479,7 @@ class RedisStore:
                 self.log.warn("the store is unavailable: {error}", error=failure.getErrorMessage())
             return Failure(StoreUnavailable(failure.getErrorMessage()))
 
-        return _SCRIPTS[script].run(self._commands, keys, args).addErrback(down)
+        return d.addErrback(down)
 
     # Introspection.
 
@@ -471,7 +515,7 @@ class RedisStore:
         ttl = round(self._config.ttl_seconds * 1000)
         rendezvous_id = secrets.token_urlsafe(16)
         etag = self._mint_etag()
-        d = self._command(
+        d = self._script(
             "create",
             [self._live_key, self._owner_prefix + owner, self._key(rendezvous_id)],
             [
@@ -517,14 +561,22 @@ class RedisStore:
         return version, pttl / 1000
 
     def _read(self, rendezvous_id: str) -> Deferred[tuple[Version, float]]:
-        d = self._command("read", [self._key(rendezvous_id)], [self._now_ms()])
+        # Two plain commands rather than a script: a script may write, so a
+        # Redis at its maxmemory would refuse it, and reads must go on.  A
+        # delete between the two shows as a PTTL below zero.
+        key = self._key(rendezvous_id)
+        fields = self._command(b"HMGET", key, b"b", b"t", b"e", b"m", b"x")
+        kept = self._command(b"PTTL", key)
+        now = self._clock.seconds()
 
-        def found(fields: list[Any] | None) -> tuple[Version, float]:
-            if fields is None:
+        def found(replies: list[Any]) -> tuple[Version, float]:
+            [(_, values), (_, pttl)] = replies
+            if values[0] is None or pttl < 0 or int(values[4]) <= now * 1000:
                 raise NotFound()
-            return self._version(rendezvous_id, fields)
+            return self._version(rendezvous_id, [*values, pttl])
 
-        return d.addCallback(found)
+        both = DeferredList([fields, kept], fireOnOneErrback=True, consumeErrors=True)
+        return both.addCallbacks(found, _first_error)
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
         return self._read(rendezvous_id).addCallback(lambda found: found[0])
@@ -535,7 +587,7 @@ class RedisStore:
         now = self._now_ms()
         too_large = len(body) > self.max_bytes
         etag = self._mint_etag()
-        d = self._command(
+        d = self._script(
             "write",
             [self._key(rendezvous_id)],
             [
@@ -566,7 +618,7 @@ class RedisStore:
         return d.addCallback(written)
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
-        d = self._command(
+        d = self._script(
             "delete",
             [self._key(rendezvous_id), self._live_key],
             [self._now_ms(), self._channel, rendezvous_id, self._owner_prefix],

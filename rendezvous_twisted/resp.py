@@ -19,8 +19,9 @@ from typing import Any
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -137,7 +138,12 @@ class RedisProtocol(Protocol):
         self._waiting: deque[Deferred[Any]] = deque()
         self._parser = reply_parser()
         self._on_message = on_message
+        self.on_made: Callable[[RedisProtocol], None] | None = None
         self.on_lost: Callable[[RedisProtocol], None] | None = None
+
+    def connectionMade(self) -> None:
+        if self.on_made is not None:
+            self.on_made(self)
 
     @property
     def waiting(self) -> int:
@@ -210,8 +216,8 @@ class _Factory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> RedisProtocol:
         protocol = RedisProtocol(self._on_message)
+        protocol.on_made = self._connection._made
         protocol.on_lost = self._connection._lost
-        self._connection._building = protocol
         return protocol
 
 
@@ -229,6 +235,9 @@ class RedisConnection:
 
     @param prepare: runs on each new connection before it is used (AUTH,
         SELECT, SUBSCRIBE); a failure drops that connection and retries.
+    @param heartbeat_seconds: how often an idle or busy connection is
+        PINGed; one that does not answer within C{timeout_seconds} is
+        dropped and made anew.
     """
 
     log = Logger()
@@ -244,6 +253,7 @@ class RedisConnection:
         on_down: Callable[[], None] | None = None,
         max_waiting: int = 10_000,
         name: str = "redis",
+        heartbeat_seconds: float = 5.0,
     ) -> None:
         self._reactor = reactor
         self._timeout_seconds = timeout_seconds
@@ -253,15 +263,13 @@ class RedisConnection:
         self._max_waiting = max_waiting
         self._name = name
         self._protocol: RedisProtocol | None = None
-        # The connection ClientService is preparing (it hands prepare a
-        # proxy of it).
-        self._building: RedisProtocol | None = None
+        self._heartbeat: LoopingCall | None = None
+        self._heartbeat_seconds = heartbeat_seconds
         self.service = ClientService(
             endpoint,
             _Factory(self, on_message),
             retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=2.0, jitter=_jitter),
             clock=reactor,
-            prepareConnection=self._prepared,
         )
 
     @property
@@ -296,30 +304,60 @@ class RedisConnection:
         if not d.called:
             d.errback(RedisDown(f"Redis did not answer within {self._timeout_seconds}s"))
 
-    def _prepared(self, proxy: IProtocol) -> Deferred[Any]:
-        protocol, self._building = self._building, None
-        assert protocol is not None
+    def _made(self, protocol: RedisProtocol) -> None:
+        # Prepared here rather than by ClientService's prepareConnection:
+        # when that fails, ClientService neither closes the connection nor
+        # accepts being told it closed.  Here a failure just drops it, and
+        # ClientService reconnects as for any lost connection.
 
-        def ready(result: Any) -> Any:
+        def ready(result: Any) -> None:
+            if protocol.transport is None or not protocol.connected:
+                return
             self._protocol = protocol
+            self._heartbeat = LoopingCall(self._beat, protocol)
+            self._heartbeat.clock = self._reactor
+            self._heartbeat.start(self._heartbeat_seconds, now=False)
             self.log.info("{name}: connected to Redis", name=self._name)
             if self._on_up is not None:
-                self._on_up()
-            return result
+                # Not from inside the connection's set-up: code woken by
+                # on_up may well stop the service.
+                self._reactor.callLater(0, self._announce, protocol)
 
-        def refused(failure: Failure) -> Failure:
+        def refused(failure: Failure) -> None:
             self.log.error(
                 "{name}: Redis refused the connection's set-up: {error}",
                 name=self._name,
                 error=failure.getErrorMessage(),
             )
-            return failure
+            if protocol.transport is not None:
+                self._reactor.callLater(0, protocol.transport.abortConnection)  # type: ignore[attr-defined]
 
-        return self._deadline(self._prepare(protocol)).addCallbacks(ready, refused)
+        self._deadline(self._prepare(protocol)).addCallbacks(ready, refused)
+
+    def _announce(self, protocol: RedisProtocol) -> None:
+        if self._protocol is protocol and self._on_up is not None:
+            self._on_up()
+
+    def _beat(self, protocol: RedisProtocol) -> None:
+        """
+        PING, so that a connection that went quiet (a Redis that hangs, a
+        peer gone without a word) is found out and made anew, rather than
+        trusted to deliver the changes parked readers wait for.
+        """
+
+        def silent(failure: Failure) -> None:
+            if self._protocol is protocol and protocol.transport is not None:
+                self.log.warn("{name}: Redis did not answer PING; reconnecting", name=self._name)
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+        self._deadline(protocol.execute(b"PING")).addErrback(silent)
 
     def _lost(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
+            if self._heartbeat is not None and self._heartbeat.running:
+                self._heartbeat.stop()
+            self._heartbeat = None
             if not self.service.running:
                 return  # we closed it
             self.log.warn("{name}: lost the connection to Redis; reconnecting", name=self._name)

@@ -11,13 +11,13 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from rendezvous_twisted.budget import worst_case_memory
+from rendezvous_twisted.budget import redis_memory, worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
 from rendezvous_twisted.web import RendezvousSite
@@ -87,8 +87,15 @@ class StoreService(Service):
         clock: IReactorTime,
         site: RendezvousSite | None = None,
         lifecycle: Lifecycle | None = None,
+        connections: IService | None = None,
     ) -> None:
+        """
+        @param connections: the store's connections (Redis), started with
+            this service and stopped only once the requests in flight were
+            answered.
+        """
         self.store = store
+        self.connections = connections
         self.config = config
         self.clock = clock
         self.site = site
@@ -96,6 +103,8 @@ class StoreService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        if self.connections is not None:
+            self.connections.startService()
         c = self.config
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
@@ -109,10 +118,16 @@ class StoreService(Service):
             max_parked=c.max_parked,
             per_rendezvous=c.max_parked_per_rendezvous,
         )
+        in_redis = self.connections is not None
         self.log.info(
             "worst-case memory at these limits: {budget}",
-            budget=worst_case_memory(c).describe(),
+            budget=worst_case_memory(c, in_redis).describe(),
         )
+        if in_redis:
+            self.log.info(
+                "worst-case memory in Redis, for all processes together: {budget}",
+                budget=redis_memory(c).describe(),
+            )
         self._check_descriptor_limit()
 
     def _check_descriptor_limit(self) -> None:
@@ -148,8 +163,11 @@ class StoreService(Service):
 
         def settled(result: None) -> Deferred[None]:
             self.log.info("stopped gracefully")
+            closed: Deferred[None] = succeed(None)
+            if self.connections is not None:
+                closed = maybeDeferred(self.connections.stopService)
             # Give the reactor a turn to write what the last closes left.
-            return deferLater(self.clock, 0, lambda: None)
+            return closed.addCallback(lambda _: deferLater(self.clock, 0, lambda: None))
 
         d = drained.addCallback(settled)
         d.addCallback(lambda _: self.lifecycle.drained.callback(None))

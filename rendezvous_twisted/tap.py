@@ -418,14 +418,11 @@ def makeService(
         log_observer = logs.observer("text")
     root = RendezvousRoot(log_observer)
     OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
-    if isinstance(store, RedisStore):
-        # Before the StoreService, so that it disconnects last, once the
-        # requests in flight were answered.
-        store.service.setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
-    StoreService(store, config, reactor, site, lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
+    connections = store.service if isinstance(store, RedisStore) else None
+    StoreService(store, config, reactor, site, lifecycle, connections).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
     # kill the process, and a "systemctl reload" must never do that.

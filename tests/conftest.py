@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from rendezvous_twisted.config import Config
-from rendezvous_twisted.store import MemoryStore
+from rendezvous_twisted.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.web import RendezvousAPI
 
 #: Where StubTreq requests go; Location follows this Host without --public-url.
@@ -112,11 +112,13 @@ class Harness:
     client talking HTTP to it in memory.
     """
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(
+        self, store: Callable[[Config, Clock], RendezvousStore] = MemoryStore, **config: Any
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(EPOCH)
         self.config = Config(**config)
-        self.store = MemoryStore(self.config, self.clock)
+        self.store = store(self.config, self.clock)
         self.api = RendezvousAPI(self.store, self.config, self.clock)
         # StubTreq copies treq's functions onto itself at run time: Any.
         self.client: Any = StubTreq(self.api.resource())  # type: ignore[no-untyped-call]

@@ -156,3 +156,14 @@ def test_too_few_file_descriptors_are_warned_about() -> None:
     with capturedLogs() as events:
         service.startService()
     assert not [e for e in events if e["log_level"] == LogLevel.warn]
+
+
+def test_rendezvous_in_redis_leave_the_process_budget() -> None:
+    """With --store redis the process' budget has no rendezvous, and Redis' has them all."""
+    config = Config()
+    in_process = {item.name for item in budget.worst_case_memory(config, in_redis=True).items}
+    assert "rendezvous" not in in_process
+    assert "parked readers" in in_process
+    [item] = budget.redis_memory(config).items
+    assert item.count == config.max_rendezvous
+    assert item.bytes_each >= config.max_bytes + config.max_content_type_bytes

@@ -31,8 +31,9 @@ import twisted.plugins
 from rendezvous_twisted import tap
 from rendezvous_twisted.conditions import parse
 from rendezvous_twisted.config import Config
+from rendezvous_twisted.redis_store import RedisStore, parse_store_url
 from rendezvous_twisted.service import StoreService
-from rendezvous_twisted.store import NotFound, Version
+from rendezvous_twisted.store import MemoryStore, NotFound, Version
 from rendezvous_twisted.web import RendezvousSite
 
 from .conftest import answered, fired
@@ -86,7 +87,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         2.5,
     ),
 ]
-PUBLIC_URL = ("public-url", "public_url", "RENDEZVOUS_PUBLIC_URL", "https://h.test/rz", "https://h.test/rz")
+PUBLIC_URL = (
+    "public-url",
+    "public_url",
+    "RENDEZVOUS_PUBLIC_URL",
+    "https://h.test/rz",
+    "https://h.test/rz",
+)
 MSC4108_SESSION_PREFIX = (
     "msc4108-session-prefix",
     "msc4108_session_prefix",
@@ -520,3 +527,32 @@ def test_help_texts_are_wrapped_without_runs_of_spaces() -> None:
     for line in str(options).splitlines():
         text = re.sub(r"^\s*(--[\w-]+=?\s+)?", "", line)
         assert "  " not in text, line
+
+
+def test_store_defaults_to_memory() -> None:
+    """Without --store the rendezvous live in this process' memory."""
+    service = tap.makeService(parsed([]), reactor=MemoryReactorClock())
+    assert isinstance(store_service(service).store, MemoryStore)
+
+
+def test_store_option_and_variable_choose_redis() -> None:
+    """--store redis://... (or RENDEZVOUS_STORE) keeps rendezvous in that Redis."""
+    url = "redis://127.0.0.1:6390/2"
+    assert parsed([f"--store={url}"])["store-url"] == parse_store_url(url)
+    options = tap.options_from_environment({"RENDEZVOUS_STORE": url})
+    assert options["store-url"] == parse_store_url(url)
+    from twisted.internet import reactor
+
+    service = tap.makeService(options, reactor=reactor)
+    store = store_service(service).store
+    assert isinstance(store, RedisStore)
+    # The StoreService owns its connections, to close them only once the
+    # requests in flight were answered.
+    assert store_service(service).connections is store.service
+
+
+@pytest.mark.parametrize("url", ["redis://", "mysql://h/0", "unix://relative"])
+def test_bad_store_is_a_usage_error(url: str) -> None:
+    """A --store that names no Redis stops twistd with a usage error naming --store."""
+    with pytest.raises(usage.UsageError, match="--store"):
+        parsed([f"--store={url}"])

@@ -1,0 +1,142 @@
+"""
+The Redis store's own parts: --store URLs, and failing fast (503) when
+Redis cannot answer.  Its behaviour against a real Redis is pinned, beside
+the memory store's, in test_store.py, test_multinode.py and
+test_redis_faults.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from rendezvous_twisted.conditions import ANY
+from rendezvous_twisted.config import Config
+from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
+from rendezvous_twisted.store import StoreUnavailable
+from tests.conftest import Harness, fired, on_reactor
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("redis://localhost", StoreURL("tcp", host="localhost")),
+        ("redis://10.0.0.5:6380/3", StoreURL("tcp", host="10.0.0.5", port=6380, db=3)),
+        (
+            "redis://app:s%40cret@[::1]:7000/1?prefix=rv:",
+            StoreURL(
+                "tcp", host="::1", port=7000, db=1, username="app", password="s@cret", prefix="rv:"
+            ),
+        ),
+        ("redis://:pw@h/0", StoreURL("tcp", host="h", password="pw")),
+        (
+            "rediss://redis.example:6390/2?ca=/etc/ca.pem",
+            StoreURL("tls", host="redis.example", port=6390, db=2, ca="/etc/ca.pem"),
+        ),
+        (
+            "unix:///run/redis/redis.sock?db=4&password=pw",
+            StoreURL("unix", path="/run/redis/redis.sock", db=4, password="pw"),
+        ),
+    ],
+)
+def test_store_urls_parse(text: str, expected: StoreURL) -> None:
+    """Every documented --store form parses to where and how to connect."""
+    assert parse_store_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "memcached://h",
+        "redis://",
+        "redis://h:notaport",
+        "redis://h/db",
+        "redis://h/0?ca=/x.pem",
+        "redis://h/0?colour=blue",
+        "unix://relative/path",
+        "unix://",
+        "/run/redis.sock",
+    ],
+)
+def test_bad_store_urls_are_refused(text: str) -> None:
+    """A --store value that names no Redis is refused, naming --store, never guessed at."""
+    with pytest.raises(ValueError, match="--store"):
+        parse_store_url(text)
+
+
+def test_url_in_logs_has_no_password() -> None:
+    """The URL as logged leaves out the password."""
+    assert "pw" not in str(parse_store_url("redis://user:pw@h:1/2"))
+    assert "pw" not in str(parse_store_url("unix:///s?password=pw"))
+
+
+def unreachable(config: Config, clock: Clock) -> RedisStore:
+    """
+    A Redis store that has no connection (never connected).
+    """
+    from twisted.internet import reactor
+
+    return RedisStore(config, clock, reactor, parse_store_url("redis://127.0.0.1:1/0"))
+
+
+def test_every_operation_fails_at_once_without_redis() -> None:
+    """Without a connection to Redis every operation fails at once with StoreUnavailable."""
+    store = unreachable(Config(), Clock())
+    rendezvous_id = "A" * 22
+    operations: list[Deferred[Any]] = [
+        store.create(b"x", b"text/plain", "owner"),
+        store.read(rendezvous_id),
+        store.write(rendezvous_id, b"x", b"text/plain", ANY),
+        store.delete(rendezvous_id),
+        store.wait_for_change(rendezvous_id, ANY, 20),
+    ]
+    for d in operations:
+        with pytest.raises(StoreUnavailable):
+            fired(d)
+    assert store.parked_count == 0
+
+
+def test_web_answers_503_json_with_retry_after_when_redis_is_down() -> None:
+    """Each route answers 503, JSON M_UNKNOWN and Retry-After: 1 while the store is unavailable."""
+    harness = Harness(store=unreachable)
+    path = "/" + "A" * 22
+    for method, target, headers in [
+        ("POST", "/", {}),
+        ("GET", path, {}),
+        ("GET", path, {"If-None-Match": '"x"'}),
+        ("PUT", path, {}),
+        ("DELETE", path, {}),
+    ]:
+        answer = harness.call(
+            method, target, b"x" if method in ("POST", "PUT") else None, headers=headers
+        )
+        assert answer.code == 503, (method, answer)
+        assert answer.header("Retry-After") == b"1"
+        assert answer.header("Content-Type") == b"application/json"
+        assert answer.json()["errcode"] == "M_UNKNOWN"
+        assert answer.header("Access-Control-Allow-Origin") == b"*"
+
+
+@on_reactor
+async def test_connecting_to_nothing_fails_fast_and_keeps_trying() -> None:
+    """A store aimed where nothing listens fails at once with StoreUnavailable."""
+    from twisted.internet import reactor
+
+    store = RedisStore(
+        Config(store_timeout_seconds=0.2),
+        Clock(),
+        reactor,
+        parse_store_url("redis://127.0.0.1:1/0"),
+    )
+    store.connect()
+    try:
+        started = reactor.seconds()
+        with pytest.raises(StoreUnavailable):
+            await store.create(b"x", b"text/plain", "owner")
+        assert reactor.seconds() - started < 0.1
+        assert not store.available
+    finally:
+        await store.close()
