@@ -11,11 +11,9 @@ at the end.
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import pytest
 from twisted.internet import reactor
@@ -25,6 +23,7 @@ from twisted.internet.task import Clock, deferLater
 from rendezvous_twisted import conditions
 from rendezvous_twisted.conditions import ANY, NOTHING, Condition
 from rendezvous_twisted.config import Config
+from rendezvous_twisted.redis_store import RedisStore, parse_store_url
 from rendezvous_twisted.store import (
     Full,
     MemoryStore,
@@ -41,12 +40,9 @@ from .conftest import EPOCH, answered, on_reactor, reactor_fixture
 if TYPE_CHECKING:
     from .redis_server import RedisServer
 
-try:
-    from rendezvous_twisted import redis_store  # type: ignore[attr-defined,unused-ignore]
-except ImportError:  # pragma: no cover - until the Redis store lands
-    redis_store = None  # type: ignore[assignment,unused-ignore]
 
 OWNER = "192.0.2.1"
+UNKNOWN = "nosuchrendezvous00000"
 TYPE = b"text/plain"
 #: How long a test waits, in real time, for something that goes through
 #: Redis before it fails instead of hanging.
@@ -79,7 +75,7 @@ class Stores:
 
     kind: str
     redis_url: str | None = None
-    made: list[Any] = field(default_factory=list)
+    made: list[RedisStore] = field(default_factory=list)
 
     async def __call__(
         self, clock: Clock | None = None, prefix: str | None = None, **config: Any
@@ -93,13 +89,11 @@ class Stores:
             clock.advance(EPOCH)
         if self.kind == "memory":
             return MemoryStore(Config(**config), clock), clock
-        assert redis_store is not None and self.redis_url is not None
+        assert self.redis_url is not None
         url = self.redis_url
         if prefix is not None:
             url += ("&" if "?" in url else "?") + "prefix=" + prefix
-        store = redis_store.RedisStore(
-            Config(**config), clock, reactor, redis_store.parse_store_url(url)
-        )
+        store = RedisStore(Config(**config), clock, reactor, parse_store_url(url))
         self.made.append(store)
         store.connect()
         await within(store.ready())
@@ -124,15 +118,9 @@ class Stores:
             await within(store.close())
 
 
-REDIS = pytest.param(
-    "redis",
-    marks=pytest.mark.skipif(
-        redis_store is None, reason="rendezvous_twisted.redis_store is not there yet"
-    ),
-)
-BACKENDS = ["memory", REDIS]
+BACKENDS = ["memory", "redis"]
 #: Runs a test against RedisStore alone.
-redis_only = pytest.mark.parametrize("kind", [REDIS])
+redis_only = pytest.mark.parametrize("kind", ["redis"])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -179,9 +167,14 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 async def parked(store: Store, count: int) -> None:
     """
-    Wait for C{count} readers to be parked on C{store}.
+    Wait for C{count} readers to be parked on C{store}, with their timers
+    running.  RedisStore counts a reader at once, reads the rendezvous and
+    starts the reader's timer when that read is answered: before any later
+    command of that store is (one connection, answered in order).
     """
     await until(lambda: store.parked_count == count, f"{count} parked")
+    if isinstance(store, RedisStore):
+        await outcome(store.read(UNKNOWN))
 
 
 async def create(store: Store, body: bytes = b"hello", owner: str = OWNER) -> Version:
@@ -276,7 +269,7 @@ async def test_create_refuses_oversize_payload(make: Stores) -> None:
 async def test_read_unknown_is_not_found(make: Stores) -> None:
     """Reading an id that was never created fails with NotFound."""
     store, _ = await make()
-    assert isinstance(await failure_of(store.read("nosuchrendezvous00000")), NotFound)
+    assert isinstance(await failure_of(store.read(UNKNOWN)), NotFound)
 
 
 # ETags.
@@ -401,7 +394,7 @@ async def test_write_oversize_fails_and_keeps_payload(make: Stores) -> None:
 async def test_write_unknown_is_not_found(make: Stores) -> None:
     """Writing an unknown id fails with NotFound."""
     store, _ = await make()
-    error = await failure_of(store.write("nosuchrendezvous00000", b"", TYPE, ANY))
+    error = await failure_of(store.write(UNKNOWN, b"", TYPE, ANY))
     assert isinstance(error, NotFound)
 
 
@@ -418,7 +411,6 @@ async def test_delete_forgets_the_rendezvous(make: Stores) -> None:
     assert isinstance(await failure_of(store.read(rendezvous_id)), NotFound)
     assert isinstance(await failure_of(store.write(rendezvous_id, b"", TYPE, ANY)), NotFound)
     assert isinstance(await failure_of(store.delete(rendezvous_id)), NotFound)
-    assert store.rendezvous_count == 0
 
 
 @on_reactor
@@ -441,7 +433,6 @@ async def test_expiry_is_checked_on_access_even_before_the_timer_runs(make: Stor
     clock.rightNow += 61
     assert isinstance(await failure_of(store.read(rendezvous_id)), NotFound)
     assert isinstance(await failure_of(store.write(rendezvous_id, b"", TYPE, ANY)), NotFound)
-    assert store.rendezvous_count == 0
 
 
 @on_reactor
@@ -794,7 +785,9 @@ async def test_parked_places_free_up_when_readers_leave(make: Stores) -> None:
     clock.advance(5)
     await within(timing_out)
     # Cancelled at once, parked or not yet.
-    park(store, created).cancel()
+    cancelled = park(store, created)
+    cancelled.cancel()
+    assert isinstance(await failure_of(cancelled), CancelledError)
     d = park(store, created)
     await parked(store, 1)
     current = await store.write(created.rendezvous_id, b"b", TYPE, ANY)
@@ -808,7 +801,7 @@ async def test_parked_places_free_up_when_readers_leave(make: Stores) -> None:
 async def test_wait_on_unknown_is_not_found(make: Stores) -> None:
     """Waiting on an unknown rendezvous fails at once with NotFound."""
     store, _ = await make()
-    d = store.wait_for_change("nosuchrendezvous00000", ANY, 20)
+    d = store.wait_for_change(UNKNOWN, ANY, 20)
     assert isinstance(await failure_of(d), NotFound)
 
 
@@ -972,6 +965,22 @@ async def test_expired_rendezvous_is_not_found_and_reclaimed() -> None:
     assert isinstance(await failure_of(store.read(rendezvous_id)), NotFound)
 
 
+@on_reactor
+async def test_memory_store_counts_what_it_holds() -> None:
+    """
+    MemoryStore's rendezvous_count drops at once on a delete and on an
+    expiry found on access.  (RedisStore's is the count its last create saw.)
+    """
+    store, clock = memory_store(ttl_seconds=60)
+    deleted, expired = await create(store), await create(store)
+    await store.delete(deleted.rendezvous_id)
+    assert store.rendezvous_count == 1
+    # Move time without running timers, as a busy reactor might.
+    clock.rightNow += 61
+    assert isinstance(await failure_of(store.read(expired.rendezvous_id)), NotFound)
+    assert store.rendezvous_count == 0
+
+
 # What only Redis holds.
 
 
@@ -1070,6 +1079,21 @@ async def test_redis_keys_are_under_the_prefix(make: Stores, redis_server: Redis
 
 @redis_only
 @on_reactor
+async def test_redis_close_leaves_no_connection(make: Stores, redis_server: RedisServer) -> None:
+    """A store closed as soon as it is ready leaves no connection to Redis open."""
+    store, _ = await make()
+    await within(cast(RedisStore, store).close())
+
+    def clients() -> int:
+        # Our own CLIENT LIST connection is one.
+        listed: bytes = redis_server.command("CLIENT", "LIST")
+        return len(listed.splitlines()) - 1
+
+    await until(lambda: clients() == 0, "every connection closed")
+
+
+@redis_only
+@on_reactor
 async def test_redis_stores_on_two_prefixes_do_not_meet(make: Stores) -> None:
     """Stores on one Redis under two prefixes share neither rendezvous nor caps."""
     one, clock = await make(prefix="one:", max_rendezvous=1, max_rendezvous_per_address=1)
@@ -1077,47 +1101,3 @@ async def test_redis_stores_on_two_prefixes_do_not_meet(make: Stores) -> None:
     created = await create(one)
     assert isinstance(await failure_of(other.read(created.rendezvous_id)), NotFound)
     assert (await create(other)).rendezvous_id != created.rendezvous_id
-
-
-# A private redis-server until tests/redis_server.py lands on main.
-
-
-@pytest.fixture(scope="session")
-def _redis_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """
-    A redis-server on a unix socket, without persistence, for the session.
-    """
-    directory = tmp_path_factory.mktemp("redis")
-    socket = directory / "redis.sock"
-    server = subprocess.Popen(
-        [
-            *("/usr/bin/redis-server", "--port", "0", "--unixsocket", str(socket)),
-            *("--save", "", "--appendonly", "no", "--dir", str(directory)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None
-    for line in server.stdout:
-        if "Ready to accept connections" in line:
-            break
-    else:
-        raise AssertionError(f"redis-server exited with {server.wait()}")
-    server.stdout.close()
-    yield socket
-    server.terminate()
-    server.wait(DEADLINE)
-
-
-@pytest.fixture
-def redis_url(_redis_socket: Path) -> str:
-    """
-    The session's redis-server, emptied.
-    """
-    subprocess.run(
-        ["/usr/bin/redis-cli", "-s", str(_redis_socket), "FLUSHALL"],
-        check=True,
-        capture_output=True,
-        timeout=DEADLINE,
-    )
-    return f"unix://{_redis_socket}"
