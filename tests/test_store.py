@@ -1078,10 +1078,13 @@ async def test_redis_holds_nothing_without_an_expiry(
         assert 0 < redis_server.command("PTTL", key) <= 60_000, key
 
 
+PREFIXES = [b"rendezvous:", b"other-app:"]
+
+
 @redis_only
 @on_reactor
 async def test_redis_keys_are_under_the_prefix(make: Stores, redis_server: RedisServer) -> None:
-    """Every key the store writes is under its prefix: rendezvous: unless the URL names one."""
+    """Every key and channel the store uses is under its prefix: rendezvous: or the URL's."""
     default, _ = await make(max_rendezvous_per_address=2)
     await exercise(default)
     held = keys(redis_server)
@@ -1091,6 +1094,25 @@ async def test_redis_keys_are_under_the_prefix(make: Stores, redis_server: Redis
     await exercise(custom)
     held = keys(redis_server)
     assert held and all(key.startswith(b"other-app:") for key in held), held
+    # The channels too: one per store, each under its store's prefix.
+    channels: list[bytes] = redis_server.command("PUBSUB", "CHANNELS")
+    under = [next((p for p in PREFIXES if c.startswith(p)), c) for c in channels]
+    assert sorted(under) == sorted(PREFIXES), channels
+
+
+@redis_only
+@on_reactor
+async def test_redis_one_subscription_per_store(make: Stores, redis_server: RedisServer) -> None:
+    """Each store holds one subscription, however many readers it has parked."""
+    a, b, _ = await make.nodes()
+    created = await create(a)
+    for node in (a, b):
+        for _ in range(3):
+            park(node, created)
+        await parked(node, 3)
+    [channel] = redis_server.command("PUBSUB", "CHANNELS")
+    assert redis_server.command("PUBSUB", "NUMSUB", channel) == [channel, 2]
+    assert redis_server.command("PUBSUB", "NUMPAT") == 0
 
 
 @redis_only
