@@ -343,6 +343,21 @@ async def test_write_with_matching_if_match_succeeds(make: Stores) -> None:
 
 
 @on_reactor
+async def test_write_with_if_match_listing_the_current_etag_succeeds(make: Stores) -> None:
+    """A write whose If-Match lists several ETags, one of them current, succeeds."""
+    store, _ = await make()
+    created = await create(store)
+    stale = await store.write(created.rendezvous_id, b"b", TYPE, ANY)
+    current = await store.write(created.rendezvous_id, b"c", TYPE, ANY)
+    listed = etag_is(b", ".join([created.etag, b"W/" + stale.etag, current.etag]))
+    assert (await store.write(created.rendezvous_id, b"d", TYPE, listed)).body == b"d"
+    # Without the current one, the same list fails.
+    unlisted = etag_is(b", ".join([created.etag, stale.etag]))
+    error = await failure_of(store.write(created.rendezvous_id, b"e", TYPE, unlisted))
+    assert isinstance(error, PreconditionFailed)
+
+
+@on_reactor
 async def test_write_with_stale_if_match_fails_with_current_version(make: Stores) -> None:
     """A write whose If-Match is stale fails, carrying the current version, and changes nothing."""
     store, _ = await make()
@@ -445,6 +460,8 @@ async def test_expiry_is_checked_on_access_even_before_the_timer_runs(make: Stor
     clock.rightNow += 61
     assert isinstance(await failure_of(store.read(rendezvous_id)), NotFound)
     assert isinstance(await failure_of(store.write(rendezvous_id, b"", TYPE, ANY)), NotFound)
+    assert isinstance(await failure_of(store.wait_for_change(rendezvous_id, ANY, 20)), NotFound)
+    assert isinstance(await failure_of(store.delete(rendezvous_id)), NotFound)
 
 
 @on_reactor
@@ -842,6 +859,18 @@ async def test_shutdown_answers_parked_readers_unchanged_and_stops_parking(
     assert await store.read(created.rendezvous_id) == created
 
 
+@on_reactor
+async def test_shutdown_answers_a_wait_that_just_began(make: Stores) -> None:
+    """A wait begun just before shutdown is answered with the unchanged version too."""
+    store, clock = await make()
+    created = await create(store)
+    d = park(store, created)
+    store.shutdown()
+    assert await within(d) == Wakeup(created, changed=False)
+    assert store.parked_count == 0
+    assert reader_timers(make, clock) == []
+
+
 @pytest.mark.parametrize("seconds", [0.5, 60.0])
 @on_reactor
 async def test_shutdown_keeps_expiry_on_access(make: Stores, seconds: float) -> None:
@@ -897,6 +926,19 @@ async def test_write_on_one_node_wakes_a_reader_parked_on_another(make: Stores) 
     created = await create(a)
     d = park(b, created)
     await parked(b, 1)
+    written = await a.write(created.rendezvous_id, b"from A", TYPE, ANY)
+    assert await within(d) == Wakeup(written, changed=True)
+    assert b.parked_count == 0
+
+
+@on_reactor
+async def test_write_on_one_node_as_a_reader_begins_on_another_is_not_missed(
+    make: Stores,
+) -> None:
+    """A write on node A sent while node B's reader is still starting its wait answers it."""
+    a, b, _ = await make.nodes()
+    created = await create(a)
+    d = park(b, created)
     written = await a.write(created.rendezvous_id, b"from A", TYPE, ANY)
     assert await within(d) == Wakeup(written, changed=True)
     assert b.parked_count == 0
