@@ -291,14 +291,24 @@ class RedisConnection:
         return self._deadline(protocol.execute(*arguments))
 
     def _deadline(self, d: Deferred[Any]) -> Deferred[Any]:
-        timer = self._reactor.callLater(self._timeout_seconds, self._late, d)
+        # The answer is a Deferred of our own: C{d} may be a chain (AUTH,
+        # then SUBSCRIBE) that counts as "called" while it waits on its next
+        # link, and a called Deferred can no longer be failed at its deadline.
+        answer: Deferred[Any] = Deferred()
+        timer = self._reactor.callLater(self._timeout_seconds, self._late, answer)
 
-        def settled(result: Any) -> Any:
+        def settled(result: Any) -> None:
             if timer.active():
                 timer.cancel()
-            return result
+            if answer.called:
+                return  # too late: the deadline answered already
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
 
-        return d.addBoth(settled)
+        d.addBoth(settled)
+        return answer
 
     def _late(self, d: Deferred[Any]) -> None:
         if not d.called:
@@ -324,7 +334,10 @@ class RedisConnection:
                 self._reactor.callLater(0, self._announce, protocol)
 
         def refused(failure: Failure) -> None:
-            self.log.error(
+            # No answer in time is an outage, as a lost connection is; an
+            # error reply (a wrong password, an unknown database) is not.
+            log = self.log.warn if failure.check(RedisDown) else self.log.error
+            log(
                 "{name}: Redis refused the connection's set-up: {error}",
                 name=self._name,
                 error=failure.getErrorMessage(),

@@ -21,6 +21,12 @@ from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.web import RendezvousAPI
 
+# A real redis-server for the tests that need one: redis_server (shared),
+# redis_url (emptied per test), own_redis (private, for the fault tests).
+from .redis_server import own_redis, redis_server, redis_url
+
+__all__ = ["own_redis", "redis_server", "redis_url"]
+
 #: Where StubTreq requests go; Location follows this Host without --public-url.
 BASE = "http://rendezvous.test"
 #: The Clock starts here (2024-01-01T00:00:00Z), so HTTP-dates are realistic.

@@ -111,16 +111,12 @@ def test_create_flood_is_limited_while_another_address_exchanges(
     assert_exchange_works(server, HONEST)
 
 
-def test_request_flood_is_limited_per_address(
-    servers: list[TwistdServer], tmp_path: Path
-) -> None:
+def test_request_flood_is_limited_per_address(servers: list[TwistdServer], tmp_path: Path) -> None:
     """
     A flood of reads from one address gets 429 once its request budget is
     spent; another address reads the same rendezvous and exchanges.
     """
-    server = start(
-        servers, tmp_path, "--request-burst=10", "--request-per-second=0.01"
-    )
+    server = start(servers, tmp_path, "--request-burst=10", "--request-per-second=0.01")
     with Conn(server.port, source=HONEST) as honest:
         rendezvous_id, _ = create(server, honest, secret("read-me"))
     statuses = []
@@ -235,9 +231,7 @@ def test_slowloris_is_cut_while_honest_clients_are_served(
     though each byte would reset an idle timeout; meanwhile an honest client
     exchanges, its long-poll parked for longer than those deadlines.
     """
-    server = start(
-        servers, tmp_path, "--header-timeout=1", "--body-timeout=1", "--poll-timeout=10"
-    )
+    server = start(servers, tmp_path, "--header-timeout=1", "--body-timeout=1", "--poll-timeout=10")
     with Conn(server.port, source=HONEST) as a, Conn(server.port, source=HONEST) as b:
         # An honest long-poll, parked before the attack starts.
         rendezvous_id, created = create(server, a, secret("slowloris"))
@@ -342,8 +336,7 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     # Through the trusted proxy, the clients it names are told apart; a
     # client-supplied entry on the left cannot make it someone else.
     via_proxy = [
-        post(proxy, [("X-Forwarded-For", f"198.51.100.{n % 10}, 203.0.113.50")])
-        for n in range(3)
+        post(proxy, [("X-Forwarded-For", f"198.51.100.{n % 10}, 203.0.113.50")]) for n in range(3)
     ]
     assert [r.status for r in via_proxy] == [200, 200, 429]
     other = post(proxy, [("X-Forwarded-For", "203.0.113.51"), ("X-Forwarded-Proto", "https")])

@@ -42,8 +42,19 @@ def test_addresses_parse_with_ports_brackets_and_zones(text: str | bytes, expect
 
 @pytest.mark.parametrize(
     "text",
-    ["", "unknown", "_hidden", "example.org", "192.0.2.1:x", "[2001:db8::1", "[::1]x", "1" * 100,
-     "300.1.1.1", b"\xff\xfe", "192.0.2.1:80:80"],
+    [
+        "",
+        "unknown",
+        "_hidden",
+        "example.org",
+        "192.0.2.1:x",
+        "[2001:db8::1",
+        "[::1]x",
+        "1" * 100,
+        "300.1.1.1",
+        b"\xff\xfe",
+        "192.0.2.1:80:80",
+    ],
 )
 def test_garbage_is_no_address(text: str | bytes) -> None:
     """Anything that is not an address (obfuscated, unknown, garbage) parses to None."""
@@ -156,8 +167,14 @@ def test_forwarded_header_per_rfc_7239(header: list[bytes], client: str) -> None
 
 @pytest.mark.parametrize(
     ("values", "secure"),
-    [([b"https"], True), ([b"HTTP"], False), ([b"https, http"], None), ([b"ftp"], None),
-     ([b"https", b"https"], None), (None, None)],
+    [
+        ([b"https"], True),
+        ([b"HTTP"], False),
+        ([b"https, http"], None),
+        ([b"ftp"], None),
+        ([b"https", b"https"], None),
+        (None, None),
+    ],
 )
 def test_forwarded_proto_from_a_trusted_proxy(
     values: list[bytes] | None, secure: bool | None

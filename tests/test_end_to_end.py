@@ -89,6 +89,7 @@ class TwistdServer:
         port_line: re.Pattern[bytes] = _PORT_LINE,
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
+        wait: bool = True,
     ) -> None:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
         environ["PYTHONPATH"] = str(REPO)
@@ -109,8 +110,17 @@ class TwistdServer:
         self.secrets: list[bytes] = []
         self.port = 0
         self.signalled = False
+        self.port_line = port_line
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """
+        Wait until the server prints its port (the constructor does, unless
+        told not to: several servers then start side by side).
+        """
         try:
-            match = self.wait_for(port_line, START_DEADLINE_SECONDS)
+            match = self.wait_for(self.port_line, START_DEADLINE_SECONDS)
         except BaseException:
             self.stop()
             raise

@@ -337,7 +337,7 @@ def test_refusals_on_the_connection_are_counted_and_logged() -> None:
     assert refused.disconnecting
     status, _, body = raw_answer(other)
     assert status.startswith(b"HTTP/1.1 408 ")
-    assert b"within 1 second\"" in body
+    assert b'within 1 second"' in body
     assert refusals(site, "connections") == 1
     assert refusals(site, "slow") == 2
     messages = [formatEvent(event) for event in events]

@@ -148,9 +148,7 @@ class H2Client:
         """
         True when stream C{stream} gets no response within C{seconds}.
         """
-        return not self._pump_until(
-            lambda: stream in self.headers or stream in self.ended, seconds
-        )
+        return not self._pump_until(lambda: stream in self.headers or stream in self.ended, seconds)
 
     def goodbye(self) -> None:
         """

@@ -11,7 +11,7 @@ import hiredis
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
@@ -162,6 +162,38 @@ async def test_a_connection_that_goes_quiet_is_made_anew() -> None:
     try:
         await again.addTimeout(5, reactor)
         assert events == ["up", "down", "up"]
+    finally:
+        await connection.service.stopService()
+        await port.stopListening()
+
+
+@on_reactor
+async def test_a_set_up_that_is_never_answered_is_dropped_at_its_deadline() -> None:
+    """A set-up chain (AUTH, SUBSCRIBE) never answered is dropped at its deadline and retried."""
+    from twisted.internet import reactor
+
+    made: list[None] = []
+
+    class Counted(_Mute):
+        def connectionMade(self) -> None:
+            made.append(None)
+            if len(made) == 2:
+                again.callback(None)
+
+    again: Deferred[None] = Deferred()
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(Counted)
+    )
+    connection = RedisConnection(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        reactor,
+        0.1,
+        lambda protocol: succeed(None).addCallback(lambda _: protocol.execute(b"SUBSCRIBE", b"c")),
+    )
+    connection.service.startService()
+    try:
+        await again.addTimeout(5, reactor)
+        assert not connection.up
     finally:
         await connection.service.stopService()
         await port.stopListening()
