@@ -47,9 +47,14 @@ from rendezvous_twisted.store import (
     TooLarge,
     Version,
     Wakeup,
+    parking_refusal,
+    retry_after,
 )
 
 DEFAULT_PREFIX = "rendezvous:"
+#: Each connection is PINGed every this many store timeouts, so that one
+#: that went quiet is found out within one more (6 s at the defaults).
+HEARTBEAT_TIMEOUTS = 5
 
 
 @dataclass(frozen=True)
@@ -291,10 +296,6 @@ def _first_error(failure: Failure) -> Failure:
     return failure.value.subFailure
 
 
-def _retry_after(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
-
-
 #: At most one warning per this many seconds while the store is unavailable.
 _WARN_EVERY_SECONDS = 10.0
 
@@ -339,9 +340,16 @@ class RedisStore:
         self._ready: list[Deferred[None]] = []
         self._last_warning = -math.inf
         timeout = config.store_timeout_seconds
+        heartbeat = HEARTBEAT_TIMEOUTS * timeout
         endpoint = store_endpoint(reactor, url, timeout)
         self._commands = RedisConnection(
-            endpoint, reactor, timeout, self._select, on_up=self._commands_up, name="commands"
+            endpoint,
+            reactor,
+            timeout,
+            self._select,
+            on_up=self._commands_up,
+            name="commands",
+            heartbeat_seconds=heartbeat,
         )
         self._events = RedisConnection(
             endpoint,
@@ -352,6 +360,7 @@ class RedisStore:
             on_up=self._up,
             on_down=self._events_lost,
             name="events",
+            heartbeat_seconds=heartbeat,
         )
         #: Start it to connect (and keep reconnecting); stop it to disconnect.
         self.service = _Connections(url)
@@ -544,10 +553,10 @@ class RedisStore:
                 )
             if outcome == b"exists":  # pragma: no cover - 2**-128
                 return self.create(body, content_type, owner)
-            retry_after = _retry_after(float(detail) / 1000 - now / 1000)
+            seconds = retry_after(float(detail) / 1000 - now / 1000)
             if outcome == b"owner":
-                raise Full("too many rendezvous from this address", retry_after)
-            raise Full("the server is full", retry_after)
+                raise Full("too many rendezvous from this address", seconds)
+            raise Full("the server is full", seconds)
 
         return d.addCallback(created)
 
@@ -647,17 +656,14 @@ class RedisStore:
                 return Wakeup(version, changed=True)
 
             return self.read(rendezvous_id).addCallback(unparked)
-        waiting = self._waiting.get(rendezvous_id)
-        if waiting is not None and len(waiting) >= self._config.max_parked_per_rendezvous:
-            soonest = min(waiter.deadline for waiter in waiting)
-            return fail(
-                Full(
-                    "too many readers wait on this rendezvous",
-                    _retry_after(soonest - self._clock.seconds()),
-                )
-            )
-        if self._parked >= self._config.max_parked:
-            return fail(Full("too many readers wait on this server", 1))
+        refusal = parking_refusal(
+            self._config,
+            self._waiting.get(rendezvous_id, {}),
+            self._parked,
+            self._clock.seconds(),
+        )
+        if refusal is not None:
+            return fail(refusal)
         # Parked before it reads: a change published while the read is out
         # reads again (see _changed), so that no wake-up falls in between.
         waiter = _Waiter(if_none_match, self._clock.seconds() + timeout_seconds)

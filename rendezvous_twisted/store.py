@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import count
 from typing import NamedTuple, Protocol
@@ -198,11 +199,31 @@ class _Record:
         self.waiters: dict[_Waiter, None] = {}
 
 
-def _retry_after(seconds: float) -> int:
+def retry_after(seconds: float) -> int:
     """
     A Retry-After value: whole seconds, rounded up, at least one.
     """
     return max(1, math.ceil(seconds))
+
+
+class _Parked(Protocol):
+    #: When the reader will be answered at the latest.
+    deadline: float
+
+
+def parking_refusal(
+    config: Config, waiting: Collection[_Parked], parked: int, now: float
+) -> Full | None:
+    """
+    Why one more reader may not park beside the C{waiting} ones on its
+    rendezvous, with C{parked} on the server: L{Full}, or None if it may.
+    """
+    if len(waiting) >= config.max_parked_per_rendezvous:
+        soonest = min(waiter.deadline for waiter in waiting)
+        return Full("too many readers wait on this rendezvous", retry_after(soonest - now))
+    if parked >= config.max_parked:
+        return Full("too many readers wait on this server", 1)
+    return None
 
 
 class MemoryStore:
@@ -270,14 +291,14 @@ class MemoryStore:
                 return fail(
                     Full(
                         "too many rendezvous from this address",
-                        _retry_after(oldest.version.expires - now),
+                        retry_after(oldest.version.expires - now),
                     )
                 )
         if len(self._records) >= self._config.max_rendezvous:
             self._reclaim_expired(now)
             if len(self._records) >= self._config.max_rendezvous:
                 oldest = next(iter(self._records.values()))
-                return fail(Full("the server is full", _retry_after(oldest.version.expires - now)))
+                return fail(Full("the server is full", retry_after(oldest.version.expires - now)))
         rendezvous_id = secrets.token_urlsafe(16)
         while rendezvous_id in self._records:  # pragma: no cover - 2**-128
             rendezvous_id = secrets.token_urlsafe(16)
@@ -337,16 +358,11 @@ class MemoryStore:
             return succeed(Wakeup(current, changed=True))
         if timeout_seconds <= 0 or self._stopped:
             return succeed(Wakeup(current, changed=False))
-        if len(record.waiters) >= self._config.max_parked_per_rendezvous:
-            soonest = min(waiter.deadline for waiter in record.waiters)
-            return fail(
-                Full(
-                    "too many readers wait on this rendezvous",
-                    _retry_after(soonest - self._clock.seconds()),
-                )
-            )
-        if self._parked >= self._config.max_parked:
-            return fail(Full("too many readers wait on this server", 1))
+        refusal = parking_refusal(
+            self._config, record.waiters, self._parked, self._clock.seconds()
+        )
+        if refusal is not None:
+            return fail(refusal)
         return self._park(record, timeout_seconds)
 
     def shutdown(self) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 
 from .certificates import CA, cert_pem
@@ -72,56 +73,22 @@ def _encode(args: tuple[bytes | str | int, ...]) -> bytes:
     return b"".join(parts)
 
 
-class _Reader:
+def _reply(sock: socket.socket) -> RespValue:
     """
-    Reads RESP2 replies from a blocking socket (the harness' own, so that
-    it never depends on the client under test).
+    One reply from a blocking socket, parsed by hiredis: the harness never
+    depends on the client under test (rendezvous_twisted.resp).
     """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-
-    def _line(self) -> bytes:
-        for _ in range(100_000):
-            end = self.buffer.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[: end + 2]
-                return line
-            self._fill()
-        raise AssertionError("no RESP line")
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
+    reader = hiredis.Reader(replyError=RedisError)
+    reply = reader.gets()
+    while reply is False:
+        chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError(f"Redis closed the connection after {bytes(self.buffer)!r}")
-        self.buffer += chunk
-
-    def reply(self) -> RespValue:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            raise RedisError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            for _ in range(100_000):
-                if len(self.buffer) >= size + 2:
-                    break
-                self._fill()
-            data = bytes(self.buffer[:size])
-            del self.buffer[: size + 2]
-            return data
-        if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self.reply() for _ in range(count)]
-        raise AssertionError(f"not a RESP reply: {line!r}")
+            raise ConnectionError("Redis closed the connection mid-reply")
+        reader.feed(chunk)
+        reply = reader.gets()
+    if isinstance(reply, RedisError):
+        raise reply
+    return reply
 
 
 def _process_state(pid: int) -> str:
@@ -405,7 +372,7 @@ class RedisServer:
         """
         with self._connect(via, timeout) as sock:
             sock.sendall(_encode(args))
-            return _Reader(sock).reply()
+            return _reply(sock)
 
     def flushall(self) -> None:
         """

@@ -11,14 +11,13 @@ wait is on a socket, a pipe or a process, with a deadline.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rendezvous_twisted.resp import RedisConnection
+from rendezvous_twisted.redis_store import HEARTBEAT_TIMEOUTS
 
 from .redis_server import RedisServer, SilentLink
 from .test_end_to_end import Conn, Headers, Response, create, etag_of
@@ -41,9 +40,7 @@ ANSWER_BOUND_SECONDS = 1.0
 RECOVERY_BOUND_SECONDS = 10.0
 #: How often a process PINGs each connection to Redis: one that went
 #: silent is found out and replaced within this and a store timeout.
-HEARTBEAT_SECONDS: float = (
-    inspect.signature(RedisConnection).parameters["heartbeat_seconds"].default
-)
+HEARTBEAT_SECONDS = HEARTBEAT_TIMEOUTS * STORE_TIMEOUT_SECONDS
 
 
 def assert_unavailable(response: Response) -> None:

@@ -7,17 +7,21 @@ test_redis_faults.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from rendezvous_twisted import budget
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.store import StoreUnavailable
 from tests.conftest import Harness, fired, on_reactor
+from tests.redis_server import RedisServer
 
 
 @pytest.mark.parametrize(
@@ -140,3 +144,132 @@ async def test_connecting_to_nothing_fails_fast_and_keeps_trying() -> None:
         assert not store.available
     finally:
         await store.close()
+
+
+async def connected(url: str, clock: Clock | None = None, **config: Any) -> RedisStore:
+    """
+    A Redis store on the real reactor, both connections up.
+    """
+    from twisted.internet import reactor
+
+    store = RedisStore(Config(**config), clock or Clock(), reactor, parse_store_url(url))
+    store.connect()
+    await store.ready().addTimeout(5, reactor)
+    return store
+
+
+@on_reactor
+async def test_a_password_is_sent_and_a_wrong_one_keeps_the_store_unavailable(
+    own_redis: RedisServer,
+) -> None:
+    """With requirepass set, the URL's password connects; a wrong one is logged and answers 503."""
+    from twisted.internet import reactor
+
+    own_redis.command("CONFIG", "SET", "requirepass", "s3cret")
+    right = own_redis.url.replace("redis://", "redis://:s3cret@")
+    store = await connected(right)
+    try:
+        version = await store.create(b"x", b"text/plain", "owner")
+        assert (await store.read(version.rendezvous_id)).body == b"x"
+    finally:
+        await store.close()
+    wrong = RedisStore(
+        Config(),
+        Clock(),
+        reactor,
+        parse_store_url(own_redis.url.replace("redis://", "redis://:no@")),
+    )
+    with capturedLogs() as events:
+        wrong.connect()
+        try:
+            await wait_for(lambda: any("refused" in formatEvent(e) for e in events))
+            assert not wrong.available
+            with pytest.raises(StoreUnavailable):
+                await wrong.create(b"x", b"text/plain", "owner")
+        finally:
+            await wrong.close()
+    assert any("WRONGPASS" in formatEvent(e) for e in events)
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """
+    Let the reactor run until C{condition()} holds; fail after C{seconds}.
+    """
+    from twisted.internet import reactor
+
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not met in time"
+        await deferLater(reactor, 0.01)
+
+
+@on_reactor
+async def test_a_redis_that_writes_to_disk_is_warned_about(own_redis: RedisServer) -> None:
+    """Connecting to a Redis that snapshots or keeps an append-only file logs a warning."""
+    own_redis.command("CONFIG", "SET", "save", "3600 1")
+    with capturedLogs() as events:
+        store = await connected(own_redis.url)
+        try:
+            await wait_for(lambda: any("to disk" in formatEvent(e) for e in events))
+        finally:
+            await store.close()
+    [warning] = [e for e in events if "to disk" in formatEvent(e)]
+    assert warning["log_level"] == LogLevel.warn
+    assert "3600 1" in formatEvent(warning)
+
+
+@on_reactor
+async def test_a_redis_in_memory_only_is_not_warned_about(redis_url: str) -> None:
+    """The test Redis (save "" and appendonly no) connects without a warning about disks."""
+    with capturedLogs() as events:
+        store = await connected(redis_url)
+        try:
+            # The check's two replies come before this create's.
+            await store.create(b"x", b"text/plain", "owner")
+        finally:
+            await store.close()
+    assert not [e for e in events if "disk" in formatEvent(e)]
+
+
+@on_reactor
+async def test_scripts_are_sent_again_after_redis_forgot_them(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """After SCRIPT FLUSH (as after a restart) create, write and delete work: scripts are resent."""
+    store = await connected(redis_url)
+    try:
+        version = await store.create(b"one", b"text/plain", "owner")
+        redis_server.command("SCRIPT", "FLUSH")
+        written = await store.write(version.rendezvous_id, b"two", b"text/plain", ANY)
+        redis_server.command("SCRIPT", "FLUSH")
+        assert (await store.read(version.rendezvous_id)).etag == written.etag
+        await store.delete(version.rendezvous_id)
+        redis_server.command("SCRIPT", "FLUSH")
+        await store.create(b"three", b"text/plain", "owner")
+    finally:
+        await store.close()
+
+
+@on_reactor
+async def test_redis_price_bounds_what_redis_measures(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """Full-size rendezvous from distinct addresses take less Redis memory than budget.py says."""
+    config = Config()
+    store = await connected(redis_url)
+    count = 300
+
+    def used() -> int:
+        info = redis_server.command("INFO", "memory").decode()
+        return int(info.split("used_memory:")[1].split()[0])
+
+    try:
+        before = used()
+        body, content_type = b"x" * config.max_bytes, b"t" * config.max_content_type_bytes
+        for i in range(count):
+            await store.create(body, content_type, f"2001:db8:{i:x}::/64")
+        each = (used() - before) / count
+    finally:
+        await store.close()
+    [item] = budget.redis_memory(config).items
+    assert config.max_bytes < each <= item.bytes_each, each
