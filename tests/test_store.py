@@ -126,7 +126,7 @@ redis_only = pytest.mark.parametrize("kind", ["redis"])
 def redis_bug(reason: str) -> pytest.MarkDecorator:
     """
     Runs a test against both stores, expecting it to fail on Redis for a
-    known bug of RedisStore (TESTS.md).  Strict: once the bug is fixed the
+    known bug of RedisStore, named in C{reason}.  Strict: once it is fixed the
     test fails until this mark goes.
     """
     redis = pytest.param("redis", marks=pytest.mark.xfail(strict=True, reason=reason))
