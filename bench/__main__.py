@@ -4,20 +4,26 @@ scenario against servers the benchmark starts itself.
 
     python -m bench --url http://127.0.0.1:8080 --scenario read-heavy --seconds 8
     python -m bench --all --repeat 3
+    python -m bench --all --only redis
 
 Each scenario prints one JSON line; C{--all} also writes them to C{--out}
 and ends with a summary line of medians over the repeats, every read
-figure as a ratio to the bare twisted.web floor measured in the same run.
+figure as a ratio to the bare twisted.web floor measured in the same run,
+and every figure of the Redis store as a ratio to the in-memory store's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,9 +31,19 @@ from typing import Any
 
 from bench import scenarios
 from bench.client import Target, new_event_loop
-from bench.servers import Probe, Server, raise_nofile, start_floor, start_rendezvous
+from bench.servers import (
+    Probe,
+    Probes,
+    Server,
+    raise_nofile,
+    start_floor,
+    start_redis,
+    start_rendezvous,
+)
 
 SCENARIOS = ("exchange", "read-heavy", "parked", "churn", "floor")
+#: Scenarios that start servers of their own, so only with --all.
+ALL_ONLY = ("redis",)
 #: File descriptors kept back from the open-file limit for everything that
 #: is not a parked connection (listener, epoll, logs, up to 128 writer
 #: connections, the setup connection).
@@ -84,7 +100,21 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--churn-rounds", type=int, default=3, help="churn rounds (default 3)")
     parser.add_argument(
-        "--only", help="with --all: a comma-separated subset of the scenarios to run"
+        "--only",
+        help="with --all: a comma-separated subset of the scenarios to run ("
+        + ", ".join(SCENARIOS + ALL_ONLY)
+        + ")",
+    )
+    parser.add_argument(
+        "--redis-server",
+        default=shutil.which("redis-server"),
+        help="the redis-server the redis scenario starts (default: the one on PATH; without "
+        "one the scenario is skipped)",
+    )
+    parser.add_argument(
+        "--redis-processes",
+        default="1,2,4",
+        help="with --all: server processes on one Redis, comma-separated (default 1,2,4)",
     )
     parser.add_argument(
         "--scenario-timeout",
@@ -100,6 +130,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.url and options.scenario is None:
         parser.error("--url needs --scenario")
+    unknown = set(options.only.split(",") if options.only else ()) - {*SCENARIOS, *ALL_ONLY}
+    if unknown:
+        parser.error(f"--only: no scenario {', '.join(sorted(unknown))}")
     return options
 
 
@@ -107,6 +140,8 @@ class Runner:
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
         self.loop, self.loop_name = new_event_loop()
+        # Every core this process may use, before --all pins it to one.
+        self.cpus = os.sched_getaffinity(0)
         self.nofile = raise_nofile()
         out: Path | None = options.out
         if out is None and options.all:
@@ -125,7 +160,7 @@ class Runner:
         target = Target(url)
         run: Callable[[], Any]
         if name == "exchange":
-            run = lambda: scenarios.exchange(target, o.seconds, probe)  # noqa: E731
+            run = lambda: scenarios.exchange([target], o.seconds, probe)  # noqa: E731
         elif name == "read-heavy":
             run = lambda: scenarios.read_heavy(target, o.seconds, probe)  # noqa: E731
         elif name == "floor":
@@ -137,17 +172,23 @@ class Runner:
             run = lambda: scenarios.churn(  # noqa: E731
                 target, o.churn_seconds, probe, o.churn_rate, o.churn_ttl, o.churn_rounds
             )
-        bound = o.scenario_timeout or self.bound(name)
+        figures = self.bounded(name, run)
+        figures.update(url=url, loop=self.loop_name, processes=1)
+        return figures
+
+    def bounded(self, name: str, run: Callable[[], Any]) -> dict[str, Any]:
+        """
+        Run the coroutine C{run()} makes, stopping the run at the scenario's
+        time bound.
+        """
+        bound = self.options.scenario_timeout or self.bound(name)
         try:
-            figures: dict[str, Any] = self.loop.run_until_complete(
-                asyncio.wait_for(run(), bound)
-            )
+            figures: dict[str, Any] = self.loop.run_until_complete(asyncio.wait_for(run(), bound))
         except TimeoutError:
             raise SystemExit(
                 f"bench: the {name} scenario did not finish within {bound:g} s "
                 "(an answer never came); stopped"
             ) from None
-        figures.update(url=url, loop=self.loop_name, processes=1)
         return figures
 
     def bound(self, name: str) -> float:
@@ -163,7 +204,8 @@ class Runner:
             return sum(60 + seconds + count / 100 for count in counts)
         if name == "churn":
             return float(o.churn_rounds * (o.churn_seconds + o.churn_ttl + 60) + 60)
-        # exchange and read-heavy have two load phases, floor one.
+        # exchange and read-heavy have two load phases, floor one; redis is
+        # bounded for each of its setups, an exchange each.
         return 4 * seconds + 120
 
     def one(self) -> None:
@@ -177,7 +219,7 @@ class Runner:
         server_cpu = SERVER_CPU if pin else None
         if pin:
             os.sched_setaffinity(0, {CLIENT_CPU})
-        wanted = o.only.split(",") if o.only else list(SCENARIOS)
+        wanted = o.only.split(",") if o.only else [*SCENARIOS, *ALL_ONLY]
         figures: list[dict[str, Any]] = []
         for run in range(1, o.repeat + 1):
             servers: list[Server] = []
@@ -228,16 +270,122 @@ class Runner:
             finally:
                 for server in servers:
                     server.stop()
-        self.emit(
-            {
-                "scenario": "many-cores",
-                "skipped": "one process only: several processes need a shared store "
-                "(the Redis store), which does not exist yet",
-            }
-        )
+            if "redis" in wanted:
+                result = self.redis()
+                result.update(run=run)
+                self.emit(result)
+                figures.append(result)
         summary = summarize(figures)
         self.emit(summary)
         return figures
+
+    def redis(self) -> dict[str, Any]:
+        """
+        The exchange against N server processes sharing one redis-server
+        (each flow's requests round-robin over the processes, every wake
+        crossing processes), and against one in-memory process in the same
+        conditions: nothing pinned, since the point is to use every core.
+        """
+        o = self.options
+        if not o.redis_server:
+            return {
+                "scenario": "redis",
+                "skipped": "no redis-server found: install it (Debian: apt-get install "
+                "redis-server) or give --redis-server PATH",
+            }
+        counts = [int(n) for n in o.redis_processes.split(",")]
+        pinned_to = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.cpus)
+        servers: list[Server] = []
+        try:
+            redis = start_redis(o.redis_server, None)
+            servers.append(redis)
+            redis.ready()
+            store = f"--store=redis://127.0.0.1:{redis.port}/0"
+            memory = start_rendezvous(None)
+            servers.append(memory)
+            shared = [start_rendezvous(None, store) for _ in range(max(counts))]
+            servers.extend(shared)
+            for server in [memory, *shared]:
+                server.ready()
+            for server in [memory, *shared]:
+                serving = scenarios.until_serving(Target(server.url), 30)
+                self.loop.run_until_complete(serving)
+            setups: list[dict[str, Any]] = []
+            for processes in [0, *counts]:
+                group = shared[:processes] if processes else [memory]
+                probes = [s.probe for s in group] + ([redis.probe] if processes else [])
+                run = functools.partial(
+                    scenarios.exchange, [Target(s.url) for s in group], o.seconds, Probes(probes)
+                )
+                figures = self.bounded("redis", run)
+                setups.append(setup_figures(figures, "redis" if processes else "memory"))
+        finally:
+            for server in servers:
+                server.stop()
+            os.sched_setaffinity(0, pinned_to)
+        for setup in setups[1:]:
+            compare(setup, setups[0])
+        version = subprocess.run(  # noqa: S603 - the redis-server we started
+            [o.redis_server, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+        return {
+            "scenario": "redis",
+            "redis_server": version,
+            "redis_argv": " ".join(redis.argv),
+            "hiredis": importlib.util.find_spec("hiredis") is not None,
+            "server": " ".join(shared[0].argv),
+            "pinned": False,
+            "loop": self.loop_name,
+            "setups": setups,
+        }
+
+
+#: The figures of an exchange kept for each setup of the redis scenario.
+SETUP_FIGURES = (
+    "flows_per_s", "requests_per_s", "server_cpu_us_per_request", "server_cpu_share",
+    "client_cpu_share", "wake_after_put_sent_ms_p50", "wake_after_put_sent_ms_p99",
+    "unloaded_wake_after_put_sent_ms_p50", "unloaded_wake_after_put_sent_ms_p99",
+    "unloaded_requests_per_s",
+)  # fmt: skip
+
+
+def setup_figures(exchange: dict[str, Any], store: str) -> dict[str, Any]:
+    """
+    One setup's line in the redis scenario: the exchange's headline figures,
+    the CPU share of each server process, and Redis' own (its CPU time
+    counts in C{server_cpu_us_per_request}).
+    """
+    shares: list[float] = exchange["server_cpu_shares"]
+    processes = len(shares) - (store == "redis")
+    figures: dict[str, Any] = {"store": store, "processes": processes}
+    figures.update({key: exchange.get(key) for key in SETUP_FIGURES})
+    figures["process_cpu_shares"] = shares[:processes]
+    if store == "redis":
+        figures["redis_cpu_share"] = shares[-1]
+        requests = exchange["flows"] * scenarios.REQUESTS_PER_FLOW
+        if requests:
+            cpu = shares[-1] * exchange["elapsed_s"] / requests * 1e6
+            figures["redis_cpu_us_per_request"] = round(cpu, 1)
+    figures["cross_process_wakes"] = processes > 1
+    return figures
+
+
+#: Figures of a Redis setup quoted as a ratio to the in-memory one's.
+COMPARED = (
+    "flows_per_s", "server_cpu_us_per_request",
+    "unloaded_wake_after_put_sent_ms_p50", "unloaded_wake_after_put_sent_ms_p99",
+)  # fmt: skip
+
+
+def compare(setup: dict[str, Any], memory: dict[str, Any]) -> None:
+    """
+    Add C{NAME_over_memory} to C{setup} for each figure of L{COMPARED}.
+    """
+    for key in COMPARED:
+        mine, theirs = setup.get(key), memory.get(key)
+        if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and theirs:
+            setup[key + "_over_memory"] = round(mine / theirs, 3)
 
 
 def summarize(figures: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,6 +432,11 @@ def summarize(figures: list[dict[str, Any]]) -> dict[str, Any]:
                     "wake_ms_p99",
                 ):
                     add(f"parked_{n}_{key}", r.get(key))
+        elif s == "redis" and "setups" in f:
+            for setup in f["setups"]:
+                name = f"{setup['store']}_{setup['processes']}p_"
+                for key in (*COMPARED, *(k + "_over_memory" for k in COMPARED)):
+                    add(name + key, setup.get(key))
         elif s == "churn":
             add("churn_worst_after_over_base", max(r["after_over_base"] for r in f["rounds"]))
             add("churn_expired_not_404", sum(r["expired_not_404"] for r in f["rounds"]))

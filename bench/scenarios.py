@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.client import BenchError, Connection, Response, Target, close_all, percentile
-from bench.servers import Probe, connections_drained
+from bench.servers import Probe, Probes, connections_drained
 
 Figures = dict[str, Any]
+#: One process or several read as one (a setup's servers and their Redis).
+ProbeLike = Probe | Probes
 TEXT = b"Content-Type: text/plain\r\n"
 
 
@@ -41,14 +43,18 @@ class Window:
     stretch of a scenario.
     """
 
-    probe: Probe | None
+    probe: ProbeLike | None
     started: float = field(default_factory=time.perf_counter)
     client_cpu: float = field(default_factory=time.process_time)
     server_cpu: float = 0.0
 
+    part_cpu: list[float] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         if self.probe is not None:
             self.server_cpu = self.probe.cpu_seconds()
+        if isinstance(self.probe, Probes):
+            self.part_cpu = [p.cpu_seconds() for p in self.probe.probes]
 
     def close(self) -> Figures:
         elapsed = time.perf_counter() - self.started
@@ -59,6 +65,11 @@ class Window:
         if self.probe is not None:
             used = self.probe.cpu_seconds() - self.server_cpu
             figures["server_cpu_share"] = round(used / elapsed, 3)
+        if isinstance(self.probe, Probes):
+            figures["server_cpu_shares"] = [
+                round((p.cpu_seconds() - before) / elapsed, 3)
+                for p, before in zip(self.probe.probes, self.part_cpu, strict=True)
+            ]
         return figures
 
 
@@ -85,20 +96,52 @@ async def _create(connection: Connection, body: bytes = b"hello from A") -> tupl
     return b"/" + rendezvous_id, etag
 
 
-async def _one_flow(a: Connection, b: Connection, wakes: list[float], puts: list[float]) -> None:
+#: Requests in one two-device flow, as the issue lists them: A creates, A
+#: long-polls, B reads, B writes (waking A), A writes, B reads again, A
+#: deletes.
+REQUESTS_PER_FLOW = 7
+#: The request of a flow that parks, and the write that wakes it.
+PARKED, WAKING = 1, 3
+
+
+def route(processes: int, offset: int) -> list[int]:
+    """
+    The process each request of one flow goes to, for a flow that starts on
+    process C{offset}: each request to the next process, round-robin, as a
+    balancer without sticky sessions may send them; except that B's write
+    always goes to another process than A's parked read, so that with two
+    processes or more every wake crosses processes.
+    """
+    chosen = [(offset + i) % processes for i in range(REQUESTS_PER_FLOW)]
+    if processes > 1 and chosen[WAKING] == chosen[PARKED]:
+        chosen[WAKING] = (chosen[PARKED] + 1) % processes
+    return chosen
+
+
+async def _one_flow(
+    a: Sequence[Connection],
+    b: Sequence[Connection],
+    to: Sequence[int],
+    wakes: list[float],
+    puts: list[float],
+) -> None:
     """
     One two-device exchange, seven requests, as the issue lists them.
+    C{a} and C{b} hold each device's connection to every process, and
+    request C{i} goes to process C{to[i]}.
     """
-    path, etag = await _create(a)
+    path, etag = await _create(a[to[0]])
     # A long-polls; it is on the wire before B's first request is sent, so
     # it is parked before B writes (if not, it answers 200 at once: no harm).
-    parked = a.send(b"GET", path, b"If-None-Match: " + etag + b"\r\n")
-    seen = _expect(await b.request(b"GET", path), 200, "B reads")
+    parked = a[to[PARKED]].send(b"GET", path, b"If-None-Match: " + etag + b"\r\n")
+    seen = _expect(await b[to[2]].request(b"GET", path), 200, "B reads")
     seen_etag = seen.header(b"ETag")
     assert seen_etag is not None
     put_sent = time.perf_counter()
     accepted = _expect(
-        await b.request(b"PUT", path, TEXT + b"If-Match: " + seen_etag + b"\r\n", b"from B"),
+        await b[to[WAKING]].request(
+            b"PUT", path, TEXT + b"If-Match: " + seen_etag + b"\r\n", b"from B"
+        ),
         202,
         "B writes",
     )
@@ -110,34 +153,42 @@ async def _one_flow(a: Connection, b: Connection, wakes: list[float], puts: list
     woken_etag = woken.header(b"ETag")
     assert woken_etag is not None
     _expect(
-        await a.request(b"PUT", path, TEXT + b"If-Match: " + woken_etag + b"\r\n", b"from A"),
+        await a[to[4]].request(
+            b"PUT", path, TEXT + b"If-Match: " + woken_etag + b"\r\n", b"from A"
+        ),
         202,
         "A writes",
     )
-    _expect(await b.request(b"GET", path), 200, "B reads again")
-    _expect(await a.request(b"DELETE", path), 204, "A deletes")
+    _expect(await b[to[5]].request(b"GET", path), 200, "B reads again")
+    _expect(await a[to[6]].request(b"DELETE", path), 204, "A deletes")
 
 
-REQUESTS_PER_FLOW = 7
-
-
-async def _flows(target: Target, in_flight: int, seconds: float, probe: Probe | None) -> Figures:
-    pairs = [(await target.connect(), await target.connect()) for _ in range(in_flight)]
+async def _flows(
+    targets: Sequence[Target], in_flight: int, seconds: float, probe: ProbeLike | None
+) -> Figures:
+    processes = len(targets)
+    routes = [route(processes, offset) for offset in range(processes)]
+    pairs = [
+        ([await t.connect() for t in targets], [await t.connect() for t in targets])
+        for _ in range(in_flight)
+    ]
     wakes: list[float] = []
     puts: list[float] = []
     count = 0
     window = Window(probe)
     deadline = time.perf_counter() + seconds
 
-    async def run(a: Connection, b: Connection) -> None:
+    async def run(index: int, a: list[Connection], b: list[Connection]) -> None:
         nonlocal count
+        offset = index
         while time.perf_counter() < deadline:
-            await _one_flow(a, b, wakes, puts)
+            await _one_flow(a, b, routes[offset % processes], wakes, puts)
+            offset += 1
             count += 1
 
-    await asyncio.gather(*(run(a, b) for a, b in pairs))
+    await asyncio.gather(*(run(i, a, b) for i, (a, b) in enumerate(pairs)))
     figures = window.close()
-    close_all([c for pair in pairs for c in pair])
+    close_all([c for a, b in pairs for c in (*a, *b)])
     elapsed = figures["elapsed_s"]
     return {
         **_cpu_per_request(figures, count * REQUESTS_PER_FLOW),
@@ -153,18 +204,44 @@ async def _flows(target: Target, in_flight: int, seconds: float, probe: Probe | 
     }
 
 
-async def exchange(target: Target, seconds: float, probe: Probe | None) -> Figures:
+async def exchange(targets: Sequence[Target], seconds: float, probe: ProbeLike | None) -> Figures:
     """
     32 two-device flows in flight for C{seconds}, then one at a time for as
-    long (the unloaded latency).
+    long (the unloaded latency).  With several targets (processes sharing
+    one store), each flow's requests go round-robin over them (L{route}).
     """
-    loaded = await _flows(target, 32, seconds, probe)
-    unloaded = await _flows(target, 1, seconds, probe)
+    loaded = await _flows(targets, 32, seconds, probe)
+    unloaded = await _flows(targets, 1, seconds, probe)
     return {
         "scenario": "exchange",
         **loaded,
         **{"unloaded_" + name: value for name, value in unloaded.items()},
     }
+
+
+async def until_serving(target: Target, seconds: float) -> None:
+    """
+    Wait until the server at C{target} creates a rendezvous (a server on a
+    shared store answers 503 until its store is connected); delete it.
+    """
+    deadline = time.perf_counter() + seconds
+    last = "no answer"
+    while time.perf_counter() < deadline:
+        try:
+            connection = await target.connect()
+            response = await connection.request(b"POST", b"/", TEXT, b"ready?")
+        except OSError as e:
+            last = repr(e)
+        else:
+            if response.status == 200:
+                rendezvous_id = json.loads(response.body)["id"].encode("ascii")
+                _expect(await connection.request(b"DELETE", b"/" + rendezvous_id), 204, "delete")
+                connection.reset()
+                return
+            last = response.head.decode("ascii", "replace")
+            connection.reset()
+        await asyncio.sleep(0.05)
+    raise BenchError(f"{target.url} did not serve within {seconds:g} s: {last}")
 
 
 async def _hammer(

@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,22 @@ class Probe:
                     if fields[3] == b"0A" and fields[9] in inodes:
                         return int(fields[1].rsplit(b":", 1)[1], 16)
         return None
+
+
+class Probes:
+    """
+    The sum of several processes' CPU time (the server processes of one
+    setup and the Redis they share), read as one L{Probe}.
+    """
+
+    def __init__(self, probes: Sequence[Probe]) -> None:
+        self.probes = list(probes)
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.probes)
+
+    def rss_bytes(self) -> int:
+        return sum(p.rss_bytes() for p in self.probes)
 
 
 def connections_drained(port: int, count: int) -> bool:
@@ -224,3 +241,27 @@ def start_floor(cpu: int | None) -> Server:
     Start the bare twisted.web hello-world of L{bench.floor}.
     """
     return Server("floor", [sys.executable, "-m", "bench.floor"], cpu)
+
+
+def free_port() -> int:
+    """
+    A TCP port on the loopback that nothing listens on now (the kernel's
+    choice; taken by the caller's process a moment later).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_redis(redis_server: str, cpu: int | None) -> Server:
+    """
+    Start a redis-server on a free loopback port with the settings README
+    gives for the store: nothing ever written to disk.
+    """
+    port = free_port()
+    argv = [
+        redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--maxmemory", "1gb", "--maxmemory-policy", "noeviction",
+    ]  # fmt: skip
+    return Server("redis-server", argv, cpu)

@@ -200,7 +200,9 @@ class RedisProtocol(Protocol):
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             if not d.called:
-                d.errback(RedisDown("the connection to Redis was lost"))
+                d.errback(
+                    RedisDown(f"the connection to Redis was lost: {reason.getErrorMessage()}")
+                )
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -225,6 +227,13 @@ def _jitter() -> float:
     # Up to a tenth of a second, so that processes that lost Redis together
     # do not all knock at once; backoffPolicy's default is up to a second.
     return random.random() / 10  # noqa: S311 - not a secret
+
+
+#: Seconds before the next attempt to connect, by failures in a row: from
+#: 50 ms up to 2 s.
+_backoff = backoffPolicy(initialDelay=0.05, maxDelay=2.0, jitter=_jitter)
+#: A set-up failure that repeats is logged at most this often.
+_COMPLAIN_EVERY_SECONDS = 10.0
 
 
 class RedisConnection:
@@ -268,9 +277,14 @@ class RedisConnection:
         self.service = ClientService(
             endpoint,
             _Factory(self, on_message),
-            retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=2.0, jitter=_jitter),
+            retryPolicy=self._retry_delay,
             clock=reactor,
         )
+        # Connections that failed their set-up in a row (a TLS handshake
+        # refused, a wrong password): ClientService counts a connection made
+        # as a success, and would retry those at its shortest delay.
+        self._failures = 0
+        self._last_complaint: tuple[str, float] = ("", -_COMPLAIN_EVERY_SECONDS)
 
     @property
     def up(self) -> bool:
@@ -310,6 +324,24 @@ class RedisConnection:
         d.addBoth(settled)
         return answer
 
+    def _retry_delay(self, attempt: int) -> float:
+        return _backoff(max(attempt, self._failures))
+
+    def _complain(self, error: str, failure: Failure) -> None:
+        """
+        Log why a connection failed its set-up: at once for a new reason,
+        then at most every C{_COMPLAIN_EVERY_SECONDS} while it repeats.
+        """
+        now = self._reactor.seconds()
+        last, when = self._last_complaint
+        if error == last and now - when < _COMPLAIN_EVERY_SECONDS:
+            return
+        self._last_complaint = (error, now)
+        # No answer in time is an outage, as a lost connection is; an
+        # error reply (a wrong password, an unknown database) is not.
+        log = self.log.warn if failure.check(RedisDown) else self.log.error
+        log("{name}: Redis refused the connection's set-up: {error}", name=self._name, error=error)
+
     def _late(self, d: Deferred[Any]) -> None:
         if not d.called:
             d.errback(RedisDown(f"Redis did not answer within {self._timeout_seconds}s"))
@@ -323,6 +355,7 @@ class RedisConnection:
         def ready(result: Any) -> None:
             if protocol.transport is None or not protocol.connected:
                 return
+            self._failures = 0
             self._protocol = protocol
             self._heartbeat = LoopingCall(self._beat, protocol)
             self._heartbeat.clock = self._reactor
@@ -334,18 +367,16 @@ class RedisConnection:
                 self._reactor.callLater(0, self._announce, protocol)
 
         def refused(failure: Failure) -> None:
-            # No answer in time is an outage, as a lost connection is; an
-            # error reply (a wrong password, an unknown database) is not.
-            log = self.log.warn if failure.check(RedisDown) else self.log.error
-            log(
-                "{name}: Redis refused the connection's set-up: {error}",
-                name=self._name,
-                error=failure.getErrorMessage(),
-            )
-            if protocol.transport is not None:
+            self._failures += 1
+            self._complain(failure.getErrorMessage(), failure)
+            if protocol.connected:
+                assert protocol.transport is not None
                 self._reactor.callLater(0, protocol.transport.abortConnection)  # type: ignore[attr-defined]
 
-        self._deadline(self._prepare(protocol)).addCallbacks(ready, refused)
+        # PING last: a connection is up once Redis has answered on it, not
+        # once TCP (or a TLS handshake yet to fail) says so.
+        prepared = self._prepare(protocol).addCallback(lambda _: protocol.execute(b"PING"))
+        self._deadline(prepared).addCallbacks(ready, refused)
 
     def _announce(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol and self._on_up is not None:
@@ -359,7 +390,9 @@ class RedisConnection:
         """
 
         def silent(failure: Failure) -> None:
-            if self._protocol is protocol and protocol.transport is not None:
+            # An error reply is an answer: the connection is alive.
+            if failure.check(RedisDown) and self._protocol is protocol:
+                assert protocol.transport is not None
                 self.log.warn("{name}: Redis did not answer PING; reconnecting", name=self._name)
                 protocol.transport.abortConnection()  # type: ignore[attr-defined]
 

@@ -9,6 +9,7 @@ are checked, never a performance figure.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]
     argv = [
         sys.executable, "-m", "bench", "--all", "--no-pin", "--seconds=0.1",
         "--parked=16,max", "--churn-seconds=0.2", "--churn-rate=100", "--churn-ttl=0.2",
-        "--churn-rounds=2", f"--out={out}",
+        "--churn-rounds=2", "--redis-processes=1,2", f"--out={out}",
     ]  # fmt: skip
     # "max" parked would open thousands of sockets; cap the open-file limit
     # so that it means 16 more, and the run stays short.
@@ -66,12 +67,45 @@ def _numbers(figures: dict[str, Any], *names: str) -> None:
 
 
 def test_every_scenario_reports(report: dict[str, dict[str, Any]]) -> None:
-    """--all prints one line per scenario, the many-cores skip and a summary."""
+    """--all prints one line per scenario, the Redis one included, and a summary."""
     assert set(report) == {
         "floor", "read-heavy", "read-heavy:no-access-log", "exchange", "parked", "churn",
-        "many-cores", "summary",
+        "redis", "summary",
     }  # fmt: skip
-    assert "Redis" in report["many-cores"]["skipped"]
+
+
+def test_redis_setups_beside_memory(report: dict[str, dict[str, Any]]) -> None:
+    """
+    The redis scenario runs whole exchanges on one and on two processes sharing one
+    redis-server, beside one in-memory process, each Redis figure also as a ratio to memory's.
+    """
+    redis = report["redis"]
+    if shutil.which("redis-server") is None:
+        assert "redis-server" in redis["skipped"]
+        pytest.skip("no redis-server here; .ci/run installs it")
+    assert "--save  --appendonly no" in redis["redis_argv"]
+    setups = redis["setups"]
+    assert [(s["store"], s["processes"]) for s in setups] == [
+        ("memory", 1),
+        ("redis", 1),
+        ("redis", 2),
+    ]
+    memory = setups[0]
+    for setup in setups:
+        _numbers(
+            setup,
+            "flows_per_s",
+            "server_cpu_us_per_request",
+            "unloaded_wake_after_put_sent_ms_p50",
+            "unloaded_wake_after_put_sent_ms_p99",
+        )
+        assert len(setup["process_cpu_shares"]) == setup["processes"]
+    for setup in setups[1:]:
+        _numbers(setup, "redis_cpu_share", "redis_cpu_us_per_request")
+        ratio = setup["flows_per_s"] / memory["flows_per_s"]
+        assert setup["flows_per_s_over_memory"] == pytest.approx(ratio, abs=0.001)
+    assert [s["cross_process_wakes"] for s in setups] == [False, False, True]
+    assert report["summary"]["redis_2p_flows_per_s_over_memory"]["median"] > 0
 
 
 def test_read_figures_are_ratios_to_the_floor(report: dict[str, dict[str, Any]]) -> None:

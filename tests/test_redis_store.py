@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -273,3 +273,47 @@ async def test_redis_price_bounds_what_redis_measures(
         await store.close()
     [item] = budget.redis_memory(config).items
     assert config.max_bytes < each <= item.bytes_each, each
+
+
+@on_reactor
+async def test_an_untrusted_certificate_is_named_and_never_counts_as_connected() -> None:
+    """rediss:// with an untrusted CA logs the certificate error; never "connected"."""
+    with RedisServer(tls=True) as server:
+        untrusted = server.tls_url.split("?")[0]  # the system's CAs only
+        with capturedLogs() as events:
+            store = await _started(untrusted)
+            try:
+                await wait_for(lambda: any("certificate" in formatEvent(e) for e in events))
+                assert not store.available
+            finally:
+                await store.close()
+    assert not [e for e in events if "connected to Redis" in formatEvent(e)]
+
+
+async def _started(url: str) -> RedisStore:
+    """
+    A Redis store on the real reactor, connecting (maybe never up).
+    """
+    from twisted.internet import reactor
+
+    store = RedisStore(Config(), Clock(), reactor, parse_store_url(url))
+    store.connect()
+    return store
+
+
+def test_failed_set_ups_back_off_although_tcp_connected() -> None:
+    """Each set-up that fails in a row waits longer before the next try, up to about 2 s."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    from rendezvous_twisted.resp import RedisConnection
+
+    clock = Clock()
+    connection = RedisConnection(
+        TCP4ClientEndpoint(clock, "127.0.0.1", 1), clock, 1.0, lambda p: succeed(None)
+    )
+    delays = []
+    for failures in range(12):
+        connection._failures = failures
+        delays.append(connection._retry_delay(1))
+    assert delays[0] < 0.2 < delays[5]
+    assert all(d <= 2.1 for d in delays) and delays[-1] >= 2.0  # 2 s and a jitter

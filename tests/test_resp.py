@@ -101,13 +101,22 @@ def test_python_parser_matches_hiredis_on_any_split(items: list[bytes], chunk: i
 
 class _Mute(Protocol):
     """
-    A "Redis" that accepts connections and never answers.
+    A "Redis" that answers the first command on a connection (the set-up's
+    PING) with PONG, and nothing after it.
     """
+
+    answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            assert self.transport is not None
+            self.transport.write(b"+PONG\r\n")
 
 
 @on_reactor
 async def test_a_silent_redis_fails_commands_at_their_deadline() -> None:
-    """A Redis that accepts but never answers fails each command with RedisDown at its deadline."""
+    """A Redis that stops answering fails each command with RedisDown at its deadline."""
     from twisted.internet import reactor
 
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(

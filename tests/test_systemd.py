@@ -316,12 +316,51 @@ def test_units_hold_what_the_issue_asks(tmp_path: Path) -> None:
     assert "tls-key:" in service["LoadCredential"]
 
 
+#: The template unit for several processes on one host (instance = port).
+TEMPLATE = "rendezvous-twisted@.service"
+#: Settings of the single service that are not about how it listens or
+#: whom it serves: the template must keep every one of them.
+NOT_HARDENING = {"LoadCredential", "ExecStart", "ExecReload", "EnvironmentFile"}
+
+
+def test_template_unit_runs_one_process_per_port() -> None:
+    """
+    The template listens on the loopback port of its instance, takes --store
+    from the environment, trusts the local balancer's X-Forwarded-For, and
+    keeps every hardening and lifecycle setting of the single service.
+    """
+    service = unit(TEMPLATE)["Service"]
+    single = unit("rendezvous-twisted.service")["Service"]
+    for key, value in single.items():
+        if key not in NOT_HARDENING:
+            assert service.get(key) == value, key
+    assert service["EnvironmentFile"] == "-/etc/rendezvous-twisted/store.env"
+    exec_start = service["ExecStart"]
+    arguments = (
+        exec_start.replace("%i", "8081")
+        .replace("${RENDEZVOUS_STORE}", "redis://127.0.0.1:6379/0")
+        .replace("$RENDEZVOUS_OPTIONS", "--store-timeout-seconds 0.5")
+        .split()
+    )
+    options = tap.Options()
+    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])  # type: ignore[no-untyped-call]
+    assert options["listen"] == ["tcp:8081:interface=127.0.0.1"]
+    assert options["metrics"] == "tcp:18081:interface=127.0.0.1"
+    assert options["store"] == "redis://127.0.0.1:6379/0"
+    assert options["proxy-header"] == "x-forwarded-for"
+    assert [str(n) for n in options["config"].trusted_proxies] == ["127.0.0.1/32", "::1/128"]
+
+
 def test_units_verify(tmp_path: Path) -> None:
-    """systemd-analyze verify accepts both units, ExecStart pointing at this checkout's twistd."""
+    """
+    systemd-analyze verify accepts the socket, the service and the template,
+    ExecStart pointing at this checkout's twistd.
+    """
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed; .ci/run installs it")
-    for name in ("rendezvous-twisted.socket", "rendezvous-twisted.service"):
+    names = ("rendezvous-twisted.socket", "rendezvous-twisted.service", TEMPLATE)
+    for name in names:
         text = (UNITS / name).read_text()
         twistd = Path(sys.executable).parent / "twistd"
         (tmp_path / name).write_text(
@@ -331,10 +370,7 @@ def test_units_verify(tmp_path: Path) -> None:
         [
             analyze,
             "verify",
-            *(
-                str(tmp_path / n)
-                for n in ("rendezvous-twisted.socket", "rendezvous-twisted.service")
-            ),
+            *(str(tmp_path / n) for n in names),
         ],
         capture_output=True,
         text=True,
