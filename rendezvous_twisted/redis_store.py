@@ -161,12 +161,15 @@ def store_endpoint(reactor: Any, url: StoreURL, timeout_seconds: float) -> IStre
     return endpoint
 
 
-# The scripts.  Times are milliseconds on the writer's clock.  A record is a
+# The scripts.  Their first line (Redis 7) has Redis check its maxmemory
+# before a script runs: without it, a script whose first write frees memory
+# (ZREMRANGEBYSCORE) runs whole past the limit.  A delete, which frees
+# memory, may run there.  Times are milliseconds on the writer's clock.  A record is a
 # hash: b body, t content type, e ETag, m last modified, x expires, o owner.
 
 #: KEYS: live set, owner's set, record.  ARGV: now, expires, ttl, max
 #: rendezvous, max per owner, body, type, ETag, owner, id.
-_CREATE = """
+_CREATE = """#!lua
 local expired = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
@@ -184,12 +187,13 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[10])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[10])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 
 #: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
 #: too large, body, type, new ETag, channel, id, then the strong ETags.
-_WRITE = """
+_WRITE = """#!lua
 local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
 if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
   return {'nf'}
@@ -213,7 +217,7 @@ return {'ok', v[5], redis.call('PTTL', KEYS[1])}
 """
 
 #: KEYS: record, live set.  ARGV: now, channel, id, owner sets' prefix.
-_DELETE = """
+_DELETE = """#!lua flags=allow-oom
 local v = redis.call('HMGET', KEYS[1], 'x', 'o')
 if not v[1] or tonumber(v[1]) <= tonumber(ARGV[1]) then
   return 0
@@ -298,6 +302,18 @@ def _first_error(failure: Failure) -> Failure:
 
 #: At most one warning per this many seconds while the store is unavailable.
 _WARN_EVERY_SECONDS = 10.0
+
+
+def _woken(waiter: _Waiter, version: Version) -> bool:
+    """
+    Whether C{version} answers a parked reader: it is another write than
+    the one the reader was parked on (a write wakes every reader, those
+    with C{If-None-Match: *} too), or one its condition does not match.
+    """
+    seen = waiter.version
+    if seen is not None and version.etag != seen.etag:
+        return True
+    return not waiter.condition.matches_weak(version.etag)
 
 
 class RedisStore:
@@ -419,8 +435,32 @@ class RedisStore:
         )
 
     def _commands_up(self) -> None:
+        self._check_version()
         self._check_persistence()
         self._up()
+
+    def _check_version(self) -> None:
+        """
+        Log an error if this Redis is older than 7.0, whose scripts
+        (declared with a first line of flags) older ones cannot load.
+        """
+
+        def version(info: bytes) -> None:
+            for line in info.splitlines():
+                if line.startswith(b"redis_version:"):
+                    found = line.partition(b":")[2].decode("ascii", "replace")
+                    major = found.partition(".")[0]
+                    if major.isdigit() and int(major) < 7:
+                        self.log.error(
+                            "Redis at {url} is version {version}: 7.0 or newer is needed, "
+                            "and until then creates, writes and deletes fail (503)",
+                            url=str(self._url),
+                            version=found,
+                        )
+
+        # INFO may well not be granted (README's ACL user): then the scripts'
+        # own errors tell.
+        self._commands.execute(b"INFO", b"server").addCallbacks(version, lambda _: None)
 
     def _check_persistence(self) -> None:
         """
@@ -774,7 +814,7 @@ class RedisStore:
             for waiter in list(self._waiting.get(rendezvous_id, ())):
                 if isinstance(found, Failure):
                     self._settle(rendezvous_id, waiter, found)
-                elif not waiter.condition.matches_weak(found[0].etag):
+                elif _woken(waiter, found[0]):
                     self._settle(rendezvous_id, waiter, Wakeup(found[0], changed=True))
             if again and rendezvous_id in self._waiting:
                 self._refresh(rendezvous_id)

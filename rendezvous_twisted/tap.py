@@ -7,6 +7,7 @@ the only one that may fall back to the global reactor.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from rendezvous_twisted import logs, systemd, tls
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
 from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
-from rendezvous_twisted.redis_store import RedisStore, parse_store_url
+from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.service import (
     HangupReloader,
     LateListenerService,
@@ -235,6 +236,13 @@ class Options(usage.Options):
             "rediss://...[?ca=FILE] (TLS) or unix:///path/to/redis.sock[?db=N].",
         ],
         [
+            "store-password-file",
+            None,
+            None,
+            "A file holding the Redis password (one line), so that it is not on the "
+            "command line; it replaces any password in --store.",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -305,13 +313,32 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
-        self["store-url"] = None
-        if self["store"] != MEMORY:
-            try:
-                self["store-url"] = parse_store_url(self["store"])
-            except ValueError as e:
-                raise usage.UsageError(str(e)) from e
+        self["store-url"] = self._store_url()
         self._check_tls()
+
+    def _store_url(self) -> StoreURL | None:
+        """
+        Where --store and --store-password-file say the rendezvous live:
+        None for this process' memory.
+        """
+        password_file = self["store-password-file"]
+        if self["store"] == MEMORY:
+            if password_file is not None:
+                raise usage.UsageError("--store-password-file needs a --store redis URL")
+            return None
+        try:
+            url = parse_store_url(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from e
+        if password_file is None:
+            return url
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise usage.UsageError(f"--store-password-file: {e}") from e
+        if not password:
+            raise usage.UsageError(f"--store-password-file: {password_file} is empty")
+        return dataclasses.replace(url, password=password)
 
     def _check_tls(self) -> None:
         """
@@ -362,6 +389,7 @@ def options_from_environment(environ: Mapping[str, str]) -> Options:
         "log-format",
         "metrics",
         "store",
+        "store-password-file",
         *(option for option, *_ in Options._limits),
     ]:
         value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))

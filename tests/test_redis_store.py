@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -19,7 +21,7 @@ from rendezvous_twisted import budget
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
-from rendezvous_twisted.store import StoreUnavailable
+from rendezvous_twisted.store import NotFound, StoreUnavailable
 from tests.conftest import Harness, fired, on_reactor
 from tests.redis_server import RedisServer
 
@@ -317,3 +319,81 @@ def test_failed_set_ups_back_off_although_tcp_connected() -> None:
         delays.append(connection._retry_delay(1))
     assert delays[0] < 0.2 < delays[5]
     assert all(d <= 2.1 for d in delays) and delays[-1] >= 2.0  # 2 s and a jitter
+
+
+@on_reactor
+async def test_a_redis_at_its_maxmemory_refuses_writes_but_serves_reads_and_deletes(
+    own_redis: RedisServer,
+) -> None:
+    """At maxmemory creates and writes are refused before Redis grows; reads and deletes work."""
+
+    def used() -> int:
+        info = own_redis.command("INFO", "memory").decode()
+        return int(info.split("used_memory:")[1].split()[0])
+
+    store = await connected(own_redis.url)
+    try:
+        kept = await store.create(b"kept", b"text/plain", "owner")
+        limit = used() + 200_000
+        own_redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        own_redis.command("CONFIG", "SET", "maxmemory", str(limit))
+        body = b"x" * 10240
+        refusal = None
+        for i in range(100):  # 1.4 MB, were they all let in
+            try:
+                await store.create(body, b"text/plain", f"owner{i}")
+            except StoreUnavailable as e:
+                refusal = e
+                break
+        assert refusal is not None and "OOM" in str(refusal)
+        # Refused before the script ran: past the limit by a record or two
+        # of Redis' own accounting, not by every create that came.
+        assert used() < limit + 50_000
+        own_redis.command("CONFIG", "SET", "maxmemory", str(used() // 2))
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            await store.write(kept.rendezvous_id, b"new", b"text/plain", ANY)
+        assert (await store.read(kept.rendezvous_id)).body == b"kept"
+        await store.delete(kept.rendezvous_id)
+        with pytest.raises(NotFound):
+            await store.read(kept.rendezvous_id)
+    finally:
+        await store.close()
+
+
+class _OldRedis(Protocol):
+    """
+    A "Redis 6.2" that answers the commands a store sends on connecting.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        for command in data.split(b"*")[1:]:
+            if b"SUBSCRIBE" in command:
+                self.transport.write(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+            elif b"PING" in command:
+                self.transport.write(b"+PONG\r\n")
+            elif b"INFO" in command:
+                info = b"# Server\r\nredis_version:6.2.14\r\n"
+                self.transport.write(b"$%d\r\n%s\r\n" % (len(info), info))
+            elif b"CONFIG" in command:
+                self.transport.write(b"*0\r\n")
+
+
+@on_reactor
+async def test_a_redis_older_than_7_is_named_in_an_error() -> None:
+    """Connecting to a Redis older than 7.0 logs an error naming its version and what fails."""
+    from twisted.internet import reactor
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(_OldRedis)
+    )
+    with capturedLogs() as events:
+        store = await connected(f"redis://127.0.0.1:{port.getHost().port}/0")
+        try:
+            await wait_for(lambda: any("6.2.14" in formatEvent(e) for e in events))
+        finally:
+            await store.close()
+            await port.stopListening()
+    [error] = [e for e in events if "6.2.14" in formatEvent(e)]
+    assert error["log_level"] == LogLevel.error
+    assert "7.0 or newer" in formatEvent(error)

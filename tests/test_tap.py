@@ -556,3 +556,34 @@ def test_bad_store_is_a_usage_error(url: str) -> None:
     """A --store that names no Redis stops twistd with a usage error naming --store."""
     with pytest.raises(usage.UsageError, match="--store"):
         parsed([f"--store={url}"])
+
+
+def test_store_password_file_keeps_the_password_off_the_command_line(tmp_path: Path) -> None:
+    """--store-password-file's one line is the Redis password, replacing any in --store."""
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cr:t@/\n")
+    options = parsed(["--store=redis://user:old@h:1/2", f"--store-password-file={secret}"])
+    assert options["store-url"] == parse_store_url("redis://user:s3cr%3At%40%2F@h:1/2")
+    environ = {"RENDEZVOUS_STORE": "unix:///s", "RENDEZVOUS_STORE_PASSWORD_FILE": str(secret)}
+    assert tap.options_from_environment(environ)["store-url"].password == "s3cr:t@/"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--store-password-file=/nonexistent/file"], "needs a --store"),
+        (["--store=redis://h", "--store-password-file=/nonexistent/file"], "No such file"),
+    ],
+)
+def test_bad_store_password_file_is_a_usage_error(argv: list[str], message: str) -> None:
+    """A password file without a Redis store, or one that cannot be read, is a usage error."""
+    with pytest.raises(usage.UsageError, match=message):
+        parsed(argv)
+
+
+def test_empty_store_password_file_is_a_usage_error(tmp_path: Path) -> None:
+    """An empty password file is a mistake, not "no password"."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(usage.UsageError, match="empty"):
+        parsed(["--store=redis://h", f"--store-password-file={empty}"])
