@@ -123,16 +123,6 @@ BACKENDS = ["memory", "redis"]
 redis_only = pytest.mark.parametrize("kind", ["redis"])
 
 
-def redis_bug(reason: str) -> pytest.MarkDecorator:
-    """
-    Runs a test against both stores, expecting it to fail on Redis for a
-    known bug of RedisStore, named in C{reason}.  Strict: once it is fixed the
-    test fails until this mark goes.
-    """
-    redis = pytest.param("redis", marks=pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.mark.parametrize("kind", ["memory", redis])
-
-
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
     """
@@ -595,7 +585,6 @@ async def test_weak_if_none_match_parks(make: Stores) -> None:
     assert not answered(d)
 
 
-@redis_bug("RedisStore re-checks If-None-Match: * on a change, which matches any payload")
 @on_reactor
 async def test_star_if_none_match_parks_until_a_write(make: Stores) -> None:
     """If-None-Match: * matches any current payload, so the reader waits for the next write."""
@@ -1123,7 +1112,6 @@ async def test_redis_expiry_of_the_key_is_expiry_of_the_rendezvous(
     d.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="RedisStore's live set (caps) has no expiry")
 @redis_only
 @on_reactor
 async def test_redis_holds_nothing_without_an_expiry(
