@@ -549,7 +549,8 @@ class RedisStore:
     # The operations.
 
     def _now_ms(self) -> int:
-        return round(self._clock.seconds() * 1000)
+        # Down, not to the nearest: a rendezvous is never judged expired early.
+        return math.floor(self._clock.seconds() * 1000)
 
     def _mint_etag(self) -> bytes:
         return b'"%s%x"' % (self._etag_prefix, next(self._etag_serial))
