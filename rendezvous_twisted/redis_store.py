@@ -186,8 +186,13 @@ redis.call('HSET', KEYS[3], 'b', ARGV[6], 't', ARGV[7], 'e', ARGV[8], 'm', ARGV[
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[10])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[10])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+-- The sets live as long as their longest-lived member: only ever extended,
+-- should processes run with different TTLs.
+for i = 1, 2 do
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
+end
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 

@@ -397,3 +397,22 @@ async def test_a_redis_older_than_7_is_named_in_an_error() -> None:
     [error] = [e for e in events if "6.2.14" in formatEvent(e)]
     assert error["log_level"] == LogLevel.error
     assert "7.0 or newer" in formatEvent(error)
+
+
+@on_reactor
+async def test_a_shorter_ttl_never_shortens_the_caps_sets(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """Processes with other --ttl values share the caps; a short TTL never cuts their expiry."""
+    long, short = (
+        await connected(redis_url, ttl_seconds=60),
+        await connected(redis_url, ttl_seconds=5),
+    )
+    try:
+        await long.create(b"x", b"text/plain", "owner")
+        await short.create(b"x", b"text/plain", "owner")
+        for key in ("rendezvous:live", "rendezvous:owner:owner"):
+            assert redis_server.command("PTTL", key) > 50_000, key
+    finally:
+        await long.close()
+        await short.close()
