@@ -43,6 +43,7 @@ from rendezvous_twisted.store import (
     Full,
     NotFound,
     PreconditionFailed,
+    RendezvousError,
     StoreUnavailable,
     TooLarge,
     Version,
@@ -693,22 +694,26 @@ class RedisStore:
             return self.read(rendezvous_id).addCallback(
                 lambda version: Wakeup(version, not if_none_match.matches_weak(version.etag))
             )
+        refusal: RendezvousError | None
         if not self._events.up:
-            # Nobody could wake a parked reader: answer a change, refuse a wait.
+            # Nobody could wake a parked reader.
+            refusal = StoreUnavailable("not subscribed to the store's events")
+        else:
+            refusal = parking_refusal(
+                self._config,
+                self._waiting.get(rendezvous_id, {}),
+                self._parked,
+                self._clock.seconds(),
+            )
+        if refusal is not None:
+            # Only a wait is refused: a reader that would not park (a change
+            # it has not seen, a rendezvous gone) is answered, as in memory.
             def unparked(version: Version) -> Wakeup:
                 if if_none_match.matches_weak(version.etag):
-                    raise StoreUnavailable("not subscribed to the store's events")
+                    raise refusal
                 return Wakeup(version, changed=True)
 
             return self.read(rendezvous_id).addCallback(unparked)
-        refusal = parking_refusal(
-            self._config,
-            self._waiting.get(rendezvous_id, {}),
-            self._parked,
-            self._clock.seconds(),
-        )
-        if refusal is not None:
-            return fail(refusal)
         # Parked before it reads: a change published while the read is out
         # reads again (see _changed), so that no wake-up falls in between.
         waiter = _Waiter(if_none_match, self._clock.seconds() + timeout_seconds)

@@ -799,6 +799,23 @@ async def test_global_parked_cap(make: Stores) -> None:
 
 
 @on_reactor
+async def test_parking_caps_refuse_only_a_reader_that_would_park(make: Stores) -> None:
+    """Past the parking caps a reader that would not park is answered: a change, or NotFound."""
+    store, _ = await make(max_parked=1, max_parked_per_rendezvous=1)
+    created, gone, other = await create(store), await create(store), await create(store)
+    written = await store.write(created.rendezvous_id, b"b", TYPE, ANY)
+    await store.delete(gone.rendezvous_id)
+    park(store, other)
+    await parked(store, 1)
+    assert await within(park(store, created)) == Wakeup(written, changed=True)
+    assert isinstance(await failure_of(park(store, gone)), NotFound)
+    assert isinstance(await failure_of(store.wait_for_change(UNKNOWN, ANY, 20)), NotFound)
+    # A reader that would park is the one refused.
+    assert isinstance(await failure_of(park(store, written)), Full)
+    assert store.parked_count == 1
+
+
+@on_reactor
 async def test_parked_places_free_up_when_readers_leave(make: Stores) -> None:
     """Timeouts, cancels and wakes all give back their parked places."""
     store, clock = await make(max_parked=1, max_parked_per_rendezvous=1)
