@@ -1266,6 +1266,7 @@ class RendezvousAPI:
             timeout = min(timeout, wait)
 
         parked = False
+        asked = self._clock.seconds()
 
         def dated(result: Any) -> Any:
             # Twisted dates every answer when its request arrived; a parked
@@ -1279,7 +1280,10 @@ class RendezvousAPI:
         def answer(wakeup: Wakeup) -> bytes:
             version = wakeup.version
             if wakeup.changed:
-                if parked:
+                # A wake is a write made while the reader waited: a store
+                # that answers later (Redis) answers an older payload late
+                # too, and that reader never waited for it.
+                if parked and version.last_modified >= asked:
                     self.metrics.woke(self._clock.seconds() - version.last_modified)
                 return self._payload(version, request, content_type)
             return self._respond(request, 304, b"", version.content_type, version)

@@ -22,7 +22,7 @@ from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.store import NotFound, StoreUnavailable
-from tests.conftest import Harness, fired, on_reactor
+from tests.conftest import BASE, Answer, Harness, fired, on_reactor
 from tests.redis_server import RedisServer
 
 
@@ -416,3 +416,67 @@ async def test_a_shorter_ttl_never_shortens_the_caps_sets(
     finally:
         await long.close()
         await short.close()
+
+
+async def served(harness: Harness, answer: Deferred[Answer]) -> Answer:
+    """
+    The Answer of a request to a Harness on a Redis store: its server
+    answers once Redis has, on the real reactor, so pump until then.
+    """
+    from twisted.internet import reactor
+
+    done: list[Answer] = []
+
+    def keep(result: Answer) -> Answer:
+        done.append(result)
+        return result
+
+    answer.addCallback(keep)
+    deadline = reactor.seconds() + 5
+    while not done:
+        assert reactor.seconds() < deadline, "no answer in time"
+        await deferLater(reactor, 0.001)
+        harness.flush()
+    return done[0]
+
+
+@on_reactor
+async def test_only_a_parked_reader_that_a_write_woke_counts_as_a_wake(redis_url: str) -> None:
+    """A reader answered at once with a payload it had not seen is no wake in the wake metric."""
+    from twisted.internet import reactor
+
+    harness = Harness(
+        store=lambda config, clock: RedisStore(config, clock, reactor, parse_store_url(redis_url))
+    )
+    store = harness.store
+    assert isinstance(store, RedisStore)
+    store.connect()
+    await store.ready().addTimeout(5, reactor)
+
+    def wakes() -> float | None:
+        count: float | None = harness.api.metrics.registry.get_sample_value(
+            "rendezvous_wake_latency_seconds_count"
+        )
+        return count
+
+    try:
+        created = await served(harness, harness.send("POST", "/", b"one"))
+        path = created.header("Location").decode().removeprefix(BASE)  # type: ignore[union-attr]
+        old = created.header("ETag")
+        assert old is not None
+        written = await served(harness, harness.send("PUT", path, b"two"))
+        harness.clock.advance(30)  # the payload is 30 s old when read
+        stale = await served(harness, harness.send("GET", path, headers={"If-None-Match": old}))
+        assert (stale.code, stale.body) == (200, b"two")
+        assert wakes() == 0
+        # A reader that did park, and a write that woke it, is one.
+        current = written.header("ETag")
+        assert current is not None
+        parked = harness.send("GET", path, headers={"If-None-Match": current})
+        await wait_for(lambda: store.parked_count == 1)
+        await served(harness, harness.send("PUT", path, b"three"))
+        assert (await served(harness, parked)).body == b"three"
+        assert wakes() == 1
+    finally:
+        store.shutdown()
+        await store.close()
