@@ -25,7 +25,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.service import MultiService
@@ -51,6 +51,8 @@ from rendezvous_twisted.store import (
     parking_refusal,
     retry_after,
 )
+
+T = TypeVar("T")
 
 DEFAULT_PREFIX = "rendezvous:"
 #: Each connection is PINGed every this many store timeouts, so that one
@@ -304,6 +306,26 @@ def _first_error(failure: Failure) -> Failure:
     """
     assert isinstance(failure.value, FirstError)
     return failure.value.subFailure
+
+
+def _detached(d: Deferred[T]) -> Deferred[T]:
+    """
+    C{d}'s result, in a Deferred its caller may cancel (a client that hung
+    up) without cancelling C{d}: Redis runs a script once sent, and what its
+    answer changes here, the counts, must change all the same.
+    """
+    result: Deferred[T] = Deferred()
+
+    def settled(outcome: T | Failure) -> None:
+        if result.called:
+            return  # cancelled meanwhile
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    d.addBoth(settled)
+    return result
 
 
 #: At most one warning per this many seconds while the store is unavailable.
@@ -604,7 +626,7 @@ class RedisStore:
                 raise Full("too many rendezvous from this address", seconds)
             raise Full("the server is full", seconds)
 
-        return d.addCallback(created)
+        return _detached(d.addCallback(created))
 
     def _version(self, rendezvous_id: str, fields: list[Any]) -> tuple[Version, float]:
         """
@@ -685,7 +707,7 @@ class RedisStore:
                 raise NotFound()
             self.deleted_total += 1
 
-        return d.addCallback(deleted)
+        return _detached(d.addCallback(deleted))
 
     def wait_for_change(
         self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float

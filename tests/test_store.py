@@ -431,6 +431,23 @@ async def test_delete_forgets_the_rendezvous(make: Stores) -> None:
 
 
 @on_reactor
+async def test_a_create_or_delete_its_caller_gave_up_on_still_counts(make: Stores) -> None:
+    """A create or delete cancelled by its caller (a client that hung up) is counted once done."""
+    store, _ = await make()
+    gave_up = store.create(b"x", TYPE, OWNER)
+    gave_up.cancel()
+    gave_up.addErrback(lambda _: None)
+    await until(lambda: store.created_total == 1, "the create counted")
+    created = await create(store)
+    deleting = store.delete(created.rendezvous_id)
+    deleting.cancel()
+    deleting.addErrback(lambda _: None)
+    await until(lambda: store.deleted_total == 1, "the delete counted")
+    assert isinstance(await failure_of(store.read(created.rendezvous_id)), NotFound)
+    assert store.created_total == 2
+
+
+@on_reactor
 async def test_expired_rendezvous_is_not_found(make: Stores) -> None:
     """At its expiry on the store's clock a rendezvous is gone, not a moment before."""
     store, clock = await make(ttl_seconds=60)
