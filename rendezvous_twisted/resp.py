@@ -171,9 +171,11 @@ class RedisProtocol(Protocol):
             while reply is not False:
                 self._deliver(reply)
                 reply = parser.gets()
-        except Exception:
-            # A reply we cannot parse leaves the stream unusable.
-            self.log.failure("unparseable reply from Redis; reconnecting")
+        except Exception as e:
+            # A reply we cannot parse leaves the stream unusable.  Not
+            # logged here: whoever waited says why (at most every so often,
+            # when something that is not Redis answers every reconnect).
+            self._fail_waiting(f"an unparseable reply from Redis ({e!r})")
             assert self.transport is not None
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -197,14 +199,16 @@ class RedisProtocol(Protocol):
             d.callback(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        self._fail_waiting(f"the connection to Redis was lost: {reason.getErrorMessage()}")
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def _fail_waiting(self, why: str) -> None:
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             if not d.called:
-                d.errback(
-                    RedisDown(f"the connection to Redis was lost: {reason.getErrorMessage()}")
-                )
-        if self.on_lost is not None:
-            self.on_lost(self)
+                d.errback(RedisDown(why))
 
 
 class _Factory(Factory):
@@ -369,14 +373,18 @@ class RedisConnection:
         def refused(failure: Failure) -> None:
             self._failures += 1
             self._complain(failure.getErrorMessage(), failure)
-            if protocol.connected:
-                assert protocol.transport is not None
-                self._reactor.callLater(0, protocol.transport.abortConnection)  # type: ignore[attr-defined]
+            self._reactor.callLater(0, self._drop, protocol)
 
         # PING last: a connection is up once Redis has answered on it, not
         # once TCP (or a TLS handshake yet to fail) says so.
         prepared = self._prepare(protocol).addCallback(lambda _: protocol.execute(b"PING"))
         self._deadline(prepared).addCallbacks(ready, refused)
+
+    def _drop(self, protocol: RedisProtocol) -> None:
+        # Unless it went by itself meanwhile (a TLS handshake refused).
+        if protocol.connected:
+            assert protocol.transport is not None
+            protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _announce(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol and self._on_up is not None:
