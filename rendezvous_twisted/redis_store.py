@@ -91,13 +91,13 @@ def parse_store_url(text: str) -> StoreURL:
     """
     Parse C{redis://[user:password@]host[:port][/db]}, C{rediss://...}
     (TLS; C{?ca=FILE} for a private CA) or C{unix:///path[?db=N]};
-    C{?prefix=} and, for unix, C{?password=} are accepted too.
+    C{?prefix=} and, for unix, C{?user=} and C{?password=} are accepted too.
 
     @raise ValueError: with a message fit for the command line.
     """
     parts = urlsplit(text)
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    known = {"prefix", "db", "password", "ca"}
+    known = {"prefix", "db", "user", "password", "ca"}
     unknown = set(query) - known
     if unknown:
         raise ValueError(f"--store: unknown parameter {sorted(unknown)[0]!r} in {text!r}")
@@ -109,6 +109,7 @@ def parse_store_url(text: str) -> StoreURL:
             "unix",
             path=unquote(parts.path),
             db=_db(query.get("db", "0"), text),
+            username=query.get("user"),
             password=query.get("password"),
             prefix=prefix,
         )
@@ -125,6 +126,8 @@ def parse_store_url(text: str) -> StoreURL:
     path = parts.path.strip("/")
     if parts.scheme == "redis" and "ca" in query:
         raise ValueError("--store: ca= applies to rediss:// only")
+    if "user" in query:
+        raise ValueError("--store: a redis:// URL names its user before the host, as user@host")
     return StoreURL(
         "tls" if parts.scheme == "rediss" else "tcp",
         host=parts.hostname,

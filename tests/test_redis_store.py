@@ -46,6 +46,10 @@ from tests.redis_server import RedisServer
             "unix:///run/redis/redis.sock?db=4&password=pw",
             StoreURL("unix", path="/run/redis/redis.sock", db=4, password="pw"),
         ),
+        (
+            "unix:///s.sock?user=rendezvous&password=pw",
+            StoreURL("unix", path="/s.sock", username="rendezvous", password="pw"),
+        ),
     ],
 )
 def test_store_urls_parse(text: str, expected: StoreURL) -> None:
@@ -62,6 +66,7 @@ def test_store_urls_parse(text: str, expected: StoreURL) -> None:
         "redis://h/db",
         "redis://h/0?ca=/x.pem",
         "redis://h/0?colour=blue",
+        "redis://h/0?user=u",
         "unix://relative/path",
         "unix://",
         "/run/redis.sock",
@@ -451,3 +456,23 @@ async def test_a_shorter_ttl_never_shortens_the_caps_sets(
     finally:
         await long.close()
         await short.close()
+
+
+@on_reactor
+async def test_an_acl_user_connects_over_the_unix_socket(own_redis: RedisServer) -> None:
+    """unix:///path?user=U&password=P authenticates as that ACL user, whose keys are its own."""
+    own_redis.command(
+        "ACL", "SETUSER", "rendezvous", "on", ">pw", "resetkeys", "~rendezvous:*",
+        "resetchannels", "&rendezvous:*", "+@all",
+    )  # fmt: skip
+    store = await connected(
+        own_redis.unix_url.replace("?db=0", "?db=0&user=rendezvous&password=pw")
+    )
+    try:
+        version = await store.create(b"x", b"text/plain", "owner")
+        assert (await store.read(version.rendezvous_id)).body == b"x"
+        clients = own_redis.command("CLIENT", "LIST").decode()
+        # Both connections, and the harness' own as the default user.
+        assert clients.count(" user=rendezvous ") == 2, clients
+    finally:
+        await store.close()
