@@ -94,13 +94,13 @@ def parse_store_url(text: str) -> StoreURL:
     """
     Parse C{redis://[user:password@]host[:port][/db]}, C{rediss://...}
     (TLS; C{?ca=FILE} for a private CA) or C{unix:///path[?db=N]};
-    C{?prefix=} and, for unix, C{?password=} are accepted too.
+    C{?prefix=} and, for unix, C{?user=} and C{?password=} are accepted too.
 
     @raise ValueError: with a message fit for the command line.
     """
     parts = urlsplit(text)
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    known = {"prefix", "db", "password", "ca"}
+    known = {"prefix", "db", "user", "password", "ca"}
     unknown = set(query) - known
     if unknown:
         raise ValueError(f"--store: unknown parameter {sorted(unknown)[0]!r} in {text!r}")
@@ -112,6 +112,7 @@ def parse_store_url(text: str) -> StoreURL:
             "unix",
             path=unquote(parts.path),
             db=_db(query.get("db", "0"), text),
+            username=query.get("user"),
             password=query.get("password"),
             prefix=prefix,
         )
@@ -128,6 +129,8 @@ def parse_store_url(text: str) -> StoreURL:
     path = parts.path.strip("/")
     if parts.scheme == "redis" and "ca" in query:
         raise ValueError("--store: ca= applies to rediss:// only")
+    if "user" in query:
+        raise ValueError("--store: a redis:// URL names its user before the host, as user@host")
     return StoreURL(
         "tls" if parts.scheme == "rediss" else "tcp",
         host=parts.hostname,
@@ -199,6 +202,17 @@ end
 return {'ok', redis.call('ZCARD', KEYS[1]), expired}
 """
 
+#: KEYS: record.  ARGV: now.  Nil, or the fields and the PTTL.  It only
+#: reads, and says so: Redis runs it at its maxmemory too, and on replicas.
+_READ = """#!lua flags=no-writes
+local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
+if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
+  return false
+end
+v[6] = redis.call('PTTL', KEYS[1])
+return v
+"""
+
 #: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
 #: too large, body, type, new ETag, channel, id, then the strong ETags.
 _WRITE = """#!lua
@@ -264,6 +278,7 @@ class _Script:
 
 _SCRIPTS = {
     "create": _Script(_CREATE),
+    "read": _Script(_READ),
     "write": _Script(_WRITE),
     "delete": _Script(_DELETE),
 }
@@ -639,22 +654,14 @@ class RedisStore:
         return version, pttl / 1000
 
     def _read(self, rendezvous_id: str) -> Deferred[tuple[Version, float]]:
-        # Two plain commands rather than a script: a script may write, so a
-        # Redis at its maxmemory would refuse it, and reads must go on.  A
-        # delete between the two shows as a PTTL below zero.
-        key = self._key(rendezvous_id)
-        fields = self._command(b"HMGET", key, b"b", b"t", b"e", b"m", b"x")
-        kept = self._command(b"PTTL", key)
-        now = self._clock.seconds()
+        d = self._script("read", [self._key(rendezvous_id)], [self._now_ms()])
 
-        def found(replies: list[Any]) -> tuple[Version, float]:
-            [(_, values), (_, pttl)] = replies
-            if values[0] is None or pttl < 0 or int(values[4]) <= now * 1000:
+        def found(fields: list[Any] | None) -> tuple[Version, float]:
+            if fields is None:
                 raise NotFound()
-            return self._version(rendezvous_id, [*values, pttl])
+            return self._version(rendezvous_id, fields)
 
-        both = DeferredList([fields, kept], fireOnOneErrback=True, consumeErrors=True)
-        return both.addCallbacks(found, _first_error)
+        return d.addCallback(found)
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
         return self._read(rendezvous_id).addCallback(lambda found: found[0])

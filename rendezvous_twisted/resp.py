@@ -135,7 +135,9 @@ class RedisProtocol(Protocol):
     log = Logger()
 
     def __init__(self, on_message: Callable[[bytes, bytes], None] | None = None) -> None:
-        self._waiting: deque[Deferred[Any]] = deque()
+        # Commands waiting for their replies, oldest first, with when each
+        # was sent (by the clock given to execute).
+        self._waiting: deque[tuple[Deferred[Any], float]] = deque()
         self._parser = reply_parser()
         self._on_message = on_message
         self.on_made: Callable[[RedisProtocol], None] | None = None
@@ -152,16 +154,29 @@ class RedisProtocol(Protocol):
         """
         return len(self._waiting)
 
-    def execute(self, *arguments: bytes | str | int) -> Deferred[Any]:
+    def execute(self, *arguments: bytes | str | int, sent: float = 0.0) -> Deferred[Any]:
         """
         Send a command; the Deferred fires with its reply, or fails with
-        L{RedisReplyError} or L{RedisDown}.
+        L{RedisReplyError} or L{RedisDown}.  C{sent} is the time now, for
+        L{fail_late}.
         """
         assert self.transport is not None
         d: Deferred[Any] = Deferred()
-        self._waiting.append(d)
+        self._waiting.append((d, sent))
         self.transport.write(encode(arguments))
         return d
+
+    def fail_late(self, sent_before: float, why: str) -> None:
+        """
+        Fail every command sent before C{sent_before} that still waits.
+        Replies come in order, so those are the oldest; each keeps its place
+        in the queue, for its reply to be dropped if it ever comes.
+        """
+        for d, sent in self._waiting:
+            if sent >= sent_before:
+                return
+            if not d.called:
+                d.errback(RedisDown(why))
 
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser
@@ -171,9 +186,11 @@ class RedisProtocol(Protocol):
             while reply is not False:
                 self._deliver(reply)
                 reply = parser.gets()
-        except Exception:
-            # A reply we cannot parse leaves the stream unusable.
-            self.log.failure("unparseable reply from Redis; reconnecting")
+        except Exception as e:
+            # A reply we cannot parse leaves the stream unusable.  Not
+            # logged here: whoever waited says why (at most every so often,
+            # when something that is not Redis answers every reconnect).
+            self._fail_waiting(f"an unparseable reply from Redis ({e!r})")
             assert self.transport is not None
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -188,7 +205,7 @@ class RedisProtocol(Protocol):
             return
         if not self._waiting:
             raise ValueError("a reply that no command asked for")
-        d = self._waiting.popleft()
+        d, _ = self._waiting.popleft()
         if d.called:
             return  # its deadline passed; the reply comes too late
         if isinstance(reply, RedisReplyError):
@@ -197,14 +214,16 @@ class RedisProtocol(Protocol):
             d.callback(reply)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        waiting, self._waiting = self._waiting, deque()
-        for d in waiting:
-            if not d.called:
-                d.errback(
-                    RedisDown(f"the connection to Redis was lost: {reason.getErrorMessage()}")
-                )
+        self.connected = False
+        self._fail_waiting(f"the connection to Redis was lost: {reason.getErrorMessage()}")
         if self.on_lost is not None:
             self.on_lost(self)
+
+    def _fail_waiting(self, why: str) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        for d, _ in waiting:
+            if not d.called:
+                d.errback(RedisDown(why))
 
 
 class _Factory(Factory):
@@ -273,6 +292,7 @@ class RedisConnection:
         self._name = name
         self._protocol: RedisProtocol | None = None
         self._heartbeat: LoopingCall | None = None
+        self._sweeper: LoopingCall | None = None
         self._heartbeat_seconds = heartbeat_seconds
         self.service = ClientService(
             endpoint,
@@ -302,7 +322,8 @@ class RedisConnection:
             return fail(RedisDown("not connected to Redis"))
         if protocol.waiting >= self._max_waiting:
             return fail(RedisDown("too many commands wait for Redis"))
-        return self._deadline(protocol.execute(*arguments))
+        # Its deadline is kept by _sweep, not by a timer of its own.
+        return protocol.execute(*arguments, sent=self._reactor.seconds())
 
     def _deadline(self, d: Deferred[Any]) -> Deferred[Any]:
         # The answer is a Deferred of our own: C{d} may be a chain (AUTH,
@@ -360,6 +381,9 @@ class RedisConnection:
             self._heartbeat = LoopingCall(self._beat, protocol)
             self._heartbeat.clock = self._reactor
             self._heartbeat.start(self._heartbeat_seconds, now=False)
+            self._sweeper = LoopingCall(self._sweep, protocol)
+            self._sweeper.clock = self._reactor
+            self._sweeper.start(self._timeout_seconds / 4, now=False)
             self.log.info("{name}: connected to Redis", name=self._name)
             if self._on_up is not None:
                 # Not from inside the connection's set-up: code woken by
@@ -369,14 +393,29 @@ class RedisConnection:
         def refused(failure: Failure) -> None:
             self._failures += 1
             self._complain(failure.getErrorMessage(), failure)
-            if protocol.connected:
-                assert protocol.transport is not None
-                self._reactor.callLater(0, protocol.transport.abortConnection)  # type: ignore[attr-defined]
+            self._reactor.callLater(0, self._drop, protocol)
 
         # PING last: a connection is up once Redis has answered on it, not
         # once TCP (or a TLS handshake yet to fail) says so.
         prepared = self._prepare(protocol).addCallback(lambda _: protocol.execute(b"PING"))
         self._deadline(prepared).addCallbacks(ready, refused)
+
+    def _drop(self, protocol: RedisProtocol) -> None:
+        # Unless it went by itself meanwhile (a TLS handshake refused).
+        if protocol.connected:
+            assert protocol.transport is not None
+            protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _sweep(self, protocol: RedisProtocol) -> None:
+        """
+        Fail the commands that waited past their deadline: one timer for
+        them all, since replies come in order, rather than one each.  A
+        command fails between one and one and a quarter timeouts late.
+        """
+        protocol.fail_late(
+            self._reactor.seconds() - self._timeout_seconds,
+            f"Redis did not answer within {self._timeout_seconds}s",
+        )
 
     def _announce(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol and self._on_up is not None:
@@ -396,14 +435,15 @@ class RedisConnection:
                 self.log.warn("{name}: Redis did not answer PING; reconnecting", name=self._name)
                 protocol.transport.abortConnection()  # type: ignore[attr-defined]
 
-        self._deadline(protocol.execute(b"PING")).addErrback(silent)
+        protocol.execute(b"PING", sent=self._reactor.seconds()).addErrback(silent)
 
     def _lost(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
             self._protocol = None
-            if self._heartbeat is not None and self._heartbeat.running:
-                self._heartbeat.stop()
-            self._heartbeat = None
+            for loop in (self._heartbeat, self._sweeper):
+                if loop is not None and loop.running:
+                    loop.stop()
+            self._heartbeat = self._sweeper = None
             if not self.service.running:
                 return  # we closed it
             self.log.warn("{name}: lost the connection to Redis; reconnecting", name=self._name)

@@ -233,7 +233,7 @@ class Options(usage.Options):
             MEMORY,
             "Where rendezvous are kept: memory: (this process), or a Redis shared by "
             "several processes: redis://[user:password@]host[:port][/db], "
-            "rediss://...[?ca=FILE] (TLS) or unix:///path/to/redis.sock[?db=N].",
+            "rediss://...[?ca=FILE] (TLS) or unix:///path/to/redis.sock[?db=N&user=U].",
         ],
         [
             "store-password-file",

@@ -46,6 +46,10 @@ from tests.redis_server import RedisServer
             "unix:///run/redis/redis.sock?db=4&password=pw",
             StoreURL("unix", path="/run/redis/redis.sock", db=4, password="pw"),
         ),
+        (
+            "unix:///s.sock?user=rendezvous&password=pw",
+            StoreURL("unix", path="/s.sock", username="rendezvous", password="pw"),
+        ),
     ],
 )
 def test_store_urls_parse(text: str, expected: StoreURL) -> None:
@@ -62,6 +66,7 @@ def test_store_urls_parse(text: str, expected: StoreURL) -> None:
         "redis://h/db",
         "redis://h/0?ca=/x.pem",
         "redis://h/0?colour=blue",
+        "redis://h/0?user=u",
         "unix://relative/path",
         "unix://",
         "/run/redis.sock",
@@ -286,10 +291,45 @@ async def test_an_untrusted_certificate_is_named_and_never_counts_as_connected()
             store = await _started(untrusted)
             try:
                 await wait_for(lambda: any("certificate" in formatEvent(e) for e in events))
+                # Tried again, and what was dropped dropped cleanly.
+                await wait_for(lambda: store._commands._failures >= 2)
                 assert not store.available
             finally:
                 await store.close()
     assert not [e for e in events if "connected to Redis" in formatEvent(e)]
+    assert not [e for e in events if "log_failure" in e]
+    assert len([e for e in events if "certificate" in formatEvent(e)]) <= 2  # one per connection
+
+
+class _NotRedis(Protocol):
+    """
+    Something that is not Redis (an HTTP server) on the port --store names.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+@on_reactor
+async def test_a_port_that_is_not_redis_is_complained_about_once_not_per_retry() -> None:
+    """When --store names something else than Redis, its replies are named once, not per retry."""
+    from twisted.internet import reactor
+
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(_NotRedis)
+    )
+    with capturedLogs() as events:
+        store = await _started(f"redis://127.0.0.1:{port.getHost().port}/0")
+        try:
+            await wait_for(lambda: store._commands._failures >= 3)
+            assert not store.available
+        finally:
+            await store.close()
+            await port.stopListening()
+    complaints = [e for e in events if "unparseable" in formatEvent(e)]
+    assert len(complaints) == 2  # once for each of the two connections
+    assert not [e for e in events if "log_failure" in e]
 
 
 async def _started(url: str) -> RedisStore:
@@ -416,6 +456,26 @@ async def test_a_shorter_ttl_never_shortens_the_caps_sets(
     finally:
         await long.close()
         await short.close()
+
+
+@on_reactor
+async def test_an_acl_user_connects_over_the_unix_socket(own_redis: RedisServer) -> None:
+    """unix:///path?user=U&password=P authenticates as that ACL user, whose keys are its own."""
+    own_redis.command(
+        "ACL", "SETUSER", "rendezvous", "on", ">pw", "resetkeys", "~rendezvous:*",
+        "resetchannels", "&rendezvous:*", "+@all",
+    )  # fmt: skip
+    store = await connected(
+        own_redis.unix_url.replace("?db=0", "?db=0&user=rendezvous&password=pw")
+    )
+    try:
+        version = await store.create(b"x", b"text/plain", "owner")
+        assert (await store.read(version.rendezvous_id)).body == b"x"
+        clients = own_redis.command("CLIENT", "LIST").decode()
+        # Both connections, and the harness' own as the default user.
+        assert clients.count(" user=rendezvous ") == 2, clients
+    finally:
+        await store.close()
 
 
 async def served(harness: Harness, answer: Deferred[Answer]) -> Answer:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import capturedLogs
 
 from rendezvous_twisted.resp import (
     RedisConnection,
@@ -262,13 +263,18 @@ def test_messages_go_to_the_subscriber_not_to_commands() -> None:
 
 
 def test_garbage_from_redis_drops_the_connection() -> None:
-    """A byte stream that is not RESP2 aborts the connection, to be made anew."""
+    """Bytes that are not RESP2 fail what waited with RedisDown and abort the connection."""
     from twisted.internet.testing import StringTransport
 
     protocol = RedisProtocol()
     transport = StringTransport()
     protocol.makeConnection(transport)  # type: ignore[no-untyped-call]
-    waiting = protocol.execute(b"PING")
-    waiting.addErrback(lambda failure: None)
-    protocol.dataReceived(b"!garbage\r\n")
+    failures: list[Any] = []
+    protocol.execute(b"PING").addErrback(failures.append)
+    with capturedLogs() as events:
+        protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     assert transport.disconnecting
+    assert failures and failures[0].check(RedisDown)
+    assert "unparseable" in failures[0].getErrorMessage()
+    # The one who waited says why, as often as it sees fit; not this.
+    assert not events
