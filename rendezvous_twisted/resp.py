@@ -172,9 +172,14 @@ class RedisProtocol(Protocol):
         Replies come in order, so those are the oldest; each keeps its place
         in the queue, for its reply to be dropped if it ever comes.
         """
+        late = []
         for d, sent in self._waiting:
             if sent >= sent_before:
-                return
+                break
+            late.append(d)
+        # Failed once the queue was read: their callbacks may send more
+        # (a pipelined HTTP request runs as the one before it finishes).
+        for d in late:
             if not d.called:
                 d.errback(RedisDown(why))
 

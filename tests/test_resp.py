@@ -247,6 +247,27 @@ def test_a_lost_connection_fails_every_waiting_command() -> None:
     assert lost == [protocol]
 
 
+def test_a_command_sent_as_late_ones_fail_is_not_failed_with_them() -> None:
+    """Failing late commands survives their callbacks sending more (a pipelined request's)."""
+    from twisted.internet.testing import StringTransport
+
+    protocol = RedisProtocol()
+    protocol.makeConnection(StringTransport())  # type: ignore[no-untyped-call]
+    first = protocol.execute(b"GET", b"a", sent=0.0)
+    second = protocol.execute(b"GET", b"b", sent=0.0)
+    sent_then: list[Deferred[Any]] = []
+    first.addErrback(lambda _: sent_then.append(protocol.execute(b"GET", b"c", sent=10.0)))
+    failures: list[Any] = []
+    second.addErrback(failures.append)
+    protocol.fail_late(5.0, "late")
+    assert failures and failures[0].check(RedisDown)
+    [fresh] = sent_then
+    assert not fresh.called
+    # Replies still answer in order: the late ones' are dropped.
+    protocol.dataReceived(b"$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n")
+    assert fresh.result == b"c"
+
+
 def test_messages_go_to_the_subscriber_not_to_commands() -> None:
     """A pub/sub message is handed to on_message; the reply to SUBSCRIBE answers the command."""
     from twisted.internet.testing import StringTransport
