@@ -344,7 +344,7 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from e
         if password_file is None:
-            return url
+            return self._check_user(url)
         try:
             password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as e:
@@ -352,6 +352,16 @@ class Options(usage.Options):
         if not password:
             raise usage.UsageError(f"--store-password-file: {password_file} is empty")
         return dataclasses.replace(url, password=password)
+
+    @staticmethod
+    def _check_user(url: StoreURL) -> StoreURL:
+        # Redis' AUTH takes a user only with its password.
+        if url.username is not None and url.password is None:
+            raise usage.UsageError(
+                f"--store {url}: user {url.username!r} without a password "
+                "(in the URL or in --store-password-file)"
+            )
+        return url
 
     def _check_tls(self) -> None:
         """

@@ -42,6 +42,10 @@ def refuses_connections(port: int, timeout: float = 5.0) -> bool:
             probe = socket.create_connection((HOST, port), timeout=1)
         except ConnectionRefusedError:
             return True
+        except ConnectionResetError:
+            # The listening socket closed during the handshake: no answer
+            # either; the next try is refused.
+            continue
         with probe:
             readable, _, _ = select.select([probe], [], [], max(0.0, deadline - time.monotonic()))
             if not readable:

@@ -597,3 +597,10 @@ def test_a_port_past_65535_is_a_usage_error(argv: list[str]) -> None:
     """A TCP port past 65535 stops twistd with a usage error, not a traceback at listen time."""
     with pytest.raises(usage.UsageError, match="not in 0-65535"):
         parsed(argv)
+
+
+@pytest.mark.parametrize("url", ["redis://rendezvous@h/0", "unix:///s.sock?user=rendezvous"])
+def test_a_store_user_without_a_password_is_a_usage_error(url: str) -> None:
+    """A Redis user named without a password (URL or file) is refused, not connected as nobody."""
+    with pytest.raises(usage.UsageError, match="without a password"):
+        parsed([f"--store={url}"])
