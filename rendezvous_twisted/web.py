@@ -766,6 +766,10 @@ class RendezvousSite(Site):
                 del self._per_key[key]
 
     def buildProtocol(self, addr: Any) -> Any:
+        if self._draining is not None:
+            # Accepted as the listeners stopped: closed unanswered, since
+            # nothing would close it before the drain's deadline.
+            return None
         protocol = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
         if protocol is not None:
             self._connections.add(protocol)

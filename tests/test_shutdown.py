@@ -47,6 +47,8 @@ def refuses_connections(port: int, timeout: float = 5.0) -> bool:
             # either; the next try is refused.
             continue
         with probe:
+            if probe.getsockname() == probe.getpeername():
+                continue  # the kernel connected the probe to itself: nobody listens
             readable, _, _ = select.select([probe], [], [], max(0.0, deadline - time.monotonic()))
             if not readable:
                 return False

@@ -956,3 +956,14 @@ def test_unparseable_requests_get_a_json_400(request_bytes: bytes) -> None:
     assert json.loads(body)["errcode"] == "M_BAD_REQUEST"
     assert headers[b"access-control-allow-origin"] == b"*"
     assert transport.disconnecting
+
+
+def test_a_connection_accepted_once_the_drain_began_is_closed_unanswered() -> None:
+    """A connection accepted as the listeners stopped is closed, not kept till the deadline."""
+    harness = Harness()
+    clock = MemoryReactorClock()
+    site = harness.api.site(clock)
+    peer = IPv4Address("TCP", "192.0.2.9", 4321)
+    assert site.buildProtocol(peer) is not None
+    site.drain(clock, 5)
+    assert site.buildProtocol(peer) is None
