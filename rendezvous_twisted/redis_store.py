@@ -25,7 +25,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.service import MultiService
@@ -38,7 +38,13 @@ from twisted.python.failure import Failure
 
 from rendezvous_twisted.conditions import ANY, Condition
 from rendezvous_twisted.config import Config
-from rendezvous_twisted.resp import RedisConnection, RedisDown, RedisProtocol, RedisReplyError
+from rendezvous_twisted.resp import (
+    RedisConnection,
+    RedisDown,
+    RedisProtocol,
+    RedisReplyError,
+    detached,
+)
 from rendezvous_twisted.store import (
     Full,
     NotFound,
@@ -51,8 +57,6 @@ from rendezvous_twisted.store import (
     parking_refusal,
     retry_after,
 )
-
-T = TypeVar("T")
 
 DEFAULT_PREFIX = "rendezvous:"
 #: Each connection is PINGed every this many store timeouts, so that one
@@ -321,26 +325,6 @@ def _first_error(failure: Failure) -> Failure:
     """
     assert isinstance(failure.value, FirstError)
     return failure.value.subFailure
-
-
-def _detached(d: Deferred[T]) -> Deferred[T]:
-    """
-    C{d}'s result, in a Deferred its caller may cancel (a client that hung
-    up) without cancelling C{d}: Redis runs a script once sent, and what its
-    answer changes here, the counts, must change all the same.
-    """
-    result: Deferred[T] = Deferred()
-
-    def settled(outcome: T | Failure) -> None:
-        if result.called:
-            return  # cancelled meanwhile
-        if isinstance(outcome, Failure):
-            result.errback(outcome)
-        else:
-            result.callback(outcome)
-
-    d.addBoth(settled)
-    return result
 
 
 #: At most one warning per this many seconds while the store is unavailable.
@@ -641,7 +625,9 @@ class RedisStore:
                 raise Full("too many rendezvous from this address", seconds)
             raise Full("the server is full", seconds)
 
-        return _detached(d.addCallback(created))
+        # Detached: Redis runs a script once sent, and what its answer
+        # changes here, the counts, must change even if the client hung up.
+        return detached(d.addCallback(created))
 
     def _version(self, rendezvous_id: str, fields: list[Any]) -> tuple[Version, float]:
         """
@@ -714,7 +700,7 @@ class RedisStore:
                 raise NotFound()
             self.deleted_total += 1
 
-        return _detached(d.addCallback(deleted))
+        return detached(d.addCallback(deleted))
 
     def wait_for_change(
         self, rendezvous_id: str, if_none_match: Condition, timeout_seconds: float

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail
@@ -24,6 +24,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+T = TypeVar("T")
 
 
 class RedisReplyError(Exception):
@@ -98,6 +100,26 @@ class ReplyParser:
                 items.append(value)
             return items, after
         raise ValueError(f"not a RESP2 reply: {kind!r}")
+
+
+def detached(d: Deferred[T]) -> Deferred[T]:
+    """
+    C{d}'s outcome in a Deferred of its own, which may be cancelled or
+    failed first without touching C{d}'s chain; C{d}'s outcome is then
+    dropped.
+    """
+    result: Deferred[T] = Deferred()
+
+    def settled(outcome: T | Failure) -> None:
+        if result.called:
+            return  # cancelled or failed meanwhile
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    d.addBoth(settled)
+    return result
 
 
 def reply_parser() -> Any:
@@ -331,24 +353,18 @@ class RedisConnection:
         return protocol.execute(*arguments, sent=self._reactor.seconds())
 
     def _deadline(self, d: Deferred[Any]) -> Deferred[Any]:
-        # The answer is a Deferred of our own: C{d} may be a chain (AUTH,
-        # then SUBSCRIBE) that counts as "called" while it waits on its next
-        # link, and a called Deferred can no longer be failed at its deadline.
-        answer: Deferred[Any] = Deferred()
+        # Detached: C{d} may be a chain (AUTH, then SUBSCRIBE) that counts
+        # as "called" while it waits on its next link, and a called Deferred
+        # can no longer be failed at its deadline.
+        answer = detached(d)
         timer = self._reactor.callLater(self._timeout_seconds, self._late, answer)
 
-        def settled(result: Any) -> None:
+        def settled(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            if answer.called:
-                return  # too late: the deadline answered already
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
+            return result
 
-        d.addBoth(settled)
-        return answer
+        return answer.addBoth(settled)
 
     def _retry_delay(self, attempt: int) -> float:
         return _backoff(max(attempt, self._failures))
