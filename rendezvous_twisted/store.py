@@ -109,6 +109,12 @@ class RendezvousStore(Protocol):
     created_total: int
     deleted_total: int
     expired_total: int
+    @property
+    def available(self) -> bool:
+        """
+        Whether the store can answer now (a Redis store: its connections
+        are up).
+        """
 
     @property
     def rendezvous_count(self) -> int:
@@ -236,6 +242,8 @@ class MemoryStore:
     """
 
     log = Logger()
+    #: Always: nothing stands between it and its data.
+    available = True
 
     def __init__(self, config: Config, clock: IReactorTime) -> None:
         self._config = config

@@ -508,7 +508,7 @@ def makeService(
                 metrics,
                 lambda: lifecycle.stopping,
                 reactor,
-                store_available=lambda: getattr(store, "available", True),
+                store_available=lambda: store.available,
             ),
             lifecycle,
         ).setServiceParent(root)
