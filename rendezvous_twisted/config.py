@@ -148,6 +148,11 @@ class Config:
     header_timeout_seconds: float = 10.0
     #: Seconds a request may take to send its body, once its headers are in.
     body_timeout_seconds: float = 10.0
+    #: Seconds a connection may stay open with no request on it (an idle
+    #: keep-alive connection, or an HTTP/2 one with no stream open) before it
+    #: is closed.  Balancers that keep connections to the server open must
+    #: close theirs sooner (contrib/nginx: keepalive_timeout 10s).
+    idle_timeout_seconds: float = 15.0
     #: Bytes of request line and headers of one request (Twisted's own
     #: default; it also bounds any one line).
     max_header_bytes: int = 16384

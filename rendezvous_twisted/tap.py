@@ -148,6 +148,12 @@ class Options(usage.Options):
             float,
         ),
         (
+            "idle-timeout",
+            "idle_timeout_seconds",
+            "Seconds a connection may stay open with no request on it (keep-alive).",
+            float,
+        ),
+        (
             "max-header-bytes",
             "max_header_bytes",
             "Bytes of a request's line and headers.",

@@ -697,7 +697,10 @@ class RendezvousSite(Site):
         metrics: Metrics | None = None,
         access_log: bool = True,
     ) -> None:
-        super().__init__(resource, reactor=reactor)  # type: ignore[no-untyped-call]
+        config = config if config is not None else Config()
+        super().__init__(  # type: ignore[no-untyped-call]
+            resource, reactor=reactor, timeout=config.idle_timeout_seconds
+        )
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or Metrics()
         self.access_log = access_log
@@ -707,7 +710,7 @@ class RendezvousSite(Site):
         self._closing: set[_GenericHTTPChannelProtocol] = set()
         self._watched: set[int] = set()
         self._draining: Deferred[None] | None = None
-        self.config = config if config is not None else Config()
+        self.config = config
         self.clients = clients if clients is not None else ClientResolver(self.config)
         #: Open connections, and open connections per client key.
         self.connection_count = 0

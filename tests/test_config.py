@@ -32,6 +32,7 @@ LIMITS = [
     "ipv6_prefix_length",
     "header_timeout_seconds",
     "body_timeout_seconds",
+    "idle_timeout_seconds",
     "max_header_bytes",
     "max_headers",
     "max_connections",

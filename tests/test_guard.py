@@ -172,6 +172,22 @@ def test_a_silent_connection_gets_the_header_deadline_too() -> None:
     assert transport.disconnecting
 
 
+def test_an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() -> None:
+    """
+    A keep-alive connection with no request on it is closed once idle_timeout_seconds pass, and
+    not before.
+    """
+    harness = Harness(idle_timeout_seconds=7, header_timeout_seconds=100)
+    clock = Clock()
+    channel, transport = connect(harness, clock)
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 204 ")
+    clock.advance(6.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
 def test_a_body_dribbled_past_its_deadline_gets_408() -> None:
     """A body still incomplete at the body deadline gets 408 and a close."""
     harness = Harness(header_timeout_seconds=100, body_timeout_seconds=2)
