@@ -158,6 +158,13 @@ class Config:
     max_header_bytes: int = 16384
     #: Header lines of one request.
     max_headers: int = 64
+    #: Requests one HTTP/2 connection may have open at once (streams; a
+    #: parked long-poll holds one), advertised in SETTINGS.  Eight is more
+    #: than the six HTTP/1.1 connections a browser opens to one host, so a
+    #: page never waits on HTTP/2 for what it could do over HTTP/1.1, and it
+    #: keeps a connection's worst case to eight requests' worth of memory
+    #: (README "Memory"; h2's own default, 100, is twelve times that).
+    max_streams_per_connection: int = 8
     #: Open connections across the server (past it: 503).  Every parked
     #: long-poll holds one, so it bounds parked readers too.
     max_connections: int = 4096

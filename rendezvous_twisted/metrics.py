@@ -24,10 +24,21 @@ from twisted.web.server import Site
 #: The methods counted by name; anything else is counted as "other", so that
 #: a client cannot mint new time series by inventing methods.
 METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD"))
-#: Refusal reasons, all exported from the start (at zero).  The last three
+#: Refusal reasons, all exported from the start (at zero).  The last five
 #: are answered on the connection itself, below the resource: past a
-#: connection cap (429 or 503), too slow (408), unparseable (400).
-REASONS = ("too_large", "full", "rate_limited", "connections", "slow", "malformed")
+#: connection cap (429 or 503), too slow (408), unparseable (400), an HTTP/2
+#: stream past the per-connection cap (RST_STREAM REFUSED_STREAM), an HTTP/2
+#: connection resetting streams faster than allowed (GOAWAY).
+REASONS = (
+    "too_large",
+    "full",
+    "rate_limited",
+    "connections",
+    "slow",
+    "malformed",
+    "streams",
+    "resets",
+)
 
 #: Wake latency buckets: from a tenth of a millisecond to a second.
 WAKE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -59,7 +70,9 @@ class Metrics:
             "rendezvous_refusals",
             "Requests refused by a limit, by reason: too_large (413), full (429 at "
             "capacity), rate_limited (any other 429), connections (a connection cap: 429 "
-            "or 503), slow (408), malformed (400 from the HTTP parser).",
+            "or 503), slow (408), malformed (400 from the HTTP parser, or an HTTP/2 protocol "
+            "error), streams (an HTTP/2 stream past the per-connection cap), resets (an "
+            "HTTP/2 connection closed for resetting too many streams).",
             ["reason"],
             registry=self.registry,
         )

@@ -150,16 +150,25 @@ class Options(usage.Options):
         (
             "idle-timeout",
             "idle_timeout_seconds",
-            "Seconds a connection may stay open with no request on it (keep-alive).",
+            "Seconds a connection may stay open with no request on it (keep-alive; "
+            "HTTP/2: no stream open).",
             float,
         ),
         (
             "max-header-bytes",
             "max_header_bytes",
-            "Bytes of a request's line and headers.",
+            "Bytes of a request's line and headers (HTTP/2: of its header block, "
+            "HEADERS and CONTINUATION, and of the decoded header list).",
             int,
         ),
         ("max-headers", "max_headers", "Header lines of one request.", int),
+        (
+            "max-streams-per-connection",
+            "max_streams_per_connection",
+            "Requests (streams) open at once on one HTTP/2 connection, advertised in "
+            "SETTINGS; more are refused for the client to retry.",
+            int,
+        ),
         ("max-connections", "max_connections", "Open connections across the server.", int),
         (
             "max-connections-per-address",

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
 from typing import Any, cast
@@ -22,13 +23,12 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import access, conditions, msc4108
+from rendezvous_twisted import access, conditions, msc4108, wire
 from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
@@ -146,7 +146,6 @@ def _http_date(seconds: float) -> bytes:
     return _date_of_second(int(seconds))
 
 
-
 class HTTPError(Exception):
     """
     A refusal that belongs to HTTP rather than to the store.
@@ -200,6 +199,29 @@ class MethodNotAllowedError(HTTPError):
     def __init__(self, allow: bytes) -> None:
         super().__init__("method not allowed here")
         self.headers = ((b"Allow", allow),)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """
+    How a connection refused at the caps is answered: the status, the JSON
+    error and any headers.  HTTP/1.1 writes it whole; HTTP/2 answers its
+    first stream with it, then says GOAWAY.
+    """
+
+    status: int
+    errcode: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def http11(self) -> bytes:
+        """
+        The whole HTTP/1.1 answer, closing the connection.
+        """
+        reason = _REASONS.get(self.status) or http.RESPONSES.get(self.status, b"Unknown")
+        return _closing_answer(
+            b"%d %s" % (self.status, reason), self.errcode, self.message, self.headers
+        )
 
 
 class RendezvousRequest(Request):
@@ -295,7 +317,13 @@ class RendezvousRequest(Request):
             # HTTP/2: answer on this stream alone, once the connection has
             # registered it (this runs while the stream is being made); the
             # connection and its other streams go on.
-            site.reactor.callLater(0, self._refuse_stream)
+            site.reactor.callLater(
+                0,
+                self.refuse_on_stream,
+                413,
+                "M_TOO_LARGE",
+                f"the payload is over {self._max_bytes} bytes",
+            )
             return
         # The method is only set once the whole body is in; the channel has
         # already parsed it from the request line.
@@ -312,21 +340,25 @@ class RendezvousRequest(Request):
         )
         transport.loseConnection()
 
-    def _refuse_stream(self) -> None:
+    def refuse_on_stream(self, code: int, errcode: str, message: str) -> None:
         """
-        Answer an oversize HTTP/2 request 413 through this request, as any
-        other answer (so the access log and metrics see it).
+        Answer an HTTP/2 request refused before its body was all in (413
+        oversize, 408 too slow) through this request, as any other answer
+        (so the access log and metrics see it).  Its stream alone ends; the
+        connection goes on.
         """
         if self.finished or self._disconnected:
             return
+        self._refused = True
         stream = cast(Any, self.channel)
-        # Set here if the request line's fields have not come in yet.
-        if not hasattr(self, "path"):
+        # Set here if the request line's fields have not come in yet (they
+        # come with the whole body).
+        if getattr(self, "path", None) is None:
             self.method = stream.command or self.method
             self.uri = self.path = stream.path or b"/"
             self.clientproto = b"HTTP/2"
-        body = error_body("M_TOO_LARGE", f"the payload is over {self._max_bytes} bytes")
-        self.setResponseCode(413)
+        body = error_body(errcode, message)
+        self.setResponseCode(code)
         for name, value in (
             *EVERY_RESPONSE,
             (b"Content-Type", JSON),
@@ -500,23 +532,19 @@ class RendezvousChannel(http.HTTPChannel):
         self.loseConnection()  # type: ignore[no-untyped-call]
 
 
-class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
+class _TrackedChannelProtocol(wire.SwitchingProtocol):
     """
-    Twisted's HTTP/1.x-or-2 switching protocol.  It lives as long as its
-    connection, across a switch to HTTP/2, so it is what the site counts
-    against the connection caps (admitted when made, released when lost) and
-    what tells the site when its connection is gone, so that a graceful stop
-    knows what is still open.
+    One connection: HTTP/1.1 through L{RendezvousChannel}, or HTTP/2 (when
+    TLS negotiated "h2") through L{http2.LimitedH2Connection}.  It lives as
+    long as its connection, across the switch, so it is what the site counts
+    against the connection caps (admitted when made, released when lost)
+    and what tells the site when its connection is gone, so that a graceful
+    stop knows what is still open.
 
-    Over HTTP/1.1 its L{RendezvousChannel} times each request's headers and
-    body.  When ALPN picked "h2", Twisted puts that channel away for an
-    C{H2Connection} and cancels only its idle timeout; this disarms the
-    channel's own deadlines too.  From then on the connection has one
-    deadline: whenever no stream is open (from the switch, and each time its
-    last stream ends) a request's headers must come within
-    C{header_timeout_seconds}, or it is closed with GOAWAY, as Twisted's idle
-    timeout would close it.  An open stream (a parked long-poll included)
-    holds it open.
+    A connection refused at the caps is answered with its L{Refusal}: over
+    HTTP/1.1 at once; over TLS once its first bytes say which protocol it
+    speaks (ALPN), and over HTTP/2 on its first stream, then GOAWAY, within
+    the header deadline.
     """
 
     #: Whether this connection was admitted and is counted by the site.
@@ -524,145 +552,52 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
     #: The key it is counted under per address; None for trusted proxies
     #: and peers without an IP address.
     _connection_key: str | None = None
-    _h2_deadline: IDelayedCall | None = None
-    #: The HTTP/2 streams whose end is watched for.
-    _watched: frozenset[int] = frozenset()
-    _lost = False
-    _log = Logger()
+    #: How a refused TLS connection is answered, until it is.
+    _refusal: Refusal | None = None
+
+    http11: RendezvousChannel
+    site: RendezvousSite
 
     def makeConnection(self, transport: Any) -> None:
-        site = self._site
-        assert isinstance(site, RendezvousSite)
-        refusal = site.admit(self, transport.getPeer())
+        refusal = self.site.admit(self, transport.getPeer())
         super().makeConnection(transport)
-        if refusal is not None:
-            channel = self._channel
-            assert isinstance(channel, RendezvousChannel)
-            channel.refuse(refusal)
+        if refusal is None:
+            return
+        if wire.H2_AVAILABLE and hasattr(transport, "negotiatedProtocol"):
+            # TLS: which protocol it speaks is known with its first bytes,
+            # once the handshake is done; until then the HTTP/1.1 channel's
+            # header deadline bounds the wait.
+            self._refusal = refusal
+            return
+        self.http11.refuse(refusal.http11())
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._admitted:
+        if self._refusal is not None and self.negotiated() != b"h2":
+            refusal, self._refusal = self._refusal, None
+            self.http11.refuse(refusal.http11())
+            return
+        if not self._admitted and self._refusal is None and self.http2 is None:
             return  # refused: its answer is written and it is closing
-        old = self._channel
-        switching = self._negotiatedProtocol is None and (
-            getattr(old.transport, "negotiatedProtocol", None) == b"h2"
-        )
-        if switching and isinstance(old, RendezvousChannel):
-            # The HTTP/1.1 channel is put away, never to see connectionLost:
-            # its deadline would write an HTTP/1.1 408 into HTTP/2.
-            old._disarm()
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
-        if self._negotiatedProtocol == b"h2" and not self._lost:
-            self._let_close()
-            self._watch_streams()
+        super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
-        self._lost = True
-        self._disarm_h2()
+    def switching(self) -> None:
+        # The HTTP/1.1 channel is put away, never to see connectionLost:
+        # its deadline would write an HTTP/1.1 408 into HTTP/2.
+        self.http11._disarm()
+
+    def make_h2(self) -> Any:
+        refusal, self._refusal = self._refusal, None
+        return self.site.make_h2(refusal)
+
+    def connectionLost(self, reason: Failure = wire.connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:
-            site = self._site
-            if isinstance(site, RendezvousSite):
-                if self._admitted:
-                    self._admitted = False
-                    site.release(self._connection_key)
-                site.connection_lost(self)
-
-    def _watch_streams(self) -> None:
-        """
-        Arm the HTTP/2 deadline when no stream is open, else disarm it and
-        look again when each open stream is done.
-        """
-        channel = self._channel
-        if not channel.streams:
-            if self._h2_deadline is None:
-                site = self._site
-                assert isinstance(site, RendezvousSite)
-                seconds = site.config.header_timeout_seconds
-                self._h2_deadline = site.reactor.callLater(seconds, self._h2_too_slow, seconds)
-            return
-        self._disarm_h2()
-        # Twisted fires a stream's cleanup Deferred once it has forgotten
-        # the stream.  (HTTP/2 never reuses a stream id.)
-        for stream_id, cleanup in channel._streamCleanupCallbacks.items():
-            if stream_id not in self._watched:
-                self._watched |= {stream_id}
-                cleanup.addBoth(self._stream_done, stream_id)
-
-    def _stream_done(self, result: object, stream_id: int) -> object:
-        self._watched -= {stream_id}
-        if not self._lost:
-            self._watch_streams()
-        return result
-
-    def _disarm_h2(self) -> None:
-        if self._h2_deadline is not None:
-            if self._h2_deadline.active():
-                self._h2_deadline.cancel()
-            self._h2_deadline = None
-
-    def _h2_too_slow(self, seconds: float) -> None:
-        self._h2_deadline = None
-        channel = self._channel
-        transport = channel.transport
-        if self._lost or transport is None or getattr(transport, "disconnecting", False):
-            return
-        self._log.info(
-            "closing an HTTP/2 connection from {client}: no request headers in {seconds}s",
-            client=_peer_host(transport.getPeer()) or "-",
-            seconds=seconds,
-        )
-        # GOAWAY, a close, and an abort if the peer does not read it.
-        channel.timeoutConnection()
-        self._let_close()
-
-    def _let_close(self) -> None:
-        """
-        Let a TLS transport that Twisted's C{H2Connection} closed (on the
-        peer's GOAWAY, a protocol error, a timeout) close now: the
-        connection stays its producer, and TLS waits for its producer to
-        unregister, so the connection (and its count) would linger until
-        Twisted's abort timer.
-        """
-        transport: Any = self._channel.transport
-        if transport is not None and getattr(transport, "disconnecting", False):
-            transport.unregisterProducer()
-
-
-def _transport_of(protocol: _GenericHTTPChannelProtocol) -> Any:
-    # The proxy forwards only IProtocol's methods; the transport is its
-    # channel's (the HTTP/1.1 channel, or the HTTP/2 one it switched to).
-    return getattr(protocol._channel, "transport", None)
-
-
-def _close(protocol: _GenericHTTPChannelProtocol) -> None:
-    """
-    Close an idle connection cleanly, letting its transport write what it
-    holds first.
-    """
-    channel = protocol._channel
-    if isinstance(channel, http.HTTPChannel):
-        channel.loseConnection()
-        return
-    transport = _transport_of(protocol)
-    # HTTP/2 closes with a GOAWAY frame, so the client knows no stream was
-    # lost and opens a new connection for what comes next.
-    h2 = getattr(channel, "conn", None)
-    if h2 is not None and hasattr(h2, "close_connection"):
-        h2.close_connection()
-        transport.write(h2.data_to_send())
-    # The channel is its transport's producer; a TLS transport would wait
-    # for it to unregister before closing.
-    transport.unregisterProducer()
-    transport.loseConnection()
-
-
-def _busy(protocol: _GenericHTTPChannelProtocol) -> bool:
-    # An HTTP/1.1 channel lists its requests from their first line until
-    # their answer is written; an HTTP/2 one lists its open streams.
-    channel = protocol._channel
-    return bool(getattr(channel, "requests", None) or getattr(channel, "streams", None))
+            site = self.site
+            if self._admitted:
+                self._admitted = False
+                site.release(self._connection_key)
+            site.connection_lost(self)
 
 
 class RendezvousSite(Site):
@@ -677,7 +612,7 @@ class RendezvousSite(Site):
     # Not "log": Site.log is the access log's method.
     _logger = Logger()
 
-    def protocol(self) -> _GenericHTTPChannelProtocol:
+    def protocol(self) -> _TrackedChannelProtocol:  # type: ignore[override]
         # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
         # is what switches to HTTP/2 when TLS negotiates it.
         channel = RendezvousChannel()
@@ -706,9 +641,9 @@ class RendezvousSite(Site):
         self.access_log = access_log
         #: Requests whose answer is not finished yet (parked ones included).
         self.in_flight = 0
-        self._connections: set[_GenericHTTPChannelProtocol] = set()
-        self._closing: set[_GenericHTTPChannelProtocol] = set()
-        self._watched: set[int] = set()
+        self._connections: set[_TrackedChannelProtocol] = set()
+        self._closing: set[_TrackedChannelProtocol] = set()
+        self._watched: set[_TrackedChannelProtocol] = set()
         self._draining: Deferred[None] | None = None
         self.config = config
         self.clients = clients if clients is not None else ClientResolver(self.config)
@@ -716,11 +651,11 @@ class RendezvousSite(Site):
         self.connection_count = 0
         self._per_key: dict[str, int] = {}
 
-    def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> bytes | None:
+    def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> Refusal | None:
         """
         Count a new connection from C{peer}, or refuse it: None when
-        admitted (L{release} must follow when it is lost), else the whole
-        answer to write before closing it.  Past the global cap the
+        admitted (L{release} must follow when it is lost), else how to
+        answer it before closing it.  Past the global cap the
         answer is 503 (the server is busy: no fault of this client); past
         the per-address cap it is 429 (this client holds too many).
         Connections from trusted proxies and from peers without an IP
@@ -728,24 +663,20 @@ class RendezvousSite(Site):
         clients.
         """
         if self.connection_count >= self.config.max_connections:
-            return self._refuse_connection(
-                peer, b"503 Service Unavailable", "the server has too many connections"
-            )
+            return self._refuse_connection(peer, 503, "the server has too many connections")
         client = self.clients.peer(_peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
             if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
-                return self._refuse_connection(
-                    peer, b"429 Too Many Requests", "too many connections from this address"
-                )
+                return self._refuse_connection(peer, 429, "too many connections from this address")
             self._per_key[key] = self._per_key.get(key, 0) + 1
         self.connection_count += 1
         connection._admitted = True
         connection._connection_key = key
         return None
 
-    def _refuse_connection(self, peer: IAddress, status: bytes, message: str) -> bytes:
+    def _refuse_connection(self, peer: IAddress, status: int, message: str) -> Refusal:
         # Answered below the resource, so neither the access log nor the
         # error mapping sees it: count and log it here.
         self.metrics.refused("connections")
@@ -754,7 +685,47 @@ class RendezvousSite(Site):
             client=_peer_host(peer) or "-",
             why=message,
         )
-        return _closing_answer(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
+        return Refusal(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
+
+    def make_h2(self, refusal: Refusal | None) -> Any:
+        """
+        The HTTP/2 connection a connection switches to, with this site's
+        limits; C{refusal} answers its first stream if it was refused.
+        """
+        assert wire.http2 is not None, "only switched to when h2 is importable"
+        config = self.config
+        limits = wire.http2.Limits(
+            max_streams=config.max_streams_per_connection,
+            max_header_bytes=config.max_header_bytes,
+            max_body_bytes=self.max_body_bytes,
+            header_timeout_seconds=config.header_timeout_seconds,
+            body_timeout_seconds=config.body_timeout_seconds,
+            idle_timeout_seconds=config.idle_timeout_seconds,
+        )
+        return wire.http2.LimitedH2Connection(self, limits, refusal)
+
+    def refused(self, reason: str) -> None:
+        """
+        Count a refusal made on a connection, below the resource.
+        """
+        self.metrics.refused(reason)
+
+    def error_answer(
+        self, status: int, errcode: str, message: str, headers: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """
+        The headers (those of every answer first) and the JSON body of an
+        error answered below the resource.
+        """
+        body = error_body(errcode, message)
+        fields = [
+            *EVERY_RESPONSE,
+            (b"Date", http.datetimeToString()),
+            (b"Content-Type", JSON),
+            (b"Content-Length", b"%d" % len(body)),
+            *headers,
+        ]
+        return fields, body
 
     def release(self, key: str | None) -> None:
         """
@@ -812,7 +783,7 @@ class RendezvousSite(Site):
         self.in_flight -= 1
         self._check_drained()
 
-    def connection_lost(self, protocol: _GenericHTTPChannelProtocol) -> None:
+    def connection_lost(self, protocol: _TrackedChannelProtocol) -> None:
         self._connections.discard(protocol)
         self._closing.discard(protocol)
         self._check_drained()
@@ -847,31 +818,29 @@ class RendezvousSite(Site):
         for protocol in list(self._connections):
             if protocol in self._closing:
                 continue
-            if _busy(protocol):
+            if protocol.busy():
                 self._recheck_after_streams(protocol)
                 continue
             # Nothing is being asked or answered on it: close it, which lets
             # the transport write what it holds first.
-            if _transport_of(protocol) is not None:
+            if protocol.transport is not None:
                 self._closing.add(protocol)
-                _close(protocol)
+                protocol.close_idle()
         if not self._connections:
             self._draining.callback(None)
 
-    def _recheck_after_streams(self, protocol: _GenericHTTPChannelProtocol) -> None:
+    def _recheck_after_streams(self, protocol: _TrackedChannelProtocol) -> None:
         # An HTTP/2 stream outlives its request: the connection sends its end
-        # a reactor turn later, then forgets it and fires its cleanup
-        # Deferred.  Look again then.  (HTTP/1.1 requests are forgotten
-        # before their request_ended, which looks again by itself.)
-        cleanups = getattr(protocol._channel, "_streamCleanupCallbacks", None) or {}
-        for cleanup in cleanups.values():
-            if id(cleanup) not in self._watched:
-                self._watched.add(id(cleanup))
-                cleanup.addBoth(self._recheck)
+        # a reactor turn later, then forgets it.  Look again once it has
+        # forgotten them all.  (HTTP/1.1 requests are forgotten before their
+        # request_ended, which looks again by itself.)
+        if protocol not in self._watched:
+            self._watched.add(protocol)
+            protocol.when_idle(lambda: self._recheck(protocol))
 
-    def _recheck(self, result: object) -> object:
+    def _recheck(self, protocol: _TrackedChannelProtocol) -> None:
+        self._watched.discard(protocol)
         self._check_drained()
-        return result
 
     def _abort_all(self) -> None:
         self._logger.warn(
@@ -880,7 +849,7 @@ class RendezvousSite(Site):
             connections=len(self._connections),
         )
         for protocol in list(self._connections):
-            transport = _transport_of(protocol)
+            transport: Any = protocol.transport
             if transport is not None:
                 transport.abortConnection()
         self._connections.clear()
@@ -973,7 +942,6 @@ class _GuardedResource(KleinResource):
         # Klein keeps its error handlers, in registration order, here; its
         # own render reads them from the same attribute.
         self._error_handlers = app._error_handlers
-
 
     def render(self, request: IRequest) -> Any:
         # Policy and rate limits come first: a preflight is a request too.
@@ -1279,9 +1247,7 @@ class RendezvousAPI:
             # Twisted dates every answer when its request arrived; a parked
             # one (200, 304 or 404) comes up to a poll timeout later.
             if parked:
-                request.responseHeaders.setRawHeaders(
-                    b"Date", [_http_date(self._clock.seconds())]
-                )
+                request.responseHeaders.setRawHeaders(b"Date", [_http_date(self._clock.seconds())])
             return result
 
         def answer(wakeup: Wakeup) -> bytes:

@@ -35,6 +35,7 @@ LIMITS = [
     "idle_timeout_seconds",
     "max_header_bytes",
     "max_headers",
+    "max_streams_per_connection",
     "max_connections",
     "max_connections_per_address",
     "shutdown_timeout_seconds",

@@ -16,7 +16,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web import http
 
 from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
 
@@ -396,25 +395,6 @@ def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
     assert transport.value() == b""
     assert harness.store.rendezvous_count == 0
     refused_channel.connectionLost(Failure(ConnectionDone()))
-    assert site.connection_count == 1
-
-
-def test_refused_connection_never_switches_to_http2() -> None:
-    """
-    A refused connection whose TLS negotiated h2 stays the HTTP/1.1 channel
-    that wrote its refusal: what it sends is never read as HTTP/2.
-    """
-    harness = Harness(max_connections_per_address=1)
-    site = harness.api.site(Clock())
-    open_on(site)
-    protocol = site.buildProtocol(PEER)
-    transport = StringTransport(peerAddress=PEER)
-    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
-    protocol.makeConnection(transport)
-    assert raw_answer(transport)[0] == b"HTTP/1.1 429 Too Many Requests"
-    protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert isinstance(protocol._channel, http.HTTPChannel)
-    protocol.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1
 
 

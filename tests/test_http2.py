@@ -371,13 +371,13 @@ def test_http2_connections_are_released_when_closed(tmp_path: Path) -> None:
 
 def test_http2_connection_without_a_request_is_closed_with_goaway(tmp_path: Path) -> None:
     """
-    An HTTP/2 connection with no stream open for the header deadline (one
+    An HTTP/2 connection with no stream open for the idle timeout (one
     that never asks anything, or stays silent after its answers) is closed
     with a GOAWAY, not with HTTP/1.1 bytes, and leaves the connection count.
     """
     process, ca = start_h2_server(
         tmp_path,
-        f"--header-timeout={HEADER_TIMEOUT_SECONDS}",
+        f"--idle-timeout={HEADER_TIMEOUT_SECONDS}",
         "--metrics",
         f"tcp:0:interface={HOST}",
     )
@@ -396,7 +396,9 @@ def test_http2_connection_without_a_request_is_closed_with_goaway(tmp_path: Path
             assert time.monotonic() - since > HEADER_TIMEOUT_SECONDS / 2
             assert client.goaway == h2.errors.ErrorCodes.NO_ERROR
             client.wait_forgotten()
-        process.wait_for(re.compile(rb"closing an HTTP/2 connection from 127.0.0.1"), 5)
+        process.wait_for(
+            re.compile(rb"closing an HTTP/2 connection from 127.0.0.1: no request in 1.0s"), 5
+        )
         assert open_connections(metrics_port) == 0
     finally:
         silent.close()

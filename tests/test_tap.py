@@ -71,6 +71,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
     ("body-timeout", "body_timeout_seconds", "RENDEZVOUS_BODY_TIMEOUT", "4", 4.0),
     ("max-header-bytes", "max_header_bytes", "RENDEZVOUS_MAX_HEADER_BYTES", "4096", 4096),
     ("max-headers", "max_headers", "RENDEZVOUS_MAX_HEADERS", "32", 32),
+    (
+        "max-streams-per-connection",
+        "max_streams_per_connection",
+        "RENDEZVOUS_MAX_STREAMS_PER_CONNECTION",
+        "4",
+        4,
+    ),
     ("max-connections", "max_connections", "RENDEZVOUS_MAX_CONNECTIONS", "500", 500),
     (
         "max-connections-per-address",

@@ -1,0 +1,140 @@
+"""
+One connection's protocol: HTTP/1.1, or HTTP/2 when TLS negotiated "h2"
+with ALPN.
+
+Twisted's own switch (C{twisted.web.http._GenericHTTPChannelProtocol}) is
+private, and reaching into it took more private names (its channel, its
+site, the HTTP/1.1 channel's producer) than this does with public ones: the
+transport's C{negotiatedProtocol}, C{unregisterProducer} and
+C{registerProducer}, and the channel's C{setTimeout}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web import http
+
+try:
+    from rendezvous_twisted import http2
+except ImportError:  # pragma: no cover - without the http2 extra
+    http2 = None  # type: ignore[assignment]
+
+#: Whether HTTP/2 can be served (h2 and priority are importable).
+H2_AVAILABLE = http2 is not None
+
+__all__ = ["H2_AVAILABLE", "SwitchingProtocol", "connectionDone", "http2"]
+
+
+class SwitchingProtocol(Protocol):
+    """
+    Serve a connection with C{channel} (HTTP/1.1) until its first bytes;
+    then, if TLS negotiated "h2", with the HTTP/2 connection
+    C{make_h2()} builds instead, for good.  The site's attributes
+    (C{factory}, C{site}, C{requestFactory}, C{timeOut}, C{callLater}) go
+    to the HTTP/1.1 channel; the HTTP/2 connection is built with its own.
+    """
+
+    def __init__(self, channel: http.HTTPChannel) -> None:
+        self.channel: IProtocol = channel
+        self.http11 = channel
+        self.http2: http2.LimitedH2Connection | None = None
+        self._decided = False
+
+    # What Site.buildProtocol sets on its protocol, for the HTTP/1.1 channel.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CHANNEL_ATTRIBUTES:
+            setattr(self.http11, name, value)
+        super().__setattr__(name, value)
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = 1
+        self.http11.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._decided:
+            self._decided = True
+            if self.negotiated() == b"h2" and H2_AVAILABLE:
+                self._switch()
+        self.channel.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = 0
+        self.channel.connectionLost(reason)
+
+    def negotiated(self) -> bytes | None:
+        """
+        The protocol ALPN picked, None on a transport without TLS (or
+        before its handshake is done).
+        """
+        protocol: bytes | None = getattr(self.transport, "negotiatedProtocol", None)
+        return protocol
+
+    def make_h2(self) -> http2.LimitedH2Connection:
+        """
+        The HTTP/2 connection to switch to: overridden by the site's
+        protocol, which knows the limits.
+        """
+        raise NotImplementedError
+
+    def _switch(self) -> None:
+        transport: Any = self.transport
+        assert transport is not None
+        # The HTTP/1.1 channel made itself the transport's producer and
+        # armed its timeouts; it never sees another byte.
+        transport.unregisterProducer()
+        self.http11.setTimeout(None)
+        self.switching()
+        connection = self.make_h2()
+        channel: Any = self.http11
+        connection.requestFactory = channel.requestFactory
+        connection.site = channel.site
+        connection.factory = channel.factory
+        self.channel = self.http2 = connection
+        connection.makeConnection(transport)  # type: ignore[no-untyped-call]
+        # The HTTP/2 connection is the transport's producer, so that the
+        # transport can tell it to stop when the peer does not read.
+        transport.registerProducer(connection, True)
+
+    def switching(self) -> None:
+        """
+        Called as the connection switches to HTTP/2, before the HTTP/2
+        connection is made.
+        """
+
+    # What a graceful stop asks of a connection.
+
+    def busy(self) -> bool:
+        """
+        Whether a request is being received or answered on it.
+        """
+        if self.http2 is not None:
+            return self.http2.busy
+        return bool(self.http11.requests)
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once no request is open on an HTTP/2 connection (an
+        HTTP/1.1 one says so by ending its request).
+        """
+        if self.http2 is not None:
+            self.http2.when_idle(callback)
+
+    def close_idle(self) -> None:
+        """
+        Close a connection with nothing open on it, letting its transport
+        write what it holds first; HTTP/2 says GOAWAY.
+        """
+        if self.http2 is not None:
+            self.http2.close_gracefully()
+        else:
+            self.http11.loseConnection()
+
+
+_CHANNEL_ATTRIBUTES = frozenset(("factory", "site", "requestFactory", "timeOut", "callLater"))
