@@ -526,8 +526,7 @@ def budget_per_connection(options: Sequence[str]) -> int:
     parsed = tap.Options()
     parsed.parseOptions(["--listen=tcp:0", *options])  # type: ignore[no-untyped-call]
     config = parsed["config"]
-    item = {i.name: i for i in budget.worst_case_memory(config).items}["connections"]
-    return item.bytes_each
+    return budget.http2_connection_bytes(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

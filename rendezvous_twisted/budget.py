@@ -34,6 +34,24 @@ CONNECTION_OVERHEAD_BYTES = 16384
 #: while a request is handled before it stops reading (16 KiB).
 CONNECTION_BUFFER_BYTES = 65536 + 16384
 
+# HTTP/2 (TLS with ALPN "h2"; rendezvous_twisted/http2.py bounds each term).
+#: One HTTP/2 connection with no stream open: the switch, the HTTP/1.1
+#: channel it started with, Twisted's connection, h2's state machine with
+#: its HPACK tables and closed-stream memory (measured ~22 KiB).
+H2_CONNECTION_OVERHEAD_BYTES = 32768
+#: One open stream without its header block: Twisted's stream, the request,
+#: Klein's state, a parked reader's waiter (measured ~8.8 KiB).
+H2_STREAM_OVERHEAD_BYTES = 12288
+#: A header list held by a stream costs this many times its bytes as Python
+#: objects (measured 1.5 at --max-header-bytes with 60 fields).
+H2_HEADER_FACTOR = 2
+#: One frame being assembled (SETTINGS_MAX_FRAME_SIZE stays HTTP/2's 16 KiB)
+#: and the control frames Twisted buffers for a peer that does not read
+#: before it gives up on it (17 KiB).
+H2_BUFFER_BYTES = 16384 + 9 + 17 * 1024
+#: HTTP/2's initial connection window; one body may ask for more.
+H2_DEFAULT_WINDOW = 65535
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -77,7 +95,51 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
+def h2_window(config: Config) -> int:
+    """
+    The body bytes one HTTP/2 connection may hold at once: its receive
+    window (L{rendezvous_twisted.http2.connection_window}).
+    """
+    return max(H2_DEFAULT_WINDOW, config.max_bytes + 1)
+
+
+def http11_connection_bytes(config: Config) -> int:
+    """
+    One HTTP/1.1 connection with the largest request it may send.
+    """
+    return (
+        CONNECTION_OVERHEAD_BYTES
+        + CONNECTION_BUFFER_BYTES
+        + config.max_header_bytes
+        + config.max_bytes
+    )
+
+
+def http2_connection_bytes(config: Config) -> int:
+    """
+    One HTTP/2 connection at its limits: every stream it may open holding a
+    header list of --max-header-bytes and an answer of --max-bytes queued, a
+    header block being assembled, its whole window of bodies in progress,
+    and its buffers.
+    """
+    per_stream = (
+        H2_STREAM_OVERHEAD_BYTES
+        + H2_HEADER_FACTOR * config.max_header_bytes
+        + config.max_bytes
+    )
+    return (
+        H2_CONNECTION_OVERHEAD_BYTES
+        + CONNECTION_BUFFER_BYTES
+        + H2_BUFFER_BYTES
+        + config.max_header_bytes
+        + h2_window(config)
+        + config.max_streams_per_connection * per_stream
+    )
+
+
+def worst_case_memory(
+    config: Config, in_redis: bool = False, http2: bool = False
+) -> MemoryBudget:
     """
     The most memory the caps of C{config} let the server's own data use at
     once: every rendezvous full, every connection open with the largest
@@ -87,7 +149,14 @@ def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
 
     @param in_redis: the rendezvous live in Redis (see L{redis_memory}),
         not in this process.
+    @param http2: connections may speak HTTP/2 (a TLS listener, with h2
+        installed): each is priced at its HTTP/2 limits, and each may hold
+        as many parked readers as it has streams.
     """
+    streams = config.max_streams_per_connection if http2 else 1
+    connection = max(
+        http11_connection_bytes(config), http2_connection_bytes(config) if http2 else 0
+    )
     rendezvous = (
         ()
         if in_redis
@@ -103,21 +172,19 @@ def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
         (
             *rendezvous,
             # Each parked reader holds a connection (HTTP/1.1 answers one
-            # request at a time), so the connection cap bounds them too.
+            # request at a time) or a stream of one, so the connection cap
+            # bounds them too.
             Item(
                 "parked readers",
-                min(config.max_parked, config.max_connections),
+                min(config.max_parked, config.max_connections * streams),
                 PARKED_READER_BYTES,
             ),
             # Two limiters: one for creates, one for every request.
             Item("rate buckets", 2 * config.max_rate_buckets, BUCKET_BYTES),
             Item(
-                "connections",
+                "HTTP/2 connections" if http2 else "connections",
                 config.max_connections,
-                CONNECTION_OVERHEAD_BYTES
-                + CONNECTION_BUFFER_BYTES
-                + config.max_header_bytes
-                + config.max_bytes,
+                connection,
             ),
         )
     )

@@ -159,12 +159,13 @@ class Config:
     #: Header lines of one request.
     max_headers: int = 64
     #: Requests one HTTP/2 connection may have open at once (streams; a
-    #: parked long-poll holds one), advertised in SETTINGS.  Eight is more
-    #: than the six HTTP/1.1 connections a browser opens to one host, so a
-    #: page never waits on HTTP/2 for what it could do over HTTP/1.1, and it
-    #: keeps a connection's worst case to eight requests' worth of memory
-    #: (README "Memory"; h2's own default, 100, is twelve times that).
-    max_streams_per_connection: int = 8
+    #: parked long-poll holds one), advertised in SETTINGS.  A QR login needs
+    #: two at once (a long-poll and a write); four leave room for a second
+    #: login in another tab, and a browser queues what goes past it rather
+    #: than failing.  Each stream can hold a request's worth of memory (its
+    #: header block and body), so this multiplies what one connection costs
+    #: (budget.py); h2's own default, 100, would make it 25 times more.
+    max_streams_per_connection: int = 4
     #: Open connections across the server (past it: 503).  Every parked
     #: long-poll holds one, so it bounds parked readers too.
     max_connections: int = 4096

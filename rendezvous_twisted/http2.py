@@ -164,6 +164,7 @@ class Limits:
         "idle_timeout_seconds",
         "max_body_bytes",
         "max_header_bytes",
+        "max_headers",
         "max_streams",
     )
 
@@ -175,8 +176,10 @@ class Limits:
         header_timeout_seconds: float,
         body_timeout_seconds: float,
         idle_timeout_seconds: float,
+        max_headers: int = 64,
     ) -> None:
         self.max_streams = max_streams
+        self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.header_timeout_seconds = header_timeout_seconds
@@ -437,6 +440,21 @@ class LimitedH2Connection(H2Connection):
             self._site.refused("streams")
             self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
+        fields = sum(1 for name, _ in event.headers if not name.startswith(b":"))
+        if fields > self._limits.max_headers:
+            self._log.info(
+                "refusing an HTTP/2 request from {client}: {fields} header fields",
+                client=self._client(),
+                fields=fields,
+            )
+            self._site.refused("too_large")
+            self._answer_stream(
+                stream_id,
+                431,
+                "M_TOO_LARGE",
+                f"the request has over {self._limits.max_headers} header fields",
+            )
+            return
         self._idle_since = None
         if event.stream_ended is None:
             self._receiving[stream_id] = None
@@ -620,6 +638,21 @@ class LimitedH2Connection(H2Connection):
             )
         else:
             self.abortRequest(stream_id)  # type: ignore[no-untyped-call]
+
+    def _answer_stream(self, stream_id: int, status: int, errcode: str, message: str) -> None:
+        """
+        Answer a stream that no request was made for with a JSON error, and
+        reset it if the client is still sending: the connection goes on.
+        """
+        fields, body = self._site.error_answer(status, errcode, message, ())
+        block = [(b":status", b"%d" % status), *((k.lower(), v) for k, v in fields)]
+        fits = len(body) <= self.conn.local_flow_control_window(stream_id)
+        self.conn.send_headers(stream_id, block, end_stream=not fits)
+        if fits:
+            self.conn.send_data(stream_id, body, end_stream=True)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            # Closed already when the client had ended its request.
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
 
     # Refusals the connection makes for a stream h2 has no state for.
 

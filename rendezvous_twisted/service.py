@@ -88,11 +88,14 @@ class StoreService(Service):
         site: RendezvousSite | None = None,
         lifecycle: Lifecycle | None = None,
         connections: IService | None = None,
+        http2: bool = False,
     ) -> None:
         """
         @param connections: the store's connections (Redis), started with
             this service and stopped only once the requests in flight were
             answered.
+        @param http2: whether connections may speak HTTP/2, which the
+            logged worst-case memory prices at its limits.
         """
         self.store = store
         self.connections = connections
@@ -100,6 +103,8 @@ class StoreService(Service):
         self.clock = clock
         self.site = site
         self.lifecycle = lifecycle or Lifecycle()
+        #: Whether connections may speak HTTP/2 (priced so in the budget).
+        self.http2 = http2
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -121,7 +126,7 @@ class StoreService(Service):
         in_redis = self.connections is not None
         self.log.info(
             "worst-case memory at these limits: {budget}",
-            budget=worst_case_memory(c, in_redis).describe(),
+            budget=worst_case_memory(c, in_redis, self.http2).describe(),
         )
         if in_redis:
             self.log.info(

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from twisted.application.service import IService
 from twisted.python import usage
 
-from rendezvous_twisted import logs, systemd, tls
+from rendezvous_twisted import logs, systemd, tls, wire
 from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
 from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
@@ -488,7 +488,12 @@ def makeService(
     # parked readers.
     lifecycle = Lifecycle()
     connections = store.service if isinstance(store, RedisStore) else None
-    StoreService(store, config, reactor, site, lifecycle, connections).setServiceParent(root)  # type: ignore[no-untyped-call]
+    # HTTP/2 is spoken on TLS listeners when h2 is installed.
+    http2 = wire.H2_AVAILABLE and any(
+        tls.tls_files(description, options["tls-default"]) is not None
+        for description in options["listen"]
+    )
+    StoreService(store, config, reactor, site, lifecycle, connections, http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
     # kill the process, and a "systemctl reload" must never do that.

@@ -701,6 +701,7 @@ class RendezvousSite(Site):
             header_timeout_seconds=config.header_timeout_seconds,
             body_timeout_seconds=config.body_timeout_seconds,
             idle_timeout_seconds=config.idle_timeout_seconds,
+            max_headers=config.max_headers,
         )
         return wire.http2.LimitedH2Connection(self, limits, refusal)
 

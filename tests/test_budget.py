@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -121,7 +122,7 @@ def test_connection_price_bounds_a_parked_connection() -> None:
         b"Origin: https://app.element.io\r\nAccept: */*\r\n\r\n"
     ) % (version.rendezvous_id.encode("ascii"), version.etag)
 
-    def connection(i: int) -> object:
+    def connection(i: int) -> tuple[Any, StringTransport]:
         peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
         channel = site.buildProtocol(peer)
         transport = StringTransport(peerAddress=peer)
@@ -167,3 +168,122 @@ def test_rendezvous_in_redis_leave_the_process_budget() -> None:
     [item] = budget.redis_memory(config).items
     assert item.count == config.max_rendezvous
     assert item.bytes_each >= config.max_bytes + config.max_content_type_bytes
+
+
+def test_http2_connections_are_priced_at_their_limits() -> None:
+    """
+    With HTTP/2, each connection is priced at its stream cap, header and
+    body limits, and parked readers may be the connections times their streams.
+    """
+    config = Config(max_streams_per_connection=4, max_parked=10**6)
+    items = {item.name: item for item in budget.worst_case_memory(config, http2=True).items}
+    h2 = items["HTTP/2 connections"]
+    assert h2.count == config.max_connections
+    assert h2.bytes_each == budget.http2_connection_bytes(config)
+    assert h2.bytes_each > 4 * (config.max_header_bytes + config.max_bytes)
+    assert items["parked readers"].count == 4 * config.max_connections
+    more = Config(max_streams_per_connection=8, max_parked=10**6)
+    assert budget.http2_connection_bytes(more) > h2.bytes_each
+    assert budget.worst_case_memory(config, http2=True).total_bytes > (
+        budget.worst_case_memory(config).total_bytes
+    )
+
+
+def test_the_budget_window_is_the_connections() -> None:
+    """The budget's body window per HTTP/2 connection is the one the connection advertises."""
+    http2 = pytest.importorskip("rendezvous_twisted.http2")
+    for max_bytes in (1, 10240, 65534, 65535, 10**6):
+        config = Config(max_bytes=max_bytes)
+        assert budget.h2_window(config) == http2.connection_window(max_bytes)
+
+
+def h2_connections(
+    count: int, streams: int, header_bytes: int = 0, body: int = 0
+) -> tuple[float, int]:
+    """
+    Bytes per HTTP/2 connection (measured under tracemalloc) with C{streams}
+    streams open on each: parked GETs with a browser's headers, or POSTs
+    with C{body} bytes of a body still coming; C{header_bytes} of extra
+    header fields (60 of them) on each.  Also the streams left open.
+    """
+    h2_connection = pytest.importorskip("h2.connection")
+    import h2.config
+
+    reactor = MemoryReactorClock()
+    config = Config(
+        max_parked_per_rendezvous=count * 8,
+        max_parked=count * 8,
+        request_burst=10**6,
+        max_streams_per_connection=max(streams, 1),
+        max_header_bytes=max(16384, header_bytes + 1024),
+    )
+    store = MemoryStore(config, reactor)
+    site = RendezvousAPI(store, config, reactor).site(reactor)
+    version = fired(store.create(b"x", b"text/plain", "owner"))
+    padding = [(f"x-h{k}", "v" * (header_bytes // 60 - 40)) for k in range(60)] * bool(header_bytes)
+    browser = [
+        ("if-none-match", version.etag.decode()),
+        ("user-agent", "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"),
+        ("origin", "https://app.element.io"),
+        ("accept", "*/*"),
+    ]
+
+    def connection(i: int) -> tuple[Any, StringTransport]:
+        peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
+        protocol = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        client = h2_connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        protocol.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+        for _ in range(streams):
+            stream = client.get_next_available_stream_id()
+            fields = [
+                (":method", "POST" if body else "GET"),
+                (":path", "/" if body else "/" + version.rendezvous_id),
+                (":scheme", "https"),
+                (":authority", "rendezvous.example.org"),
+                *([("content-length", str(body + 1))] if body else browser),
+                *padding,
+            ]
+            client.send_headers(stream, fields, end_stream=not body)
+            if body:
+                client.send_data(stream, b"b" * body)
+        protocol.dataReceived(client.data_to_send())
+        reactor.advance(0)
+        transport.clear()
+        return protocol, transport
+
+    kept: list[tuple[Any, StringTransport]] = []
+
+    def make(i: int) -> object:
+        kept.append(connection(i))
+        return None
+
+    per_connection = measured(count, make)
+    open_streams = sum(len(protocol.http2.streams) for protocol, _ in kept)
+    return per_connection, open_streams
+
+
+def test_http2_prices_bound_what_is_measured() -> None:
+    """
+    An HTTP/2 connection, each parked stream on it, and a stream's header
+    list at the header limit cost less than the budget's prices for them.
+    """
+    empty, _ = h2_connections(30, 0)
+    assert empty < budget.H2_CONNECTION_OVERHEAD_BYTES
+    parked, open_streams = h2_connections(30, 4)
+    assert open_streams == 30 * 4
+    assert (parked - empty) / 4 < budget.H2_STREAM_OVERHEAD_BYTES
+    header_bytes = 15000
+    headers, open_streams = h2_connections(15, 4, header_bytes=header_bytes)
+    assert open_streams == 15 * 4
+    per_stream = (headers - empty) / 4
+    assert per_stream < budget.H2_STREAM_OVERHEAD_BYTES + budget.H2_HEADER_FACTOR * header_bytes
+    bodies, open_streams = h2_connections(15, 4, body=10000)
+    assert open_streams == 15 * 4
+    config = Config(max_streams_per_connection=4)
+    assert bodies < budget.http2_connection_bytes(config)

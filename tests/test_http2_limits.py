@@ -287,6 +287,19 @@ def test_a_body_not_complete_in_time_gets_408_and_is_forgotten() -> None:
     assert peer.statuses[created] == 200
 
 
+def test_a_request_with_too_many_header_fields_gets_431() -> None:
+    """A request with more header fields than max_headers gets 431 JSON; the connection goes on."""
+    harness = Harness(max_headers=5)
+    peer = Peer(harness)
+    many = [(f"x-field-{i}", "v") for i in range(6)]
+    stream = peer.ask(request("POST", "/", ("content-length", "2"), *many), b"hi")
+    assert peer.statuses[stream] == 431
+    assert json.loads(peer.bodies[stream])["errcode"] == "M_TOO_LARGE"
+    assert harness.store.rendezvous_count == 0
+    assert not peer.connection.streams
+    assert peer.statuses[peer.ask(request("POST", "/", ("content-length", "2")), b"hi")] == 200
+
+
 def test_a_connection_with_no_stream_open_is_closed_at_the_idle_timeout() -> None:
     """With no stream open for idle_timeout (not the header deadline) the connection says GOAWAY."""
     harness = Harness(header_timeout_seconds=1, idle_timeout_seconds=4)
