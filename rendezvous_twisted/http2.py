@@ -57,7 +57,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._http2 import H2Connection
+from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 #: Every private name (and h2 internal) this module relies on, checked by
 #: tests/test_http2_fence.py: (owner, attribute).
@@ -78,6 +78,11 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("twisted.web._http2.H2Connection", "_bufferedControlFrameBytes"),
     ("twisted.web._http2.H2Connection", "_maxBufferedControlFrameBytes"),
     ("twisted.web._http2.H2Connection", "_consumerBlocked"),
+    ("twisted.web._http2.H2Connection", "_sendPrioritisedData"),
+    ("twisted.web._http2.H2Connection", "_sendingDeferred"),
+    ("twisted.web._http2.H2Connection", "_outboundStreamQueues"),
+    ("twisted.web._http2.H2Connection", "priority"),
+    ("twisted.web._http2", "_END_STREAM_SENTINEL"),
     ("twisted.web._http2.H2Stream", "_request"),
     ("twisted.web._http2.H2Stream", "connectionLost"),
     ("h2.connection.H2Connection", "MAX_CLOSED_STREAMS"),
@@ -414,6 +419,7 @@ class LimitedH2Connection(H2Connection):
                 self._stream_reset(event)
             elif isinstance(event, h2.events.WindowUpdated):
                 self._handleWindowUpdate(event)  # type: ignore[no-untyped-call]
+                self._wake_sender()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._log.debug("the HTTP/2 client {client} said GOAWAY", client=self._client())
                 self._shut("the peer sent GOAWAY", None)
@@ -477,6 +483,31 @@ class LimitedH2Connection(H2Connection):
         # never re-opened (it holds one whole body), and the connection's
         # only once a stream is forgotten, in _requestDone.
         pass
+
+    def _sendPrioritisedData(self, *args: object) -> None:
+        # Twisted's sending loop leaves a stream whose window is shut in its
+        # priority tree, and so picks it again at once, sends nothing and
+        # calls itself again, for as long as the peer keeps its window shut:
+        # a core's worth of CPU per such peer.  Here such a stream is
+        # blocked until a WINDOW_UPDATE (which wakes the loop).
+        for stream_id, queue in self._outboundStreamQueues.items():
+            shut = queue and self.conn.local_flow_control_window(stream_id) <= 0
+            if shut and queue[0] is not _END_STREAM_SENTINEL:
+                self.priority.block(stream_id)
+        super()._sendPrioritisedData(*args)  # type: ignore[no-untyped-call]
+
+    def _wake_sender(self) -> None:
+        """
+        Restart Twisted's sending loop if it waits for data while a stream
+        it could send on again has some.
+        """
+        waiting = self._sendingDeferred
+        if waiting is not None and any(
+            queue and self.conn.local_flow_control_window(stream_id) > 0
+            for stream_id, queue in self._outboundStreamQueues.items()
+        ):
+            self._sendingDeferred = None
+            waiting.callback(None)
 
     def _stream_reset(self, event: h2.events.StreamReset) -> None:
         stream_id = event.stream_id
