@@ -504,3 +504,26 @@ def test_a_refused_http2_connection_answers_its_first_stream() -> None:
     assert harness.store.rendezvous_count == 0
     second.lose()
     assert site.connection_count == 1
+
+
+def test_a_refused_tls_connection_speaking_http11_gets_its_refusal_when_it_speaks() -> None:
+    """
+    A refused TLS connection that negotiated HTTP/1.1 is answered its
+    HTTP/1.1 429 with its first bytes, not at accept (before its handshake).
+    """
+    harness = Harness(max_connections_per_address=1)
+    first = Peer(harness)
+    site = first.site
+    protocol = site.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    transport.negotiatedProtocol = None  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    assert transport.value() == b""
+    transport.negotiatedProtocol = b"http/1.1"  # type: ignore[attr-defined]
+    protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+    assert transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+    assert b'"M_LIMIT_EXCEEDED"' in transport.value()
+    assert transport.disconnecting
+    assert harness.store.rendezvous_count == 0
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert site.connection_count == 1
