@@ -923,7 +923,7 @@ def test_bodies_are_never_spooled_to_disk() -> None:
     """A body of unknown length is buffered in memory, never in a temporary file."""
     _, channel, _ = connect()
     channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert isinstance(channel._channel.requests[-1].content, BytesIO)
+    assert isinstance(channel.http11.requests[-1].content, BytesIO)
 
 
 def test_answers_are_framed_by_content_length_never_chunked() -> None:
