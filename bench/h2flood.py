@@ -282,7 +282,13 @@ def connect(port: int, count: int, source: str | None = None) -> list[Peer]:
     """
     C{count} connections that have seen the server's SETTINGS.
     """
-    peers = [Peer(port, source) for _ in range(count)]
+    peers = []
+    for _ in range(count):
+        peer = Peer(port, source)
+        # Its preface at once: a connection that says nothing for the
+        # header deadline is closed.
+        pump([peer], peer.flushed, 10)
+        peers.append(peer)
     pump(peers, lambda: all(p.settings_seen or p.eof for p in peers), 30)
     return peers
 

@@ -58,6 +58,13 @@ class SwitchingProtocol(Protocol):
         self.http11.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.http2 is None and getattr(self.transport, "disconnecting", False):
+            # The HTTP/1.1 channel answered and is closing (a TLS transport
+            # goes on delivering what the peer sends until the peer closes):
+            # nothing more is read, and a connection that never spoke stays
+            # with that channel, whose timers would outlive a switch.
+            self._decided = True
+            return
         if not self._decided:
             self._decided = True
             if self.negotiated() == b"h2" and H2_AVAILABLE:

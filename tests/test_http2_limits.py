@@ -527,3 +527,26 @@ def test_a_refused_tls_connection_speaking_http11_gets_its_refusal_when_it_speak
     assert harness.store.rendezvous_count == 0
     protocol.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1
+
+
+def test_a_connection_closed_before_its_first_bytes_does_not_switch() -> None:
+    """
+    A TLS connection (ALPN h2) whose first bytes come after the header
+    deadline closed it stays with the HTTP/1.1 channel that answered 408, and
+    leaves no timer behind once lost.
+    """
+    harness = Harness(header_timeout_seconds=1)
+    first = Peer(harness)
+    site = first.site
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.10", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.10", 1))
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    harness.clock.advance(1.5)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+    protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert protocol.http2 is None
+    first.lose()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert not harness.clock.getDelayedCalls()
