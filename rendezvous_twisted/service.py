@@ -4,6 +4,7 @@ The store's lifecycle as a Twisted service.
 
 from __future__ import annotations
 
+import errno
 import resource
 import signal
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -174,13 +176,50 @@ class StoreService(Service):
         return d
 
 
+class StartupError(Exception):
+    """
+    The server cannot start, for a reason its operator can fix; the
+    message says which, in one line.
+    """
+
+
+def cannot_listen(label: str, error: BaseException) -> str:
+    """
+    Why listening on C{label} (e.g. C{--listen tcp:80}) failed, and what to do.
+    """
+    cause = getattr(error, "socketError", None) or error
+    code = getattr(cause, "errno", None)
+    port = getattr(error, "port", None)
+    if code == errno.EADDRINUSE:
+        why = "the address is already in use: another process listens there (ss -ltnp shows which)"
+    elif code == errno.EACCES and isinstance(port, int) and 0 < port < 1024:
+        why = (
+            f"permission denied: port {port} needs root (twistd's --uid and --gid then drop "
+            "it) or CAP_NET_BIND_SERVICE; or listen on a port above 1023 behind a proxy"
+        )
+    elif code == errno.EADDRNOTAVAIL:
+        why = "no such address on this machine (check interface=)"
+    else:
+        why = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on {label}: {why}"
+
+
 class ListenerService(StreamServerEndpointService):
     """
     Twisted's endpoint service, raising listen failures at start as
-    C{strports.service} does, and telling when it listens.
+    C{strports.service} does (as a L{StartupError} naming L{label}), and
+    telling when it listens.
     """
 
     _raiseSynchronously = True
+    #: How the user named this listener, for messages: C{--listen 9000}.
+    label = "a listener"
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except (CannotListenError, OSError) as e:
+            raise StartupError(cannot_listen(self.label, e)) from e
 
     def whenListening(self) -> Deferred[IListeningPort | None]:
         """
