@@ -179,14 +179,6 @@ def _json_safe(value: Any, depth: int) -> Any:
         return object.__repr__(value)
 
 
-def quantity(count: int, noun: str, plural: str | None = None) -> str:
-    """
-    C{count} and C{noun} in agreement: C{1 request}, C{2 requests}, C{0
-    rendezvous} (with C{plural="rendezvous"}).
-    """
-    return f"{count} {noun if count == 1 else (plural or noun + 's')}"
-
-
 def twistd_logs_to_stdout(parent: Any) -> bool:
     """
     Whether twistd, run with the options C{parent} (the plugin options'

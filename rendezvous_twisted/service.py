@@ -23,6 +23,7 @@ from rendezvous_twisted.budget import redis_memory, worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
 from rendezvous_twisted.web import RendezvousSite
+from rendezvous_twisted.words import quantity
 
 
 class Lifecycle:
@@ -111,13 +112,14 @@ class StoreService(Service):
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
             "{poll}s, {max_rendezvous} rendezvous ({per_address} per address), "
-            "{max_parked} parked readers ({per_rendezvous} per rendezvous)",
+            "{parked} ({per_rendezvous} per rendezvous)",
             ttl=c.ttl_seconds,
             max_bytes=c.max_bytes,
             poll=c.poll_timeout_seconds,
             max_rendezvous=c.max_rendezvous,
             per_address=c.max_rendezvous_per_address,
             max_parked=c.max_parked,
+            parked=quantity(c.max_parked, "parked reader"),
             per_rendezvous=c.max_parked_per_rendezvous,
         )
         in_redis = self.connections is not None

@@ -35,7 +35,7 @@ from rendezvous_twisted.config import (
     is_positive,
     parse_network,
 )
-from rendezvous_twisted.logs import RendezvousRoot, quantity
+from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.service import (
@@ -51,6 +51,7 @@ from rendezvous_twisted.service import (
 from rendezvous_twisted.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
+from rendezvous_twisted.words import quantity
 
 _DEFAULTS = Config()
 #: The prefix of the environment variables that the .tac file reads.
