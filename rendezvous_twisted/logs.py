@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -33,7 +32,7 @@ from twisted.logger import (
 )
 
 from rendezvous_twisted import access
-from rendezvous_twisted.service import StartupError
+from rendezvous_twisted.service import StartFailed, StartupError
 from rendezvous_twisted.version import version_line
 
 #: The values of --log-format.
@@ -207,22 +206,17 @@ class RendezvousRoot(MultiService):
     Given a C{program} (the server runs as one: under twistd), a start that
     fails for a reason the operator can fix (L{StartupError}: a port in
     use...) logs that reason as one critical line and ends the process
-    (after removing twistd's C{pidfile}, which twistd itself removes only
-    after an exception it then prints whole); without one, it raises.
+    (L{StartFailed}); without one, it raises the L{StartupError}.
     """
 
     log = Logger()
 
     def __init__(
-        self,
-        log_observer: ILogObserver | None = None,
-        program: str | None = None,
-        pidfile: str | None = None,
+        self, log_observer: ILogObserver | None = None, program: str | None = None
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.log_observer = log_observer
         self.program = program
-        self.pidfile = pidfile
         self._announced = False
 
     def _announce(self) -> None:
@@ -257,20 +251,6 @@ class RendezvousRoot(MultiService):
     def _failed(self, error: StartupError) -> None:
         if self.program is None:
             raise error
-        self.log.critical("{program}: {error}", program=self.program, error=str(error))
-        if self.pidfile:
-            _remove_own_pidfile(self.pidfile)
-        raise SystemExit(1)
-
-
-def _remove_own_pidfile(path: str) -> None:
-    """
-    Remove twistd's PID file if it names this process.
-    """
-    try:
-        with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return
-        os.remove(path)
-    except (OSError, ValueError):
-        pass
+        message = f"{self.program}: {error}"
+        self.log.critical("{message}", message=message)
+        raise StartFailed(message) from None

@@ -185,6 +185,23 @@ class StartupError(Exception):
     """
 
 
+class StartFailed(SystemExit, Exception):
+    """
+    A start that failed for a reason already logged in one line, ending
+    the process.  twistd takes it as any exception (it removes its PID file
+    and, when daemonizing, tells the parent process waiting for the start,
+    which would otherwise wait forever); Python takes it as a SystemExit:
+    the process ends with status 1, printing no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def cannot_listen(label: str, error: BaseException) -> str:
     """
     Why listening on C{label} (e.g. C{--listen tcp:80}) failed, and what to do.

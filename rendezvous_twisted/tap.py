@@ -814,12 +814,7 @@ def makeService(
         # The same lines twistd's own observer would write, cheaper per
         # access line; twistd keeps its own for a log file or syslog.
         log_observer = logs.observer("text")
-    parent = getattr(options, "parent", None)
-    root = RendezvousRoot(
-        log_observer,
-        program=options.program,
-        pidfile=parent.get("pidfile") if parent is not None else None,
-    )
+    root = RendezvousRoot(log_observer, program=options.program)
     OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.

@@ -365,11 +365,12 @@ def test_a_listen_failure_is_a_startup_error_naming_the_listener() -> None:
     )
 
 
-def test_a_program_logs_the_failed_start_and_exits(tmp_path: Path) -> None:
+def test_a_program_logs_the_failed_start_and_exits() -> None:
     """
-    Run as a program, the root logs a failed start as one critical line,
-    removes twistd's PID file if it is this process', and exits with 1;
-    run as a library, it raises.
+    Run as a program, the root logs a failed start as one critical line
+    and ends with StartFailed, which twistd handles as an exception (its
+    clean-up) and Python as an exit with status 1; run as a library, it
+    raises the StartupError.
     """
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -377,25 +378,49 @@ def test_a_program_logs_the_failed_start_and_exits(tmp_path: Path) -> None:
     from twisted.logger import capturedLogs, formatEvent
 
     from rendezvous_twisted.logs import RendezvousRoot
-    from rendezvous_twisted.service import ListenerService, StartupError
+    from rendezvous_twisted.service import ListenerService, StartFailed, StartupError
 
-    pidfile = tmp_path / "twistd.pid"
-    pidfile.write_text(str(os.getpid()))
     with _taken_port() as taken:
         port = taken.getsockname()[1]
         for program in (None, "twistd rendezvous"):
-            root = RendezvousRoot(program=program, pidfile=str(pidfile))
+            root = RendezvousRoot(program=program)
             endpoint = TCP4ServerEndpoint(reactor, port, interface=HOST)
             ListenerService(endpoint, Factory()).setServiceParent(root)  # type: ignore[no-untyped-call]
             with capturedLogs() as events:
                 if program is None:
                     with pytest.raises(StartupError):
                         root.privilegedStartService()
-                    assert pidfile.exists()
                 else:
-                    with pytest.raises(SystemExit) as caught:
+                    with pytest.raises(StartFailed) as caught:
                         root.privilegedStartService()
-                    assert caught.value.code == 1
-                    assert not pidfile.exists()
+    assert isinstance(caught.value, Exception) and isinstance(caught.value, SystemExit)
+    assert caught.value.code == 1
+    assert str(caught.value).startswith("twistd rendezvous: cannot listen on a listener: ")
     [failed] = [e for e in events if e["log_level"].name == "critical"]
-    assert formatEvent(failed).startswith("twistd rendezvous: cannot listen on a listener: ")
+    assert formatEvent(failed) == str(caught.value)
+
+
+def test_a_daemon_that_cannot_listen_says_so_and_exits(tmp_path: Path) -> None:
+    """
+    Daemonized (no -n), a start that cannot listen ends twistd at once with
+    its "An error has occurred" line naming --listen (twistd's parent waits
+    for the start: it must be told), the reason in the log, and no traceback.
+    """
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
+        code, output = run_twistd(
+            [
+                f"--pidfile={tmp_path / 'twistd.pid'}",
+                f"--logfile={tmp_path / 'twistd.log'}",
+                "rendezvous",
+                "--listen",
+                str(port),
+            ],
+            tmp_path,
+        )
+    assert code == 1, output
+    assert "An error has occurred" in output and "cannot listen on --listen" in output, output
+    log = (tmp_path / "twistd.log").read_text()
+    assert "Traceback" not in log, log
+    assert f"cannot listen on --listen tcp:{port}:interface=127.0.0.1: the address is" in log
+    assert not (tmp_path / "twistd.pid").exists()
