@@ -378,12 +378,15 @@ class Options(usage.Options):
             self.program = "twistd rendezvous"
         argv = list(sys.argv[1:] if options is None else options)
         try:
-            self._read_words(argv)
+            if "--_shell-completion" not in argv:  # Twisted's own, for shells
+                self._read_words(argv)
             super().parseOptions(argv)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
+            # Twisted's words for a coercer's ValueError: the value is what counts.
+            message = str(e).removeprefix("Parameter type enforcement failed: ")
             if self.program is None:
-                raise
-            raise SystemExit(self.usage_error(str(e))) from None
+                raise usage.UsageError(message) from None
+            raise SystemExit(self.usage_error(message)) from None
 
     def _read_words(self, argv: list[str]) -> None:
         """

@@ -697,6 +697,24 @@ def test_an_option_added_the_usual_way_has_its_variable(monkeypatch: pytest.Monk
     assert "RENDEZVOUS_NEW_KNOB" in {s.variable for s in tap.settings()}
 
 
+def test_a_coercer_of_an_option_added_later_speaks_plainly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError from an option's own coercer is the usage error, without Twisted's preamble."""
+
+    def knob(value: str) -> int:
+        if not value.isdigit():
+            raise ValueError(f"--knob {value}: not a number of turns")
+        return int(value)
+
+    monkeypatch.setattr(
+        tap.Options,
+        "optParameters",
+        [*tap.Options.optParameters, ["knob", None, 1, "Turns.", knob]],
+    )
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(["--knob", "lots"])
+    assert str(caught.value) == "--knob lots: not a number of turns"
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
