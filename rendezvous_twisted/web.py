@@ -28,8 +28,15 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import access, conditions, msc4108
+from rendezvous_twisted import access, conditions, msc4108, wire
 from rendezvous_twisted.addresses import Client, ClientResolver
+
+# Named here too (they were defined here before answers.py held them).
+from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
+from rendezvous_twisted.answers import JSON as JSON
+from rendezvous_twisted.answers import PREFLIGHT as PREFLIGHT
+from rendezvous_twisted.answers import closing_answer as _closing_answer
+from rendezvous_twisted.answers import error_body as error_body
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
 from rendezvous_twisted.metrics import Metrics
@@ -46,31 +53,6 @@ from rendezvous_twisted.store import (
     Wakeup,
 )
 
-#: What SPEC.md's "Every response" and "CORS" sections put on every answer.
-EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
-    (b"Access-Control-Allow-Origin", b"*"),
-    (
-        b"Access-Control-Expose-Headers",
-        b"ETag, Location, X-Max-Bytes, Expires, Last-Modified, Retry-After",
-    ),
-    (b"Cache-Control", b"no-store, no-transform"),
-    (b"Pragma", b"no-cache"),
-    (b"X-Content-Type-Options", b"nosniff"),
-    # Whatever a payload holds, a browser that opens it runs and loads
-    # nothing.  Harmless on the other answers, so it goes on all of them.
-    (b"Content-Security-Policy", b"sandbox; default-src 'none'"),
-    # No version: it helps no client and tells an attacker what to try.
-    (b"Server", b"rendezvous-twisted"),
-)
-
-#: Added to the every-response headers on a CORS preflight.
-PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
-    (b"Access-Control-Allow-Methods", b"GET, PUT, POST, DELETE"),
-    (b"Access-Control-Allow-Headers", b"Content-Type, If-Match, If-None-Match, Prefer"),
-    (b"Access-Control-Max-Age", b"86400"),
-)
-
-JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
 #: Reason phrases Twisted lacks.
 _REASONS = {429: b"Too Many Requests"}
@@ -79,21 +61,17 @@ NO_BODY = frozenset((204, 304))
 
 ALLOW_ROOT = b"POST, OPTIONS"
 ALLOW_RENDEZVOUS = b"GET, PUT, DELETE, OPTIONS"
+#: What OPTIONS * (about the server as a whole) answers it allows.
+ALLOW_SERVER = b"GET, PUT, POST, DELETE, OPTIONS"
 
 # Ids are minted by secrets.token_urlsafe(16): 22 URL-safe characters.  A
 # little slack costs nothing; anything else can never name a rendezvous.
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 # A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
 # literal, and an optional port.  Anything else falls back to our own address.
+# The control characters (RFC 5234 CTL) but horizontal tab.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
-
-
-def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
-    """
-    The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
-    C{extra} fields.
-    """
-    return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
 def redact(rendezvous_id: str) -> str:
@@ -222,6 +200,9 @@ class RendezvousRequest(Request):
     #: Who sent it, once L{RendezvousAPI} has resolved it (for limits, the
     #: access log and the Location scheme).
     client: Client | None = None
+    #: Why its line or headers break RFC 9112's rules (L{wire.check_request}),
+    #: for the 400 that answers it before any route; None for most.
+    problem: str | None = None
 
     @property
     def _max_bytes(self) -> int:
@@ -270,9 +251,37 @@ class RendezvousRequest(Request):
             return
         content.write(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # Called for HTTP/1.x and HTTP/2 alike, once the body is in.  Route
+        # an absolute-form target on its path, with its authority as the
+        # Host (RFC 9112 3.2.2); a target or Host that breaks the rules is
+        # answered 400 by the resource, before any route.
+        try:
+            target = wire.check_request(command, path, version, self.requestHeaders)
+        except wire.TargetError as problem:
+            self.problem = str(problem)
+        else:
+            path = target.path
+            if target.authority is not None:
+                self.requestHeaders.setRawHeaders(b"Host", [target.authority])
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
     def process(self) -> None:
-        if not self._refused:
+        if self._refused:
+            return
+        if self.path != wire.ASTERISK:
             super().process()  # type: ignore[no-untyped-call]
+            return
+        # Twisted answers "OPTIONS *" (and refuses any other method with a
+        # "*" target) itself, in its own words and without the headers of
+        # every answer: send it to the resource like any other request.
+        self.site = cast(Any, self.channel).site
+        self.prepath, self.postpath = [], []
+        self.setHeader(b"Date", http.datetimeToString())  # type: ignore[no-untyped-call]
+        try:
+            self.render(self.site.resource)  # type: ignore[no-untyped-call]
+        except Exception:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     def _refuse_oversize(self) -> None:
         """
@@ -337,31 +346,6 @@ class RendezvousRequest(Request):
         self.finish()  # type: ignore[no-untyped-call]
 
 
-def _closing_answer(
-    status: bytes,
-    errcode: str,
-    message: str,
-    headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> bytes:
-    """
-    A whole HTTP/1.1 error answer as bytes, with the every-response headers
-    and C{Connection: close}, for refusals made below the resource, where
-    there is no Request to answer through.
-    """
-    body = error_body(errcode, message)
-    head = [b"HTTP/1.1 " + status]
-    for name, value in (
-        *EVERY_RESPONSE,
-        (b"Date", http.datetimeToString()),
-        (b"Content-Type", JSON),
-        (b"Content-Length", b"%d" % len(body)),
-        (b"Connection", b"close"),
-        *headers,
-    ):
-        head.append(name + b": " + value)
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
 def _peer_host(address: IAddress) -> str | None:
     """
     The IP address of a peer, None for a peer that has none (a UNIX socket).
@@ -395,15 +379,25 @@ class RendezvousChannel(http.HTTPChannel):
     # these five more (ours, and the limits set per site) took it past the
     # table, so every parked connection held such a dict.  In slots they
     # cost 8 bytes each.
-    __slots__ = ("MAX_LENGTH", "_deadline", "maxHeaders", "site", "totalHeadersSize")
+    __slots__ = (
+        "MAX_LENGTH",
+        "_chunks",
+        "_deadline",
+        "maxHeaders",
+        "site",
+        "totalHeadersSize",
+    )
 
     site: RendezvousSite
     _deadline: IDelayedCall | None
+    #: While a chunked body comes: what its chunks announced.
+    _chunks: wire.ChunkedAnnouncements | None
     _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._deadline = None
+        self._chunks = None
         # A slot hides its bases' class default: start from that default.
         self.totalHeadersSize = http.HTTPChannel.totalHeadersSize
         self.maxHeaders = http.HTTPChannel.maxHeaders
@@ -441,9 +435,26 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         if self.length != 0 and not getattr(self.transport, "disconnecting", False):
             self._arm(self.site.config.body_timeout_seconds, "body")
+            if self.length is None:
+                # Chunked: its length is only known as its chunks announce it.
+                self._chunks = wire.ChunkedAnnouncements()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        chunks = self._chunks
+        if chunks is not None and chunks.feed(data) > self.site.max_body_bytes:
+            # A chunk announced more than the limit: refuse it now, not once
+            # its bytes have come (or at the body deadline, if they never do).
+            self._chunks = None
+            request = self.requests[-1]
+            assert isinstance(request, RendezvousRequest)
+            if not request._refused:
+                request._refuse_oversize()
+            return
+        super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
         self._disarm()
+        self._chunks = None
         super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -699,7 +710,16 @@ class RendezvousSite(Site):
     ) -> None:
         config = config if config is not None else Config()
         super().__init__(  # type: ignore[no-untyped-call]
-            resource, reactor=reactor, timeout=config.idle_timeout_seconds
+            resource,
+            reactor=reactor,
+            timeout=config.idle_timeout_seconds,
+            # Twisted would parse a POST's body as a form when its
+            # Content-Type names one, for request.args, which nothing here
+            # reads: a payload is opaque bytes, whatever type it claims.
+            # Its parser also raised on a Content-Type holding a character
+            # that Python's email package reads as a line break (\x0b, \x0c,
+            # \x1c-\x1e, \x85), so that the request was never answered.
+            parsePOSTFormSubmission=False,
         )
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or Metrics()
@@ -981,10 +1001,18 @@ class _GuardedResource(KleinResource):
             self._api.admit(request)
         except HTTPError as refusal:
             return _written(request, self._api.refuse(request, refusal))
+        problem = request.problem if isinstance(request, RendezvousRequest) else None
+        if problem is not None:
+            error = BadRequestError("M_BAD_REQUEST", problem)
+            return _written(request, self._api.refuse(request, error))
         # A preflight succeeds whatever the path, known or not: a failed one
         # is a broken browser client, and it reveals nothing.  Decided here,
         # once, before any routing.
         if request.method == b"OPTIONS":
+            if request.path == wire.ASTERISK:
+                # About the server as a whole (RFC 9110 9.3.7): what it allows
+                # anywhere, besides the preflight's answer.
+                request.responseHeaders.setRawHeaders(b"Allow", [ALLOW_SERVER])
             return _written(request, self._api.preflight(request))
         segments = request.postpath or [b""]
         # Klein would read "//" as "/" and "/<id>/" as "/<id>": an empty
@@ -1483,6 +1511,12 @@ class RendezvousAPI:
                 "M_INVALID_PARAM",
                 f"Content-Type is over {self._config.max_content_type_bytes} bytes",
             )
+        if _CONTROL.search(values[0]) is not None:
+            # Stored and sent back byte for byte to every reader, where a
+            # control character is not a field value (RFC 9110 5.5) and some
+            # parsers read \x0b or \x0c as a line break.  obs-text (bytes
+            # 0x80-0xff) is a field value, and is kept as it came.
+            raise BadRequestError("M_INVALID_PARAM", "Content-Type holds a control character")
         content_type: bytes = values[0]
         return content_type
 

@@ -1,0 +1,126 @@
+"""
+The HTTP/1.1 edges of rendezvous_twisted.wire against a real C{twistd
+rendezvous} over loopback, where the client is an ordinary one (Python's
+http.client) or raw bytes: what only showed there (a traceback and no
+answer).
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from .test_end_to_end import (
+    HOST,
+    Conn,
+    TwistdServer,
+    running,
+    secret,
+    start_plugin_server,
+)
+
+#: The metrics listener's start line ("RendezvousSite starting on" is the API's).
+_METRICS_PORT = re.compile(rb"\bSite starting on (\d+)")
+
+
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+    """
+    One server for the request edges, its rate limits out of the way.
+    """
+    yield from running(
+        start_plugin_server(
+            tmp_path_factory.mktemp("edges"),
+            "--max-bytes=100",
+            "--create-burst=10000",
+            "--request-burst=100000",
+            "--max-rendezvous-per-address=1000",
+        )
+    )
+
+
+def post(port: int, content_type: str, body: bytes, source: str | None = None) -> tuple[int, bytes]:
+    """
+    A POST / as http.client sends it (a Host, the body after the head); its
+    status and body.
+    """
+    client = http.client.HTTPConnection(HOST, port, timeout=5, source_address=(source or HOST, 0))
+    try:
+        client.request("POST", "/", body=body, headers={"Content-Type": content_type})
+        response = client.getresponse()
+        return response.status, response.read()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("control", ["\x0b", "\x0c", "\x1c"])
+def test_a_content_type_twisted_choked_on_gets_a_json_400(
+    edges: TwistdServer, control: str
+) -> None:
+    """
+    A POST whose Content-Type holds \\x0b, \\x0c or \\x1c gets a JSON 400 at once (it got no answer
+    and logged a traceback), and nothing is logged as trouble.
+    """
+    mark = edges.mark()
+    status, body = post(edges.port, f"text/plain{control}x", b"payload")
+    assert status == 400
+    assert b"M_INVALID_PARAM" in body
+    edges.assert_no_trouble(mark)
+
+
+def test_obs_text_in_content_type_is_stored(edges: TwistdServer) -> None:
+    """A POST whose Content-Type holds \\x85 (obs-text) is created, and read back byte for byte."""
+    mark = edges.mark()
+    with Conn(edges.port) as conn:
+        payload = secret("obs-text")
+        created = conn.exchange("POST", "/", [("Content-Type", b"text/plain\x85x")], payload)
+        assert created.status == 200, created.body
+        rendezvous_id = created.json()["id"]
+        edges.secrets += [payload, rendezvous_id.encode("ascii")]
+        read = conn.exchange("GET", "/" + rendezvous_id)
+    assert (read.body, read.header("Content-Type")) == (payload, b"text/plain\x85x")
+    edges.assert_no_trouble(mark)
+
+
+def test_options_asterisk_and_absolute_form(edges: TwistdServer) -> None:
+    """
+    OPTIONS * is answered by us (Server: rendezvous-twisted, CORS), a POST in absolute-form creates,
+    and a request without Host gets a JSON 400, all on one kept-alive connection.
+    """
+    with Conn(edges.port) as conn:
+        conn.send(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        star = conn.read_response()
+        assert star.status == 204
+        assert star.header("Server") == b"rendezvous-twisted"
+        assert star.header("Access-Control-Allow-Origin") == b"*"
+        payload = secret("absolute")
+        conn.send(
+            b"POST http://rendezvous.example/ HTTP/1.1\r\nHost: rendezvous.example\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        created = conn.read_response()
+        assert created.status == 200, created.body
+        edges.secrets += [payload, created.json()["id"].encode("ascii")]
+        assert (created.header("Location") or b"").startswith(b"http://rendezvous.example/")
+        conn.send(b"GET / HTTP/1.1\r\n\r\n")
+        conn.read_response().assert_error(400, "M_BAD_REQUEST")
+
+
+def test_an_absurd_chunk_size_is_413_at_once(edges: TwistdServer) -> None:
+    """
+    A chunk size of fffffffffffffffffff gets a JSON 413 and a close at once, not a 408 at the body
+    deadline.
+    """
+    started = time.monotonic()
+    with Conn(edges.port) as conn:
+        conn.send(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"fffffffffffffffffff\r\n"
+        )
+        conn.read_response(timeout=3).assert_error(413, "M_TOO_LARGE")
+        assert conn.read_until_closed() == b""
+    assert time.monotonic() - started < 3
