@@ -1,13 +1,15 @@
 """
 What every answer carries, in one place: SPEC.md's every-response headers,
-the JSON error body, and the whole HTTP/1.1 answers written on a connection
-below the resource, where there is no request to answer through.
+the JSON error body, and the refusals written on a connection below the
+resource (where there is no request to answer through), as one value that
+either HTTP version can put on the wire.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from twisted.web import http
 
@@ -69,3 +71,50 @@ def closing_answer(
     ):
         head.append(name + b": " + value)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """
+    Why a connection is refused, as the answer its first request gets: the
+    status, the JSON error and any headers of its own (C{Retry-After}).
+    The every-response headers, C{Content-Type} and C{Content-Length} come
+    with it on either HTTP version; it says nothing of framing, so that an
+    HTTP/1.1 channel writes it with L{http11} and closes, and an HTTP/2 one
+    answers it on a stream.
+    """
+
+    code: int
+    #: The reason phrase of the HTTP/1.1 status line.
+    phrase: bytes
+    errcode: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def body(self) -> bytes:
+        """
+        The JSON error body.
+        """
+        return error_body(self.errcode, self.message)
+
+    def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """
+        Every header of the answer but the framing an HTTP version adds
+        (HTTP/1.1's C{Connection: close}) and C{Date}: the every-response
+        headers, the type and length of L{body}, and the refusal's own.
+        """
+        return (
+            *EVERY_RESPONSE,
+            (b"Content-Type", JSON),
+            (b"Content-Length", b"%d" % len(self.body())),
+            *self.headers,
+        )
+
+    def http11(self) -> bytes:
+        """
+        The whole HTTP/1.1 answer, with C{Connection: close}: written, it
+        ends the connection.
+        """
+        return closing_answer(
+            b"%d %s" % (self.code, self.phrase), self.errcode, self.message, self.headers
+        )

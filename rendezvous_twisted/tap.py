@@ -168,6 +168,13 @@ class Options(usage.Options):
             int,
         ),
         (
+            "max-waiting-refusals",
+            "max_waiting_refusals",
+            "Connections refused at a connection cap that may wait for their request "
+            "before being answered (past it: answered at once and closed).",
+            int,
+        ),
+        (
             "shutdown-timeout-seconds",
             "shutdown_timeout_seconds",
             "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
@@ -568,6 +575,12 @@ def _watch(
         "Open HTTP connections.",
         "gauge",
         lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_refusals_waiting",
+        "Connections refused at a connection cap, waiting for their request to be answered.",
+        "gauge",
+        lambda: site.admission.waiting_refusals,
     )
     metrics.watch(
         "rendezvous_http_requests_in_flight",

@@ -18,7 +18,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -35,6 +35,7 @@ from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
 from rendezvous_twisted.answers import JSON as JSON
 from rendezvous_twisted.answers import PREFLIGHT as PREFLIGHT
+from rendezvous_twisted.answers import Refusal
 from rendezvous_twisted.answers import closing_answer as _closing_answer
 from rendezvous_twisted.answers import error_body as error_body
 from rendezvous_twisted.conditions import ANY
@@ -383,6 +384,7 @@ class RendezvousChannel(http.HTTPChannel):
         "MAX_LENGTH",
         "_chunks",
         "_deadline",
+        "_refusal",
         "maxHeaders",
         "site",
         "totalHeadersSize",
@@ -392,12 +394,16 @@ class RendezvousChannel(http.HTTPChannel):
     _deadline: IDelayedCall | None
     #: While a chunked body comes: what its chunks announced.
     _chunks: wire.ChunkedAnnouncements | None
+    #: For a connection the site refused: its refusal, waiting for the
+    #: request's head, then answered.
+    _refusal: wire.WaitingRefusal | None
     _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._deadline = None
         self._chunks = None
+        self._refusal = None
         # A slot hides its bases' class default: start from that default.
         self.totalHeadersSize = http.HTTPChannel.totalHeadersSize
         self.maxHeaders = http.HTTPChannel.maxHeaders
@@ -411,17 +417,60 @@ class RendezvousChannel(http.HTTPChannel):
         super().connectionMade()  # type: ignore[no-untyped-call]
         self._arm(self.site.config.header_timeout_seconds, "headers")
 
-    def refuse(self, answer: bytes) -> None:
+    def refuse(self, refusal: Refusal, wait: bool) -> None:
         """
-        Write C{answer} (a whole HTTP/1.1 response) and close, with no
-        deadline left to fire: for a connection the site did not admit.
+        Answer a connection the site did not admit with C{refusal}, and
+        close it.  When C{wait}, the answer comes once the request's head
+        is in (or at the header deadline, or past max_header_bytes), as a
+        client that sends its request before it reads expects: an answer
+        written before would be followed by a close that makes its sending
+        fail.  Else it is written at once.  Nothing the connection sends is
+        ever parsed or served.
         """
+        waiting = wire.WaitingRefusal(refusal, self.site.config.max_header_bytes)
+        self._refusal = waiting
+        # Our deadlines, not Twisted's idle timeout, bound it from now on.
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        if wait:
+            return  # the header deadline, armed at connectionMade, bounds it
+        waiting.answered = True
         self._disarm()
         assert self.transport is not None
-        self.transport.write(answer)
+        self.transport.write(refusal.http11())
         self.loseConnection()  # type: ignore[no-untyped-call]
 
+    def answer_refusal(self) -> None:
+        """
+        Write the refusal of a refused connection that waited for its
+        request, then close once its client has read the answer and closed
+        its end, or after L{wire.LINGER_SECONDS}, whichever is first.
+        """
+        waiting = self._refusal
+        assert waiting is not None
+        assert not waiting.answered
+        waiting.answered = True
+        self._disarm()
+        transport = self.transport
+        assert transport is not None
+        transport.write(waiting.refusal.http11())
+        if ITCPTransport.providedBy(transport):
+            # Say at once that no more is coming.  (A TLS transport has no
+            # half-close, and would forward this name to the TCP below it.)
+            transport.loseWriteConnection()
+        self._deadline = self.site.reactor.callLater(wire.LINGER_SECONDS, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        transport.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
+        waiting = self._refusal
+        if waiting is not None:
+            # Refused: only the end of the request's head matters.
+            if waiting.head_complete(data):
+                self.answer_refusal()
+            return
         # The first byte of a request starts its headers' deadline; bytes
         # that arrive while a request is handled are the next request's,
         # buffered until that one is done.
@@ -478,6 +527,10 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         if getattr(self.transport, "disconnecting", False):
             return  # already refused (400, 413) and closing
+        if self._refusal is not None:
+            # Refused, and its request never came whole: answer anyway.
+            self.answer_refusal()
+            return
         self._log.info(
             "closing a connection from {client}: request {what} not complete in {seconds}s",
             client=_peer_host(self.transport.getPeer()) or "-",
@@ -535,6 +588,9 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
     #: The key it is counted under per address; None for trusted proxies
     #: and peers without an IP address.
     _connection_key: str | None = None
+    #: Whether it was refused and counted among those waiting for their
+    #: request (L{wire.Admission.wait}) until it is lost.
+    _waiting = False
     _h2_deadline: IDelayedCall | None = None
     #: The HTTP/2 streams whose end is watched for.
     _watched: frozenset[int] = frozenset()
@@ -549,11 +605,23 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
         if refusal is not None:
             channel = self._channel
             assert isinstance(channel, RendezvousChannel)
-            channel.refuse(refusal)
+            self._waiting = site.admission.wait()
+            channel.refuse(refusal, self._waiting)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._admitted:
-            return  # refused: its answer is written and it is closing
+            # Refused: the HTTP/1.1 channel waits for the request's head and
+            # answers; it never switches to HTTP/2.
+            channel = self._channel
+            assert isinstance(channel, RendezvousChannel)
+            waiting = channel._refusal
+            h2 = getattr(channel.transport, "negotiatedProtocol", None) == b"h2"
+            if h2 and waiting is not None and not waiting.answered:
+                # No HTTP/1.1 head will come: answer now, and close.
+                channel.answer_refusal()
+                return
+            channel.dataReceived(data)
+            return
         old = self._channel
         switching = self._negotiatedProtocol is None and (
             getattr(old.transport, "negotiatedProtocol", None) == b"h2"
@@ -578,6 +646,9 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
                 if self._admitted:
                     self._admitted = False
                     site.release(self._connection_key)
+                if self._waiting:
+                    self._waiting = False
+                    site.admission.done_waiting()
                 site.connection_lost(self)
 
     def _watch_streams(self) -> None:
@@ -732,61 +803,55 @@ class RendezvousSite(Site):
         self._draining: Deferred[None] | None = None
         self.config = config
         self.clients = clients if clients is not None else ClientResolver(self.config)
-        #: Open connections, and open connections per client key.
-        self.connection_count = 0
-        self._per_key: dict[str, int] = {}
+        #: The connection caps and counts.
+        self.admission = wire.Admission(
+            config.max_connections,
+            config.max_connections_per_address,
+            config.max_waiting_refusals,
+        )
 
-    def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> bytes | None:
+    @property
+    def connection_count(self) -> int:
+        """
+        Open connections that were admitted (refused ones are not).
+        """
+        return self.admission.count
+
+    def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> Refusal | None:
         """
         Count a new connection from C{peer}, or refuse it: None when
-        admitted (L{release} must follow when it is lost), else the whole
-        answer to write before closing it.  Past the global cap the
-        answer is 503 (the server is busy: no fault of this client); past
-        the per-address cap it is 429 (this client holds too many).
-        Connections from trusted proxies and from peers without an IP
-        address count only against the global cap: each carries many
+        admitted (L{release} must follow when it is lost), else the
+        L{Refusal} to answer its first request with before closing it.
+        Past the global cap it is 503 (the server is busy: no fault of this
+        client); past the per-address cap it is 429 (this client holds too
+        many).  Connections from trusted proxies and from peers without an
+        IP address count only against the global cap: each carries many
         clients.
         """
-        if self.connection_count >= self.config.max_connections:
-            return self._refuse_connection(
-                peer, b"503 Service Unavailable", "the server has too many connections"
-            )
         client = self.clients.peer(_peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
-            if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
-                return self._refuse_connection(
-                    peer, b"429 Too Many Requests", "too many connections from this address"
-                )
-            self._per_key[key] = self._per_key.get(key, 0) + 1
-        self.connection_count += 1
+        refusal = self.admission.admit(key)
+        if refusal is not None:
+            # Answered below the resource, so neither the access log nor the
+            # error mapping sees it: count and log it here.
+            self.metrics.refused("connections")
+            self._logger.info(
+                "refusing a connection from {client}: {why}",
+                client=_peer_host(peer) or "-",
+                why=refusal.message,
+            )
+            return refusal
         connection._admitted = True
         connection._connection_key = key
         return None
-
-    def _refuse_connection(self, peer: IAddress, status: bytes, message: str) -> bytes:
-        # Answered below the resource, so neither the access log nor the
-        # error mapping sees it: count and log it here.
-        self.metrics.refused("connections")
-        self._logger.info(
-            "refusing a connection from {client}: {why}",
-            client=_peer_host(peer) or "-",
-            why=message,
-        )
-        return _closing_answer(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
 
     def release(self, key: str | None) -> None:
         """
         Forget a connection that L{admit} counted.
         """
-        self.connection_count -= 1
-        if key is not None:
-            left = self._per_key[key] - 1
-            if left:
-                self._per_key[key] = left
-            else:
-                del self._per_key[key]
+        self.admission.release(key)
 
     def buildProtocol(self, addr: Any) -> Any:
         if self._draining is not None:

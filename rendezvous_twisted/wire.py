@@ -1,7 +1,9 @@
 """
 The rules of RFC 9110 and RFC 9112 that twisted.web leaves to its users,
 kept apart from the routes: which request targets and Hosts a request may
-carry, and what a chunked body announces before its bytes come.
+carry, what a chunked body announces before its bytes come, and which
+connections the caps admit (and how a refused one waits for its request
+before it is answered).
 
 Nothing here writes to a transport or knows a Klein route: the channel and
 the request classes of L{rendezvous_twisted.web} call these, and answer.
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from twisted.web.http_headers import Headers
+
+from rendezvous_twisted.answers import Refusal
 
 #: The one request target that is not a path: OPTIONS about the server as a
 #: whole (RFC 9112 3.2.4).
@@ -201,3 +205,124 @@ class ChunkedAnnouncements:
             return
         self.announced += length
         self._state, self._left = "data", length
+
+
+class Admission:
+    """
+    The connection caps: how many connections are open across the server
+    and per client key, which new one is refused and why, and how many
+    refused ones may wait for their request before being answered.
+    """
+
+    def __init__(self, max_connections: int, max_per_key: int, max_waiting_refusals: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_key = max_per_key
+        self.max_waiting_refusals = max_waiting_refusals
+        #: Open connections that were admitted.
+        self.count = 0
+        #: Refused connections waiting for their request (not in L{count}).
+        self.waiting_refusals = 0
+        self._per_key: dict[str, int] = {}
+
+    def admit(self, key: str | None) -> Refusal | None:
+        """
+        Count a new connection under C{key} (None: only the global cap
+        applies), or return the L{Refusal} to answer it with: 503 past the
+        global cap (the server is busy: no fault of this client), 429 past
+        the per-key one (this client holds too many).
+        """
+        if self.count >= self.max_connections:
+            return SERVER_FULL
+        if key is not None:
+            held = self._per_key.get(key, 0)
+            if held >= self.max_per_key:
+                return ADDRESS_FULL
+            self._per_key[key] = held + 1
+        self.count += 1
+        return None
+
+    def release(self, key: str | None) -> None:
+        """
+        Forget a connection that L{admit} counted.
+        """
+        self.count -= 1
+        if key is not None:
+            left = self._per_key[key] - 1
+            if left:
+                self._per_key[key] = left
+            else:
+                del self._per_key[key]
+
+    def wait(self) -> bool:
+        """
+        Let one more refused connection wait for its request, if there is
+        room among those waiting: True if so (L{done_waiting} must follow),
+        False when it must be answered and closed at once.
+        """
+        if self.waiting_refusals >= self.max_waiting_refusals:
+            return False
+        self.waiting_refusals += 1
+        return True
+
+    def done_waiting(self) -> None:
+        self.waiting_refusals -= 1
+
+
+#: The refusal past the global connection cap.
+SERVER_FULL = Refusal(
+    503,
+    b"Service Unavailable",
+    "M_LIMIT_EXCEEDED",
+    "the server has too many connections",
+    ((b"Retry-After", b"1"),),
+)
+#: The refusal past the per-address connection cap.
+ADDRESS_FULL = Refusal(
+    429,
+    b"Too Many Requests",
+    "M_LIMIT_EXCEEDED",
+    "too many connections from this address",
+    ((b"Retry-After", b"1"),),
+)
+
+
+#: How long a refused connection, once answered, may stay open for its
+#: client to read the answer and close: closing it while the client still
+#: sends (a body, a pipelined request) would reset the connection, and a
+#: reset can destroy the answer before the client reads it (RFC 9112 9.6).
+LINGER_SECONDS = 2.0
+
+
+class WaitingRefusal:
+    """
+    A refused connection waiting for its request's head (its blank line), in
+    bytes that come in any pieces, of which it keeps only the last three:
+    then its L{Refusal} is answered, after the request as a client expects,
+    rather than before it.  A head that never ends is taken as ended once
+    it passes C{max_bytes}, so that it is answered too.
+    """
+
+    __slots__ = ("_max_bytes", "_seen", "_tail", "answered", "refusal")
+
+    def __init__(self, refusal: Refusal, max_bytes: int) -> None:
+        self.refusal = refusal
+        #: Whether the refusal has been written (the connection lingers).
+        self.answered = False
+        self._max_bytes = max_bytes
+        self._seen = 0
+        self._tail = b""
+
+    def head_complete(self, data: bytes) -> bool:
+        """
+        Take the next bytes; True once, when the head is complete (or too
+        long) and the refusal is not answered yet.
+        """
+        if self.answered:
+            return False  # lingering: whatever comes is dropped
+        window = self._tail + data
+        self._seen += len(data)
+        # A blank line: CRLF CRLF, or bare LFs, which some clients send.
+        if b"\r\n\r\n" in window or b"\n\n" in window or self._seen > self._max_bytes:
+            return True
+        self._tail = window[-3:]
+        return False

@@ -2,7 +2,8 @@
 The edges of HTTP/1.1 that twisted.web leaves to us (rendezvous_twisted.wire),
 driven byte by byte through the real channel over a StringTransport, with
 its deadlines on a Clock: Content-Type bytes Twisted's form parser choked
-on, Host, request-target forms and chunk sizes.
+on, Host, request-target forms, chunk sizes, connections refused at the caps,
+saturation, and the keep-alive deadlines.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from rendezvous_twisted import wire
-from rendezvous_twisted.answers import EVERY_RESPONSE
+from rendezvous_twisted.answers import EVERY_RESPONSE, Refusal
 from rendezvous_twisted.wire import (
+    LINGER_SECONDS,
     ChunkedAnnouncements,
     Target,
     TargetError,
@@ -420,6 +424,141 @@ def test_parse_target_forms() -> None:
     assert parse_target(b"GET", b"http://h?q") == Target(b"/?q", b"h")
     assert parse_target(b"OPTIONS", b"http://[::1]") == Target(b"*", b"[::1]")
     assert parse_target(b"OPTIONS", b"*") == Target(b"*")
+
+
+# 6. Connections refused at the caps.
+
+
+def test_a_refused_connection_is_answered_after_its_request_head() -> None:
+    """
+    A connection past the per-address cap is not answered at accept but once its request's head is
+    in (whatever the pieces), with a JSON 429 and Retry-After, then closed after the linger.
+    """
+    wire_ = Wire(max_connections_per_address=1)
+    wire_.open()
+    protocol, transport = wire_.open()
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+    for byte in head[:-1]:
+        protocol.dataReceived(bytes([byte]))
+    assert transport.value() == b""
+    protocol.dataReceived(head[-1:] + b"hello")
+    [answer] = answers(transport.value())
+    answer.assert_json_error(429, "M_LIMIT_EXCEEDED")
+    assert answer.header(b"Retry-After") == b"1"
+    assert answer.header(b"Connection") == b"close"
+    # The body, or anything after, is dropped while the client reads.
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(answers(transport.value())) == 1
+    assert not transport.disconnecting
+    wire_.clock.advance(LINGER_SECONDS)
+    assert transport.disconnecting
+    assert wire_.harness.store.rendezvous_count == 0
+
+
+def test_a_silent_refused_connection_gets_its_refusal_at_the_header_deadline() -> None:
+    """
+    A refused connection that sends nothing is answered its 503 (not a 408) at the header deadline.
+    """
+    wire_ = Wire(max_connections=1, max_connections_per_address=1, header_timeout_seconds=3)
+    wire_.open(IPv4Address("TCP", "192.0.2.1", 1))
+    _, transport = wire_.open()
+    wire_.clock.advance(2.9)
+    assert transport.value() == b""
+    wire_.clock.advance(0.1)
+    [answer] = answers(transport.value())
+    answer.assert_json_error(503, "M_LIMIT_EXCEEDED")
+
+
+def test_an_endless_head_is_answered_past_max_header_bytes() -> None:
+    """A refused connection whose head never ends is answered once it passes max_header_bytes."""
+    wire_ = Wire(max_connections_per_address=1, max_header_bytes=512)
+    wire_.open()
+    protocol, transport = wire_.open()
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * 400)
+    assert transport.value() == b""
+    protocol.dataReceived(b"a" * 200)
+    assert answers(transport.value())[0].status == 429
+
+
+def test_waiting_refusals_are_capped() -> None:
+    """
+    Past max_waiting_refusals, a refused connection is answered at once and closed; one that ends
+    frees its place.
+    """
+    wire_ = Wire(max_connections_per_address=1, max_waiting_refusals=2)
+    wire_.open()
+    waiting = [wire_.open() for _ in range(2)]
+    assert wire_.site.admission.waiting_refusals == 2
+    assert all(transport.value() == b"" for _, transport in waiting)
+    _, at_once = wire_.open()
+    answers(at_once.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
+    assert at_once.disconnecting
+    protocol, _ = waiting[0]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert wire_.site.admission.waiting_refusals == 1
+    _, again = wire_.open()
+    assert again.value() == b""
+    assert wire_.site.connection_count == 1
+
+
+def test_the_refusal_value_answers_either_http_version() -> None:
+    """
+    A Refusal carries what an HTTP/2 stream needs (status, headers with type and length, body) and
+    its HTTP/1.1 bytes end with Connection: close.
+    """
+    refusal = wire.SERVER_FULL
+    assert isinstance(refusal, Refusal)
+    headers = dict(refusal.response_headers())
+    assert headers[b"Content-Length"] == b"%d" % len(refusal.body())
+    assert headers[b"Retry-After"] == b"1"
+    assert json.loads(refusal.body())["errcode"] == "M_LIMIT_EXCEEDED"
+    [answer] = answers(refusal.http11())
+    assert answer.status == 503
+    assert answer.header(b"Connection") == b"close"
+    assert answer.body == refusal.body()
+
+
+# 9. Keep-alive and the deadlines.
+
+
+def test_bytes_pipelined_behind_a_parked_request_get_the_header_deadline() -> None:
+    """
+    Bytes of a next request sent while a GET is parked are under the header deadline once it is
+    answered: keep-alive does not stretch a slow head to the idle timeout.
+    """
+    wire_ = Wire(header_timeout_seconds=2, idle_timeout_seconds=15, poll_timeout_seconds=30)
+    rendezvous_id, created = wire_.harness.create()
+    protocol, transport = wire_.open()
+    protocol.dataReceived(
+        b"GET /%s HTTP/1.1\r\nHost: x\r\nIf-None-Match: %s\r\n\r\nGET / HT"
+        % (rendezvous_id.encode("ascii"), created.header("etag") or b"")
+    )
+    wire_.clock.advance(10)
+    wire_.harness.call("PUT", f"/{rendezvous_id}", b"next")
+    assert answers(transport.value())[0].status == 200
+    transport.clear()
+    wire_.clock.advance(1.9)
+    assert transport.value() == b""
+    wire_.clock.advance(0.1)
+    answers(transport.value())[0].assert_json_error(408, "M_REQUEST_TIMEOUT")
+
+
+def test_an_idle_keep_alive_connection_is_counted_until_closed() -> None:
+    """
+    An idle keep-alive connection counts against max_connections (and so in the memory budget) until
+    the idle timeout closes it.
+    """
+    wire_ = Wire(idle_timeout_seconds=5, max_connections=1, max_connections_per_address=1)
+    protocol, transport = wire_.open()
+    protocol.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert wire_.site.connection_count == 1
+    refused, refused_transport = wire_.open(IPv4Address("TCP", "192.0.2.1", 1))
+    refused.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answers(refused_transport.value())[0].status == 503
+    wire_.clock.advance(5)
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert wire_.site.connection_count == 0
 
 
 def test_check_request_reads_headers() -> None:

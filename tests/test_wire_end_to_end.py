@@ -2,20 +2,24 @@
 The HTTP/1.1 edges of rendezvous_twisted.wire against a real C{twistd
 rendezvous} over loopback, where the client is an ordinary one (Python's
 http.client) or raw bytes: what only showed there (a traceback and no
-answer).
+answer, a broken pipe at the connection cap).
 """
 
 from __future__ import annotations
 
 import http.client
 import re
+import select
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from .test_end_to_end import (
     HOST,
+    LISTEN,
+    PARKED_PROOF_SECONDS,
     Conn,
     TwistdServer,
     running,
@@ -124,3 +128,112 @@ def test_an_absurd_chunk_size_is_413_at_once(edges: TwistdServer) -> None:
         conn.read_response(timeout=3).assert_error(413, "M_TOO_LARGE")
         assert conn.read_until_closed() == b""
     assert time.monotonic() - started < 3
+
+
+# Connections refused at the caps.
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[TwistdServer]:
+    """
+    A server with two connections in all, one per address.
+    """
+    yield from running(
+        TwistdServer(
+            [
+                "rendezvous",
+                "--listen",
+                LISTEN,
+                "--max-connections=2",
+                "--max-connections-per-address=1",
+            ],
+            tmp_path,
+        )
+    )
+
+
+def wait_refused(server: TwistdServer, count: int) -> None:
+    """
+    Wait until the server has logged C{count} refused connections.
+    """
+    deadline = time.monotonic() + 5
+    for _ in range(10_000):
+        if server.output.count(b"refusing a connection from") >= count:
+            return
+        assert time.monotonic() < deadline, server.text()
+        server.pump(deadline - time.monotonic())
+
+
+def test_an_ordinary_client_gets_its_refusal_not_a_broken_pipe(capped: TwistdServer) -> None:
+    """
+    A client past the per-address cap, then past the global one, that connects and sends its
+    request only once the server has accepted (and, before, refused) it reads a JSON 429, then a
+    503, with Retry-After, and the connection's end: never a broken pipe.
+    """
+    with Conn(capped.port, source="127.0.0.2"):
+        ask_refused(capped, "127.0.0.2", 1, 429)
+        with Conn(capped.port, source="127.0.0.4"):
+            ask_refused(capped, "127.0.0.3", 2, 503)
+
+
+def ask_refused(server: TwistdServer, source: str, refusals: int, expected: int) -> None:
+    """
+    Connect from C{source}, wait until the server has refused the
+    connection, then POST as http.client does: the answer is C{expected}.
+    """
+    client = http.client.HTTPConnection(HOST, server.port, timeout=5, source_address=(source, 0))
+    try:
+        client.connect()
+        wait_refused(server, refusals)
+        # Give the server time to do all it does before the request (it
+        # once wrote its answer and closed here); now it stays silent.
+        assert client.sock is not None
+        select.select([client.sock], [], [], PARKED_PROOF_SECONDS)
+        # http.client sends the head, then (past 2000 bytes) the body: the
+        # second send is what failed with EPIPE when the refusal came first.
+        client.request("POST", "/", body=b"x" * 5000)
+        response = client.getresponse()
+        body = response.read()
+        assert response.status == expected, body
+        assert response.getheader("Retry-After") == "1"
+        assert response.getheader("Connection") == "close"
+        assert b"M_LIMIT_EXCEEDED" in body
+    finally:
+        client.close()
+
+
+def test_a_refused_connection_is_half_closed_after_its_answer(capped: TwistdServer) -> None:
+    """
+    Once its refusal is written the server shuts its side at once, so a client reading to the end
+    gets the whole answer and the end, while what it still sends is taken without a reset.
+    """
+    with Conn(capped.port, source="127.0.0.2"), Conn(capped.port, source="127.0.0.2") as refused:
+        refused.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answer = refused.read_response()
+        assert answer.status == 429
+        refused.send(b"z" * 100000)
+        assert refused.read_until_closed(timeout=3) == b""
+
+
+def test_a_silent_refused_connection_is_answered_at_the_header_deadline(tmp_path: Path) -> None:
+    """A refused connection that sends nothing gets its 503 at the header deadline, then its end."""
+    server = TwistdServer(
+        [
+            "rendezvous",
+            "--listen",
+            LISTEN,
+            "--max-connections=1",
+            "--max-connections-per-address=1",
+            "--header-timeout=1",
+        ],
+        tmp_path,
+    )
+    try:
+        with Conn(server.port, source="127.0.0.2"), Conn(server.port) as silent:
+            started = time.monotonic()
+            silent.read_response(timeout=5).assert_error(503, "M_LIMIT_EXCEEDED")
+            assert 0.5 < time.monotonic() - started < 4
+            assert silent.read_until_closed() == b""
+    finally:
+        server.stop()
+    server.assert_no_trouble()
