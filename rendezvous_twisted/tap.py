@@ -522,6 +522,7 @@ def makeService(
                 lambda: lifecycle.stopping,
                 reactor,
                 store_available=lambda: store.available,
+                saturated=lambda: site.saturated,
             ),
             lifecycle,
         ).setServiceParent(root)
@@ -575,6 +576,19 @@ def _watch(
         "Open HTTP connections.",
         "gauge",
         lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_connections_max",
+        "The connection cap (--max-connections): past it new connections get 503.",
+        "gauge",
+        lambda: site.admission.max_connections,
+    )
+    metrics.watch(
+        "rendezvous_http_saturated",
+        "1 from when the open connections reach the cap until they fall a tenth below it "
+        "(/health answers 503 saturated meanwhile), else 0.",
+        "gauge",
+        lambda: int(site.saturated),
     )
     metrics.watch(
         "rendezvous_http_refusals_waiting",

@@ -817,6 +817,14 @@ class RendezvousSite(Site):
         """
         return self.admission.count
 
+    @property
+    def saturated(self) -> bool:
+        """
+        Whether new connections are refused at the global cap (see
+        L{wire.Admission}): what C{/health} tells a balancer.
+        """
+        return self.admission.saturated
+
     def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> Refusal | None:
         """
         Count a new connection from C{peer}, or refuse it: None when

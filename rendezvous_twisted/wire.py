@@ -210,8 +210,14 @@ class ChunkedAnnouncements:
 class Admission:
     """
     The connection caps: how many connections are open across the server
-    and per client key, which new one is refused and why, and how many
-    refused ones may wait for their request before being answered.
+    and per client key, which new one is refused and why, how many refused
+    ones may wait for their request before being answered, and whether the
+    server is saturated.
+
+    Saturated is a state with hysteresis, so that a health check does not
+    flap with every connection opened and closed at the cap: it begins
+    when the open connections reach C{max_connections} and ends only once
+    they fall a tenth of the cap (at least one) below it.
     """
 
     def __init__(self, max_connections: int, max_per_key: int, max_waiting_refusals: int) -> None:
@@ -222,7 +228,9 @@ class Admission:
         self.count = 0
         #: Refused connections waiting for their request (not in L{count}).
         self.waiting_refusals = 0
+        self.saturated = False
         self._per_key: dict[str, int] = {}
+        self._low_water = max_connections - max(1, max_connections // 10)
 
     def admit(self, key: str | None) -> Refusal | None:
         """
@@ -232,6 +240,7 @@ class Admission:
         the per-key one (this client holds too many).
         """
         if self.count >= self.max_connections:
+            self.saturated = True
             return SERVER_FULL
         if key is not None:
             held = self._per_key.get(key, 0)
@@ -239,6 +248,8 @@ class Admission:
                 return ADDRESS_FULL
             self._per_key[key] = held + 1
         self.count += 1
+        if self.count >= self.max_connections:
+            self.saturated = True
         return None
 
     def release(self, key: str | None) -> None:
@@ -252,6 +263,8 @@ class Admission:
                 self._per_key[key] = left
             else:
                 del self._per_key[key]
+        if self.saturated and self.count <= self._low_water:
+            self.saturated = False
 
     def wait(self) -> bool:
         """

@@ -25,6 +25,7 @@ from twisted.web.http_headers import Headers
 
 from rendezvous_twisted import wire
 from rendezvous_twisted.answers import EVERY_RESPONSE, Refusal
+from rendezvous_twisted.metrics import metrics_site
 from rendezvous_twisted.wire import (
     LINGER_SECONDS,
     ChunkedAnnouncements,
@@ -516,6 +517,52 @@ def test_the_refusal_value_answers_either_http_version() -> None:
     assert answer.status == 503
     assert answer.header(b"Connection") == b"close"
     assert answer.body == refusal.body()
+
+
+# 7. Saturation.
+
+
+def test_saturated_from_the_cap_until_a_tenth_below_it() -> None:
+    """
+    The site is saturated once its connections reach max_connections, and stays so, whatever opens
+    and closes at the cap, until they fall a tenth of the cap below it.
+    """
+    wire_ = Wire(max_connections=20, max_connections_per_address=20)
+    opened = [wire_.open(IPv4Address("TCP", "192.0.2.1", port))[0] for port in range(19)]
+    assert not wire_.site.saturated
+    opened.append(wire_.open(IPv4Address("TCP", "192.0.2.1", 19))[0])
+    assert wire_.site.saturated
+    # Connections come and go at the cap: it stays saturated.
+    for port in range(30, 35):
+        opened.pop().connectionLost(Failure(ConnectionDone()))
+        assert wire_.site.saturated
+        opened.append(wire_.open(IPv4Address("TCP", "192.0.2.1", port))[0])
+        assert wire_.site.saturated
+    for count in (19, 18):
+        opened.pop().connectionLost(Failure(ConnectionDone()))
+        assert wire_.site.connection_count == count
+        assert wire_.site.saturated == (count > 18)
+
+
+def health(site: Any) -> tuple[int, bytes]:
+    metrics = metrics_site(site.metrics, lambda: False, Clock(), saturated=lambda: site.saturated)
+    protocol = metrics.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    [answer] = answers(transport.value())
+    return answer.status, answer.body
+
+
+def test_health_says_saturated() -> None:
+    """/health answers 503 "saturated" while the site is saturated, and 200 "serving" after."""
+    wire_ = Wire(max_connections=2, max_connections_per_address=2)
+    first, _ = wire_.open()
+    assert health(wire_.site)[0] == 200
+    wire_.open()
+    assert health(wire_.site) == (503, b"saturated\n")
+    first.connectionLost(Failure(ConnectionDone()))
+    assert health(wire_.site) == (200, b"serving\n")
 
 
 # 9. Keep-alive and the deadlines.

@@ -2,7 +2,8 @@
 The HTTP/1.1 edges of rendezvous_twisted.wire against a real C{twistd
 rendezvous} over loopback, where the client is an ordinary one (Python's
 http.client) or raw bytes: what only showed there (a traceback and no
-answer, a broken pipe at the connection cap).
+answer, a broken pipe at the connection cap) and what a balancer sees
+(/health while saturated).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def test_an_absurd_chunk_size_is_413_at_once(edges: TwistdServer) -> None:
 @pytest.fixture
 def capped(tmp_path: Path) -> Iterator[TwistdServer]:
     """
-    A server with two connections in all, one per address.
+    A server with two connections in all, one per address, and metrics.
     """
     yield from running(
         TwistdServer(
@@ -144,6 +145,8 @@ def capped(tmp_path: Path) -> Iterator[TwistdServer]:
                 "rendezvous",
                 "--listen",
                 LISTEN,
+                "--metrics",
+                f"tcp:0:interface={HOST}",
                 "--max-connections=2",
                 "--max-connections-per-address=1",
             ],
@@ -213,6 +216,43 @@ def test_a_refused_connection_is_half_closed_after_its_answer(capped: TwistdServ
         assert answer.status == 429
         refused.send(b"z" * 100000)
         assert refused.read_until_closed(timeout=3) == b""
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    client = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        client.request("GET", path)
+        response = client.getresponse()
+        return response.status, response.read()
+    finally:
+        client.close()
+
+
+def test_health_is_503_saturated_while_the_cap_is_reached(capped: TwistdServer) -> None:
+    """
+    /health answers 503 "saturated" while every connection the cap allows is open (and new ones
+    are refused), and 200 "serving" once they close; /metrics shows it.
+    """
+    metrics_port = int(capped.wait_for(_METRICS_PORT, 10).group(1))
+    assert get(metrics_port, "/health") == (200, b"serving\n")
+    first = Conn(capped.port, source="127.0.0.2")
+    second = Conn(capped.port, source="127.0.0.3")
+    try:
+        first.exchange("OPTIONS", "/")
+        second.exchange("OPTIONS", "/")
+        assert get(metrics_port, "/health") == (503, b"saturated\n")
+        _, page = get(metrics_port, "/metrics")
+        assert re.search(rb"^rendezvous_http_saturated 1\.0$", page, re.MULTILINE), page
+        assert re.search(rb"^rendezvous_http_connections_max 2\.0$", page, re.MULTILINE)
+    finally:
+        first.close()
+        second.close()
+    deadline = time.monotonic() + 5
+    for _ in range(1000):
+        if get(metrics_port, "/health") == (200, b"serving\n"):
+            break
+        assert time.monotonic() < deadline, "still saturated"
+        select.select([], [], [], 0.01)
 
 
 def test_a_silent_refused_connection_is_answered_at_the_header_deadline(tmp_path: Path) -> None:
