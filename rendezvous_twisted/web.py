@@ -724,6 +724,12 @@ def _close(protocol: _GenericHTTPChannelProtocol) -> None:
     holds first.
     """
     channel = protocol._channel
+    if isinstance(channel, RendezvousChannel):
+        waiting = channel._refusal
+        if waiting is not None and not waiting.answered:
+            # Refused, and still waiting for its request: answered, not dropped.
+            channel.answer_refusal()
+            return
     if isinstance(channel, http.HTTPChannel):
         channel.loseConnection()
         return

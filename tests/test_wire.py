@@ -502,6 +502,21 @@ def test_waiting_refusals_are_capped() -> None:
     assert wire_.site.connection_count == 1
 
 
+def test_a_graceful_stop_answers_a_waiting_refusal() -> None:
+    """
+    A refused connection still waiting for its request when a graceful stop begins gets its refusal,
+    and the stop ends once it is closed.
+    """
+    wire_ = Wire(max_connections_per_address=1)
+    admitted, _ = wire_.open()
+    protocol, transport = wire_.open()
+    drained = wire_.site.drain(wire_.clock, 5)
+    answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
+    for lost in (admitted, protocol):
+        lost.connectionLost(Failure(ConnectionDone()))
+    assert drained.called
+
+
 def test_the_refusal_value_answers_either_http_version() -> None:
     """
     A Refusal carries what an HTTP/2 stream needs (status, headers with type and length, body) and
