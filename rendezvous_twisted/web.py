@@ -954,7 +954,9 @@ class RendezvousSite(Site):
             if _transport_of(protocol) is not None:
                 self._closing.add(protocol)
                 _close(protocol)
-        if not self._connections:
+        # A transport may report its loss inside loseConnection (a half-
+        # closed TCP one does), which looked again and may have ended it.
+        if not self._connections and not self._draining.called:
             self._draining.callback(None)
 
     def _recheck_after_streams(self, protocol: _GenericHTTPChannelProtocol) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -515,6 +515,21 @@ def test_a_graceful_stop_answers_a_waiting_refusal() -> None:
     for lost in (admitted, protocol):
         lost.connectionLost(Failure(ConnectionDone()))
     assert drained.called
+
+
+def test_a_drain_survives_a_close_reported_at_once() -> None:
+    """
+    A connection whose transport reports its loss inside loseConnection (as a half-closed TCP one
+    does, such as a refused connection lingering after its answer) ends a graceful stop once.
+    """
+    wire_ = Wire()
+    protocol = wire_.site.buildProtocol(PEER)
+    transport = StringTransportWithDisconnection(peerAddress=PEER)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    drained = wire_.site.drain(wire_.clock, 5)
+    assert drained.called
+    assert not transport.connected
 
 
 def test_the_refusal_value_answers_either_http_version() -> None:
