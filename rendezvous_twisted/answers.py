@@ -73,6 +73,10 @@ def closing_answer(
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+#: Reason phrases Twisted lacks.
+_PHRASES = {429: b"Too Many Requests"}
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """
@@ -81,15 +85,21 @@ class Refusal:
     The every-response headers, C{Content-Type} and C{Content-Length} come
     with it on either HTTP version; it says nothing of framing, so that an
     HTTP/1.1 channel writes it with L{http11} and closes, and an HTTP/2 one
-    answers it on a stream.
+    answers it on a stream (L{response_headers}, L{body}).
     """
 
-    code: int
-    #: The reason phrase of the HTTP/1.1 status line.
-    phrase: bytes
+    status: int
     errcode: str
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    @property
+    def phrase(self) -> bytes:
+        """
+        The reason phrase of the HTTP/1.1 status line.
+        """
+        phrase: bytes = _PHRASES.get(self.status) or http.RESPONSES.get(self.status, b"Refused")
+        return phrase
 
     def body(self) -> bytes:
         """
@@ -116,5 +126,5 @@ class Refusal:
         ends the connection.
         """
         return closing_answer(
-            b"%d %s" % (self.code, self.phrase), self.errcode, self.message, self.headers
+            b"%d %s" % (self.status, self.phrase), self.errcode, self.message, self.headers
         )

@@ -170,7 +170,7 @@ def metrics_site(
     format, C{/health} answering 200 while serving, and 503 once a stop
     began, while the store (Redis) cannot be reached, or while the server
     is saturated (refusing new connections at its connection cap, see
-    L{rendezvous_twisted.wire.Admission}); nothing else.
+    L{rendezvous_twisted.http1.Admission}); nothing else.
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics))

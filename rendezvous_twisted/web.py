@@ -28,7 +28,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import access, conditions, msc4108, wire
+from rendezvous_twisted import access, conditions, http1, msc4108
 from rendezvous_twisted.addresses import Client, ClientResolver
 
 # Named here too (they were defined here before answers.py held them).
@@ -201,7 +201,7 @@ class RendezvousRequest(Request):
     #: Who sent it, once L{RendezvousAPI} has resolved it (for limits, the
     #: access log and the Location scheme).
     client: Client | None = None
-    #: Why its line or headers break RFC 9112's rules (L{wire.check_request}),
+    #: Why its line or headers break RFC 9112's rules (L{http1.check_request}),
     #: for the 400 that answers it before any route; None for most.
     problem: str | None = None
 
@@ -258,8 +258,8 @@ class RendezvousRequest(Request):
         # Host (RFC 9112 3.2.2); a target or Host that breaks the rules is
         # answered 400 by the resource, before any route.
         try:
-            target = wire.check_request(command, path, version, self.requestHeaders)
-        except wire.TargetError as problem:
+            target = http1.check_request(command, path, version, self.requestHeaders)
+        except http1.TargetError as problem:
             self.problem = str(problem)
         else:
             path = target.path
@@ -270,7 +270,7 @@ class RendezvousRequest(Request):
     def process(self) -> None:
         if self._refused:
             return
-        if self.path != wire.ASTERISK:
+        if self.path != http1.ASTERISK:
             super().process()  # type: ignore[no-untyped-call]
             return
         # Twisted answers "OPTIONS *" (and refuses any other method with a
@@ -393,10 +393,10 @@ class RendezvousChannel(http.HTTPChannel):
     site: RendezvousSite
     _deadline: IDelayedCall | None
     #: While a chunked body comes: what its chunks announced.
-    _chunks: wire.ChunkedAnnouncements | None
+    _chunks: http1.ChunkedAnnouncements | None
     #: For a connection the site refused: its refusal, waiting for the
     #: request's head, then answered.
-    _refusal: wire.WaitingRefusal | None
+    _refusal: http1.WaitingRefusal | None
     _log = Logger()
 
     def __init__(self) -> None:
@@ -427,7 +427,7 @@ class RendezvousChannel(http.HTTPChannel):
         fail.  Else it is written at once.  Nothing the connection sends is
         ever parsed or served.
         """
-        waiting = wire.WaitingRefusal(refusal, self.site.config.max_header_bytes)
+        waiting = http1.WaitingRefusal(refusal, self.site.config.max_header_bytes)
         self._refusal = waiting
         # Our deadlines, not Twisted's idle timeout, bound it from now on.
         self.setTimeout(None)  # type: ignore[no-untyped-call]
@@ -443,7 +443,7 @@ class RendezvousChannel(http.HTTPChannel):
         """
         Write the refusal of a refused connection that waited for its
         request, then close once its client has read the answer and closed
-        its end, or after L{wire.LINGER_SECONDS}, whichever is first.
+        its end, or after L{http1.LINGER_SECONDS}, whichever is first.
         """
         waiting = self._refusal
         assert waiting is not None
@@ -457,7 +457,7 @@ class RendezvousChannel(http.HTTPChannel):
             # Say at once that no more is coming.  (A TLS transport has no
             # half-close, and would forward this name to the TCP below it.)
             transport.loseWriteConnection()
-        self._deadline = self.site.reactor.callLater(wire.LINGER_SECONDS, self._linger_over)
+        self._deadline = self.site.reactor.callLater(http1.LINGER_SECONDS, self._linger_over)
 
     def _linger_over(self) -> None:
         self._deadline = None
@@ -486,7 +486,7 @@ class RendezvousChannel(http.HTTPChannel):
             self._arm(self.site.config.body_timeout_seconds, "body")
             if self.length is None:
                 # Chunked: its length is only known as its chunks announce it.
-                self._chunks = wire.ChunkedAnnouncements()
+                self._chunks = http1.ChunkedAnnouncements()
 
     def rawDataReceived(self, data: bytes) -> None:
         chunks = self._chunks
@@ -589,7 +589,7 @@ class _TrackedChannelProtocol(_GenericHTTPChannelProtocol):
     #: and peers without an IP address.
     _connection_key: str | None = None
     #: Whether it was refused and counted among those waiting for their
-    #: request (L{wire.Admission.wait}) until it is lost.
+    #: request (L{http1.Admission.wait}) until it is lost.
     _waiting = False
     _h2_deadline: IDelayedCall | None = None
     #: The HTTP/2 streams whose end is watched for.
@@ -810,7 +810,7 @@ class RendezvousSite(Site):
         self.config = config
         self.clients = clients if clients is not None else ClientResolver(self.config)
         #: The connection caps and counts.
-        self.admission = wire.Admission(
+        self.admission = http1.Admission(
             config.max_connections,
             config.max_connections_per_address,
             config.max_waiting_refusals,
@@ -827,7 +827,7 @@ class RendezvousSite(Site):
     def saturated(self) -> bool:
         """
         Whether new connections are refused at the global cap (see
-        L{wire.Admission}): what C{/health} tells a balancer.
+        L{http1.Admission}): what C{/health} tells a balancer.
         """
         return self.admission.saturated
 
@@ -1090,7 +1090,7 @@ class _GuardedResource(KleinResource):
         # is a broken browser client, and it reveals nothing.  Decided here,
         # once, before any routing.
         if request.method == b"OPTIONS":
-            if request.path == wire.ASTERISK:
+            if request.path == http1.ASTERISK:
                 # About the server as a whole (RFC 9110 9.3.7): what it allows
                 # anywhere, besides the preflight's answer.
                 request.responseHeaders.setRawHeaders(b"Allow", [ALLOW_SERVER])

@@ -1,9 +1,10 @@
 """
-The rules of RFC 9110 and RFC 9112 that twisted.web leaves to its users,
-kept apart from the routes: which request targets and Hosts a request may
-carry, what a chunked body announces before its bytes come, and which
-connections the caps admit (and how a refused one waits for its request
-before it is answered).
+HTTP/1.1's edges: the rules of RFC 9110 and RFC 9112 that twisted.web
+leaves to its users, kept apart from the routes.  Which request targets and
+Hosts a request may carry (checked for HTTP/2 requests too, which Twisted
+hands over in the same form), what a chunked body announces before its
+bytes come, and which connections the caps admit (and how a refused one
+waits for its request before it is answered).
 
 Nothing here writes to a transport or knows a Klein route: the channel and
 the request classes of L{rendezvous_twisted.web} call these, and answer.
@@ -284,7 +285,6 @@ class Admission:
 #: The refusal past the global connection cap.
 SERVER_FULL = Refusal(
     503,
-    b"Service Unavailable",
     "M_LIMIT_EXCEEDED",
     "the server has too many connections",
     ((b"Retry-After", b"1"),),
@@ -292,7 +292,6 @@ SERVER_FULL = Refusal(
 #: The refusal past the per-address connection cap.
 ADDRESS_FULL = Refusal(
     429,
-    b"Too Many Requests",
     "M_LIMIT_EXCEEDED",
     "too many connections from this address",
     ((b"Retry-After", b"1"),),

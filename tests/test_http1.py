@@ -1,5 +1,5 @@
 """
-The edges of HTTP/1.1 that twisted.web leaves to us (rendezvous_twisted.wire),
+The edges of HTTP/1.1 that twisted.web leaves to us (rendezvous_twisted.http1),
 driven byte by byte through the real channel over a StringTransport, with
 its deadlines on a Clock: Content-Type bytes Twisted's form parser choked
 on, Host, request-target forms, chunk sizes, connections refused at the caps,
@@ -23,10 +23,9 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from rendezvous_twisted import wire
+from rendezvous_twisted import http1
 from rendezvous_twisted.answers import EVERY_RESPONSE, Refusal
-from rendezvous_twisted.metrics import metrics_site
-from rendezvous_twisted.wire import (
+from rendezvous_twisted.http1 import (
     LINGER_SECONDS,
     ChunkedAnnouncements,
     Target,
@@ -34,13 +33,14 @@ from rendezvous_twisted.wire import (
     check_host,
     parse_target,
 )
+from rendezvous_twisted.metrics import metrics_site
 
 from .conftest import Harness
 
 PEER = IPv4Address("TCP", "192.0.2.9", 4321)
 
 
-class Wire:
+class Server:
     """
     One server (a Harness's API on a Clock) and raw connections to it.
     """
@@ -137,8 +137,8 @@ def test_a_control_character_in_content_type_is_a_json_400(method: bytes, contro
     A POST or PUT whose Content-Type holds a control character gets a JSON 400 M_INVALID_PARAM,
     with no failure logged, and the connection goes on.
     """
-    wire_ = Wire()
-    rendezvous_id, _ = wire_.harness.create(b"before")
+    server = Server()
+    rendezvous_id, _ = server.harness.create(b"before")
     target = b"/" if method == b"POST" else b"/" + rendezvous_id.encode("ascii")
     request = (
         b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain%sx\r\nContent-Length: 3\r\n\r\nabc"
@@ -149,11 +149,11 @@ def test_a_control_character_in_content_type_is_a_json_400(method: bytes, contro
         )
     )
     with capturedLogs() as events:
-        first, second = wire_.exchange(request + b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, second = server.exchange(request + b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
     first.assert_json_error(400, "M_INVALID_PARAM")
     assert second.status == 204
     assert no_failure_logged(events)
-    assert wire_.harness.call("GET", f"/{rendezvous_id}").body == b"before"
+    assert server.harness.call("GET", f"/{rendezvous_id}").body == b"before"
 
 
 def test_obs_text_in_content_type_is_kept_byte_for_byte() -> None:
@@ -161,14 +161,14 @@ def test_obs_text_in_content_type_is_kept_byte_for_byte() -> None:
     A Content-Type holding bytes 0x80-0xff (obs-text, a valid field value) is stored and read back
     exactly as written, 0x85 (which Python's email package reads as a line break) included.
     """
-    wire_ = Wire()
+    server = Server()
     content_type = b"text/plain; charset=\x85\xe9x"
-    [created] = wire_.exchange(
+    [created] = server.exchange(
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: 2\r\n\r\nhi"
         % content_type
     )
     assert created.status == 200, created.body
-    [read] = wire_.exchange(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % created.json()["id"].encode())
+    [read] = server.exchange(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % created.json()["id"].encode())
     assert (read.status, read.body, read.header(b"Content-Type")) == (200, b"hi", content_type)
 
 
@@ -181,13 +181,13 @@ def test_a_form_content_type_is_an_opaque_payload(content_type: bytes) -> None:
     A POST whose Content-Type names a form is stored as opaque bytes, not parsed as a form (a body
     that is no multipart document was a 400).
     """
-    wire_ = Wire()
-    [created] = wire_.exchange(
+    server = Server()
+    [created] = server.exchange(
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: 7\r\n\r\na=1&b=2"
         % content_type
     )
     assert created.status == 200, created.body
-    [read] = wire_.exchange(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % created.json()["id"].encode())
+    [read] = server.exchange(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % created.json()["id"].encode())
     assert (read.body, read.header(b"Content-Type")) == (b"a=1&b=2", content_type)
 
 
@@ -204,15 +204,15 @@ def test_an_http11_request_needs_exactly_one_valid_host(host_lines: bytes) -> No
     An HTTP/1.1 request without Host, with two Host lines (equal or not) or with a Host that is no
     host gets a JSON 400 M_BAD_REQUEST and creates nothing; the connection goes on.
     """
-    wire_ = Wire()
-    first, second = wire_.exchange(
+    server = Server()
+    first, second = server.exchange(
         b"POST / HTTP/1.1\r\n%sContent-Length: 1\r\n\r\nx" % host_lines
         + b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     first.assert_json_error(400, "M_BAD_REQUEST")
     assert "Host" in first.json()["error"]
     assert second.status == 204
-    assert wire_.harness.store.rendezvous_count == 0
+    assert server.harness.store.rendezvous_count == 0
 
 
 @pytest.mark.parametrize("host", [b"", b"rendezvous.test:8080", b"[2001:db8::1]:443", b"a.b."])
@@ -220,7 +220,9 @@ def test_valid_hosts_are_served(host: bytes) -> None:
     """
     A Host that is a name, an address, a bracketed IPv6 literal (with ports) or empty is served.
     """
-    [created] = Wire().exchange(b"POST / HTTP/1.1\r\nHost: %s\r\nContent-Length: 1\r\n\r\nx" % host)
+    [created] = Server().exchange(
+        b"POST / HTTP/1.1\r\nHost: %s\r\nContent-Length: 1\r\n\r\nx" % host
+    )
     assert created.status == 200, created.body
 
 
@@ -229,11 +231,11 @@ def test_http10_may_omit_host_but_not_repeat_it() -> None:
     An HTTP/1.0 request without Host is served (Location names the server's own address); one with
     two Host lines gets a JSON 400.
     """
-    wire_ = Wire()
-    [created] = wire_.exchange(b"POST / HTTP/1.0\r\nContent-Length: 1\r\n\r\nx")
+    server = Server()
+    [created] = server.exchange(b"POST / HTTP/1.0\r\nContent-Length: 1\r\n\r\nx")
     assert created.status == 200
     assert (created.header(b"Location") or b"").startswith(b"http://")
-    [refused] = wire_.exchange(
+    [refused] = server.exchange(
         b"POST / HTTP/1.0\r\nHost: a\r\nHost: b\r\nContent-Length: 1\r\n\r\nx"
     )
     refused.assert_json_error(400, "M_BAD_REQUEST")
@@ -255,7 +257,7 @@ def test_http2_hosts_are_the_authority() -> None:
 
 def test_http10_with_transfer_encoding_is_a_json_400() -> None:
     """An HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 6.1) gets a JSON 400."""
-    [refused] = Wire().exchange(
+    [refused] = Server().exchange(
         b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
     )
     refused.assert_json_error(400, "M_BAD_REQUEST")
@@ -269,7 +271,7 @@ def test_options_asterisk_is_ours() -> None:
     OPTIONS * gets our 204 (the preflight's answer with Allow for the whole server) and every header
     of every answer, not Twisted's own 200.
     """
-    [answer] = Wire().exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    [answer] = Server().exchange(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.status == 204
     assert answer.header(b"Allow") == b"GET, PUT, POST, DELETE, OPTIONS"
     assert answer.header(b"Access-Control-Allow-Methods") == b"GET, PUT, POST, DELETE"
@@ -281,7 +283,7 @@ def test_options_asterisk_is_ours() -> None:
 @pytest.mark.parametrize("method", [b"GET", b"POST", b"DELETE", b"BREW"])
 def test_any_other_method_on_asterisk_is_a_json_400(method: bytes) -> None:
     """A request target of * with any method but OPTIONS gets a JSON 400, not Twisted's 405."""
-    [answer] = Wire().exchange(b"%s * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % method)
+    [answer] = Server().exchange(b"%s * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" % method)
     answer.assert_json_error(400, "M_BAD_REQUEST")
 
 
@@ -299,8 +301,8 @@ def test_a_chunk_announcing_more_than_max_bytes_is_413_at_once(chunks: bytes) ->
     soon as the size line is in, before its data and long before the body deadline; exactly
     max_bytes is not refused.
     """
-    wire_ = Wire(max_bytes=100, body_timeout_seconds=10)
-    protocol, transport = wire_.open()
+    server = Server(max_bytes=100, body_timeout_seconds=10)
+    protocol, transport = server.open()
     head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     if chunks.startswith(b"64;"):
         # The control: 100 announced, then 2 of its bytes; still waiting.
@@ -313,20 +315,20 @@ def test_a_chunk_announcing_more_than_max_bytes_is_413_at_once(chunks: bytes) ->
     answer.assert_json_error(413, "M_TOO_LARGE")
     assert answer.header(b"Connection") == b"close"
     assert transport.disconnecting
-    assert wire_.harness.store.rendezvous_count == 0
+    assert server.harness.store.rendezvous_count == 0
 
 
 def test_chunk_sizes_split_across_reads_are_followed() -> None:
     """The chunk sizes are read wherever the reads split the body, one byte at a time included."""
     body = b"5\r\nhello\r\n3;x=y\r\n, w\r\n4\r\norld\r\n0\r\n\r\n"
-    wire_ = Wire(max_bytes=12)
-    protocol, transport = wire_.open()
+    server = Server(max_bytes=12)
+    protocol, transport = server.open()
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     for byte in body:
         protocol.dataReceived(bytes([byte]))
     [created] = answers(transport.value())
     assert created.status == 200, created.body
-    assert wire_.harness.call("GET", "/" + created.json()["id"]).body == b"hello, world"
+    assert server.harness.call("GET", "/" + created.json()["id"]).body == b"hello, world"
 
 
 @given(
@@ -352,8 +354,8 @@ def test_absolute_form_is_routed_on_its_path_with_its_authority_as_host() -> Non
     An absolute-form POST creates (not 404), and Location names the target's authority, which
     replaces the Host header (RFC 9112 3.2.2); the new URL reads back in absolute-form too.
     """
-    wire_ = Wire()
-    [created] = wire_.exchange(
+    server = Server()
+    [created] = server.exchange(
         b"POST http://rendezvous.example:8080/ HTTP/1.1\r\nHost: other\r\n"
         b"Content-Length: 2\r\n\r\nhi"
     )
@@ -362,7 +364,7 @@ def test_absolute_form_is_routed_on_its_path_with_its_authority_as_host() -> Non
     assert (
         created.header(b"Location") == b"http://rendezvous.example:8080/" + rendezvous_id.encode()
     )
-    [read] = wire_.exchange(
+    [read] = server.exchange(
         b"GET HTTPS://rendezvous.example/%s?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"
         % rendezvous_id.encode()
     )
@@ -371,8 +373,8 @@ def test_absolute_form_is_routed_on_its_path_with_its_authority_as_host() -> Non
 
 def test_absolute_form_leaves_a_public_url_alone() -> None:
     """With --public-url set, Location is the public URL whatever authority the target names."""
-    wire_ = Wire(public_url="https://rz.example/qr")
-    [created] = wire_.exchange(
+    server = Server(public_url="https://rz.example/qr")
+    [created] = server.exchange(
         b"POST http://attacker.example/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
     )
     assert (created.header(b"Location") or b"").startswith(b"https://rz.example/qr/")
@@ -381,7 +383,7 @@ def test_absolute_form_leaves_a_public_url_alone() -> None:
 @pytest.mark.parametrize("target", [b"http://x/abc", b"http://x/", b"http://x"])
 def test_absolute_form_preflights(target: bytes) -> None:
     """OPTIONS on an absolute-form target gets the preflight 204; an empty path means the server."""
-    [answer] = Wire().exchange(b"OPTIONS %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+    [answer] = Server().exchange(b"OPTIONS %s HTTP/1.1\r\nHost: x\r\n\r\n" % target)
     assert answer.status == 204
     assert answer.header(b"Access-Control-Allow-Methods") == b"GET, PUT, POST, DELETE"
     assert (answer.header(b"Allow") is not None) == (target == b"http://x")
@@ -405,15 +407,15 @@ def test_other_targets_are_a_json_400(line: bytes) -> None:
     authority-form (CONNECT's host:port), a bare word, another scheme, user information or an
     authority that is no host get a JSON 400 (this server is not a proxy).
     """
-    wire_ = Wire()
-    [answer] = wire_.exchange(line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    server = Server()
+    [answer] = server.exchange(line + b"\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     answer.assert_json_error(400, "M_BAD_REQUEST")
-    assert wire_.harness.store.rendezvous_count == 0
+    assert server.harness.store.rendezvous_count == 0
 
 
 def test_connect_on_a_path_is_a_json_405() -> None:
     """CONNECT with a path is a method this server does not allow there: a JSON 405 with Allow."""
-    [answer] = Wire().exchange(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n")
+    [answer] = Server().exchange(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n")
     answer.assert_json_error(405, "M_UNRECOGNIZED")
     assert answer.header(b"Allow") == b"POST, OPTIONS"
 
@@ -435,9 +437,9 @@ def test_a_refused_connection_is_answered_after_its_request_head() -> None:
     A connection past the per-address cap is not answered at accept but once its request's head is
     in (whatever the pieces), with a JSON 429 and Retry-After, then closed after the linger.
     """
-    wire_ = Wire(max_connections_per_address=1)
-    wire_.open()
-    protocol, transport = wire_.open()
+    server = Server(max_connections_per_address=1)
+    server.open()
+    protocol, transport = server.open()
     head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
     for byte in head[:-1]:
         protocol.dataReceived(bytes([byte]))
@@ -451,30 +453,30 @@ def test_a_refused_connection_is_answered_after_its_request_head() -> None:
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(answers(transport.value())) == 1
     assert not transport.disconnecting
-    wire_.clock.advance(LINGER_SECONDS)
+    server.clock.advance(LINGER_SECONDS)
     assert transport.disconnecting
-    assert wire_.harness.store.rendezvous_count == 0
+    assert server.harness.store.rendezvous_count == 0
 
 
 def test_a_silent_refused_connection_gets_its_refusal_at_the_header_deadline() -> None:
     """
     A refused connection that sends nothing is answered its 503 (not a 408) at the header deadline.
     """
-    wire_ = Wire(max_connections=1, max_connections_per_address=1, header_timeout_seconds=3)
-    wire_.open(IPv4Address("TCP", "192.0.2.1", 1))
-    _, transport = wire_.open()
-    wire_.clock.advance(2.9)
+    server = Server(max_connections=1, max_connections_per_address=1, header_timeout_seconds=3)
+    server.open(IPv4Address("TCP", "192.0.2.1", 1))
+    _, transport = server.open()
+    server.clock.advance(2.9)
     assert transport.value() == b""
-    wire_.clock.advance(0.1)
+    server.clock.advance(0.1)
     [answer] = answers(transport.value())
     answer.assert_json_error(503, "M_LIMIT_EXCEEDED")
 
 
 def test_an_endless_head_is_answered_past_max_header_bytes() -> None:
     """A refused connection whose head never ends is answered once it passes max_header_bytes."""
-    wire_ = Wire(max_connections_per_address=1, max_header_bytes=512)
-    wire_.open()
-    protocol, transport = wire_.open()
+    server = Server(max_connections_per_address=1, max_header_bytes=512)
+    server.open()
+    protocol, transport = server.open()
     protocol.dataReceived(b"GET / HTTP/1.1\r\nX: " + b"a" * 400)
     assert transport.value() == b""
     protocol.dataReceived(b"a" * 200)
@@ -486,20 +488,20 @@ def test_waiting_refusals_are_capped() -> None:
     Past max_waiting_refusals, a refused connection is answered at once and closed; one that ends
     frees its place.
     """
-    wire_ = Wire(max_connections_per_address=1, max_waiting_refusals=2)
-    wire_.open()
-    waiting = [wire_.open() for _ in range(2)]
-    assert wire_.site.admission.waiting_refusals == 2
+    server = Server(max_connections_per_address=1, max_waiting_refusals=2)
+    server.open()
+    waiting = [server.open() for _ in range(2)]
+    assert server.site.admission.waiting_refusals == 2
     assert all(transport.value() == b"" for _, transport in waiting)
-    _, at_once = wire_.open()
+    _, at_once = server.open()
     answers(at_once.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
     assert at_once.disconnecting
     protocol, _ = waiting[0]
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert wire_.site.admission.waiting_refusals == 1
-    _, again = wire_.open()
+    assert server.site.admission.waiting_refusals == 1
+    _, again = server.open()
     assert again.value() == b""
-    assert wire_.site.connection_count == 1
+    assert server.site.connection_count == 1
 
 
 def test_a_graceful_stop_answers_a_waiting_refusal() -> None:
@@ -507,10 +509,10 @@ def test_a_graceful_stop_answers_a_waiting_refusal() -> None:
     A refused connection still waiting for its request when a graceful stop begins gets its refusal,
     and the stop ends once it is closed.
     """
-    wire_ = Wire(max_connections_per_address=1)
-    admitted, _ = wire_.open()
-    protocol, transport = wire_.open()
-    drained = wire_.site.drain(wire_.clock, 5)
+    server = Server(max_connections_per_address=1)
+    admitted, _ = server.open()
+    protocol, transport = server.open()
+    drained = server.site.drain(server.clock, 5)
     answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
     for lost in (admitted, protocol):
         lost.connectionLost(Failure(ConnectionDone()))
@@ -522,12 +524,12 @@ def test_a_drain_survives_a_close_reported_at_once() -> None:
     A connection whose transport reports its loss inside loseConnection (as a half-closed TCP one
     does, such as a refused connection lingering after its answer) ends a graceful stop once.
     """
-    wire_ = Wire()
-    protocol = wire_.site.buildProtocol(PEER)
+    server = Server()
+    protocol = server.site.buildProtocol(PEER)
     transport = StringTransportWithDisconnection(peerAddress=PEER)
     transport.protocol = protocol
     protocol.makeConnection(transport)
-    drained = wire_.site.drain(wire_.clock, 5)
+    drained = server.site.drain(server.clock, 5)
     assert drained.called
     assert not transport.connected
 
@@ -537,7 +539,7 @@ def test_the_refusal_value_answers_either_http_version() -> None:
     A Refusal carries what an HTTP/2 stream needs (status, headers with type and length, body) and
     its HTTP/1.1 bytes end with Connection: close.
     """
-    refusal = wire.SERVER_FULL
+    refusal = http1.SERVER_FULL
     assert isinstance(refusal, Refusal)
     headers = dict(refusal.response_headers())
     assert headers[b"Content-Length"] == b"%d" % len(refusal.body())
@@ -557,21 +559,21 @@ def test_saturated_from_the_cap_until_a_tenth_below_it() -> None:
     The site is saturated once its connections reach max_connections, and stays so, whatever opens
     and closes at the cap, until they fall a tenth of the cap below it.
     """
-    wire_ = Wire(max_connections=20, max_connections_per_address=20)
-    opened = [wire_.open(IPv4Address("TCP", "192.0.2.1", port))[0] for port in range(19)]
-    assert not wire_.site.saturated
-    opened.append(wire_.open(IPv4Address("TCP", "192.0.2.1", 19))[0])
-    assert wire_.site.saturated
+    server = Server(max_connections=20, max_connections_per_address=20)
+    opened = [server.open(IPv4Address("TCP", "192.0.2.1", port))[0] for port in range(19)]
+    assert not server.site.saturated
+    opened.append(server.open(IPv4Address("TCP", "192.0.2.1", 19))[0])
+    assert server.site.saturated
     # Connections come and go at the cap: it stays saturated.
     for port in range(30, 35):
         opened.pop().connectionLost(Failure(ConnectionDone()))
-        assert wire_.site.saturated
-        opened.append(wire_.open(IPv4Address("TCP", "192.0.2.1", port))[0])
-        assert wire_.site.saturated
+        assert server.site.saturated
+        opened.append(server.open(IPv4Address("TCP", "192.0.2.1", port))[0])
+        assert server.site.saturated
     for count in (19, 18):
         opened.pop().connectionLost(Failure(ConnectionDone()))
-        assert wire_.site.connection_count == count
-        assert wire_.site.saturated == (count > 18)
+        assert server.site.connection_count == count
+        assert server.site.saturated == (count > 18)
 
 
 def health(site: Any) -> tuple[int, bytes]:
@@ -586,13 +588,13 @@ def health(site: Any) -> tuple[int, bytes]:
 
 def test_health_says_saturated() -> None:
     """/health answers 503 "saturated" while the site is saturated, and 200 "serving" after."""
-    wire_ = Wire(max_connections=2, max_connections_per_address=2)
-    first, _ = wire_.open()
-    assert health(wire_.site)[0] == 200
-    wire_.open()
-    assert health(wire_.site) == (503, b"saturated\n")
+    server = Server(max_connections=2, max_connections_per_address=2)
+    first, _ = server.open()
+    assert health(server.site)[0] == 200
+    server.open()
+    assert health(server.site) == (503, b"saturated\n")
     first.connectionLost(Failure(ConnectionDone()))
-    assert health(wire_.site) == (200, b"serving\n")
+    assert health(server.site) == (200, b"serving\n")
 
 
 # 9. Keep-alive and the deadlines.
@@ -603,20 +605,20 @@ def test_bytes_pipelined_behind_a_parked_request_get_the_header_deadline() -> No
     Bytes of a next request sent while a GET is parked are under the header deadline once it is
     answered: keep-alive does not stretch a slow head to the idle timeout.
     """
-    wire_ = Wire(header_timeout_seconds=2, idle_timeout_seconds=15, poll_timeout_seconds=30)
-    rendezvous_id, created = wire_.harness.create()
-    protocol, transport = wire_.open()
+    server = Server(header_timeout_seconds=2, idle_timeout_seconds=15, poll_timeout_seconds=30)
+    rendezvous_id, created = server.harness.create()
+    protocol, transport = server.open()
     protocol.dataReceived(
         b"GET /%s HTTP/1.1\r\nHost: x\r\nIf-None-Match: %s\r\n\r\nGET / HT"
         % (rendezvous_id.encode("ascii"), created.header("etag") or b"")
     )
-    wire_.clock.advance(10)
-    wire_.harness.call("PUT", f"/{rendezvous_id}", b"next")
+    server.clock.advance(10)
+    server.harness.call("PUT", f"/{rendezvous_id}", b"next")
     assert answers(transport.value())[0].status == 200
     transport.clear()
-    wire_.clock.advance(1.9)
+    server.clock.advance(1.9)
     assert transport.value() == b""
-    wire_.clock.advance(0.1)
+    server.clock.advance(0.1)
     answers(transport.value())[0].assert_json_error(408, "M_REQUEST_TIMEOUT")
 
 
@@ -625,22 +627,22 @@ def test_an_idle_keep_alive_connection_is_counted_until_closed() -> None:
     An idle keep-alive connection counts against max_connections (and so in the memory budget) until
     the idle timeout closes it.
     """
-    wire_ = Wire(idle_timeout_seconds=5, max_connections=1, max_connections_per_address=1)
-    protocol, transport = wire_.open()
+    server = Server(idle_timeout_seconds=5, max_connections=1, max_connections_per_address=1)
+    protocol, transport = server.open()
     protocol.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert wire_.site.connection_count == 1
-    refused, refused_transport = wire_.open(IPv4Address("TCP", "192.0.2.1", 1))
+    assert server.site.connection_count == 1
+    refused, refused_transport = server.open(IPv4Address("TCP", "192.0.2.1", 1))
     refused.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answers(refused_transport.value())[0].status == 503
-    wire_.clock.advance(5)
+    server.clock.advance(5)
     assert transport.disconnecting
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert wire_.site.connection_count == 0
+    assert server.site.connection_count == 0
 
 
 def test_check_request_reads_headers() -> None:
     """check_request applies the target, Host and framing rules to a request's line and headers."""
     headers = Headers({b"Host": [b"h"]})
-    assert wire.check_request(b"GET", b"/x", b"HTTP/1.1", headers) == Target(b"/x")
+    assert http1.check_request(b"GET", b"/x", b"HTTP/1.1", headers) == Target(b"/x")
     with pytest.raises(TargetError):
-        wire.check_request(b"GET", b"/x", b"HTTP/1.1", Headers())
+        http1.check_request(b"GET", b"/x", b"HTTP/1.1", Headers())
