@@ -40,7 +40,9 @@ How the runners run a block:
 from __future__ import annotations
 
 import ast
+import contextlib
 import http.client
+import json
 import os
 import re
 import select
@@ -74,6 +76,15 @@ NEEDS = frozenset(
         "a public DNS name and certificate",
         "a Matrix homeserver",
     }
+)
+#: The tests of this module that run the blocks naming them.
+RUNNERS = (
+    "test_runs_against_a_server",
+    "test_starts_and_serves",
+    "test_the_start_command_serves",
+    "test_two_terminals_with_rendezvous_cli",
+    "test_a_homeserver_proxy_carries_msc4108",
+    "test_the_redis_settings_serve_an_exchange",
 )
 #: Ports the docs use; each becomes a free loopback port while a block runs.
 DOC_PORTS = ("8080", "8081", "8082", "8083", "8084", "8443", "9090")
@@ -111,13 +122,16 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(REPO)}:{self.line}"
+        page = self.page.relative_to(REPO) if self.page.is_relative_to(REPO) else self.page
+        return f"{page}:{self.line}"
 
     def tested_by(self, test: str) -> bool:
         """
         Whether the marker names C{test} of this module.
         """
-        return self.marker_kind == "tested by" and self.marker_value == f"tests/test_docs.py::{test}"
+        return (
+            self.marker_kind == "tested by" and self.marker_value == f"tests/test_docs.py::{test}"
+        )
 
 
 def blocks_of(page: Path) -> list[Block]:
@@ -182,17 +196,22 @@ def _ci_runs(command: str) -> bool:
     return ci.is_file() and command in (line.strip() for line in ci.read_text().splitlines())
 
 
-def test_every_command_block_is_run_or_marked() -> None:
+def faults_of(blocks: list[Block]) -> list[str]:
     """
-    Every sh and python block of the docs names the test that runs it, or what it needs that a
-    test machine lacks, and no command block hides behind another fence.
+    What is wrong with the markers of these blocks, one line per fault.
     """
     faults = []
-    for block in ALL_BLOCKS:
+    for block in blocks:
         if block.language in DISGUISED_LANGUAGES:
             faults.append(f"{block.where}: fenced as {block.language!r}; write sh or python")
-        if block.marker_kind == "tested by" and not _test_exists(block.marker_value or ""):
-            faults.append(f"{block.where}: no test {block.marker_value}")
+        if block.marker_kind == "tested by":
+            reference = block.marker_value or ""
+            if not _test_exists(reference):
+                faults.append(f"{block.where}: no test {reference}")
+            elif reference.startswith("tests/test_docs.py::") and not any(
+                block.tested_by(runner) for runner in RUNNERS
+            ):
+                faults.append(f"{block.where}: {reference} runs no block; name one of {RUNNERS}")
         if block.language not in COMMAND_LANGUAGES:
             continue
         if block.marker_kind is None:
@@ -207,18 +226,49 @@ def test_every_command_block_is_run_or_marked() -> None:
                 faults.append(f"{block.where}: only README's test command is run by .ci/run")
             elif not _ci_runs(command):
                 faults.append(f"{block.where}: .ci/run does not run {command!r}")
+    return faults
+
+
+def test_every_command_block_is_run_or_marked() -> None:
+    """
+    Every sh and python block of the docs names the test that runs it, or what it needs that a
+    test machine lacks, and no command block hides behind another fence.
+    """
+    faults = faults_of(ALL_BLOCKS)
     assert not faults, "\n".join(faults)
 
 
-def test_the_checks_find_what_they_look_for() -> None:
+def test_the_checks_find_what_they_look_for(tmp_path: Path) -> None:
     """
-    The block parser sees every kind of marker and the indented blocks of list items, so a
-    page that loses its markers cannot pass unseen.
+    A page's unmarked, disguised or wrongly marked command blocks (an indented one included)
+    are each a fault, and every runner of this module has a block of the docs to run.
     """
-    kinds = {block.marker_kind for block in ALL_BLOCKS if block.language in COMMAND_LANGUAGES}
-    assert {"tested by", "needs", "run by CI"} <= kinds, kinds
-    assert any(block.text.startswith("user ") for block in ALL_BLOCKS)  # an indented block
-    for test in ("test_runs_against_a_server", "test_starts_and_serves"):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n```sh\necho unmarked\n```\n\n"
+        "```bash\necho disguised\n```\n\n"
+        "- an item:\n\n  ```python\n  print('indented, unmarked')\n  ```\n\n"
+        "<!-- needs: a quantum computer -->\n```sh\necho needs\n```\n\n"
+        "<!-- tested by tests/test_docs.py::test_no_such_test -->\n```sh\necho a\n```\n\n"
+        "<!-- tested by tests/test_docs.py::test_every_command_block_is_run_or_marked -->\n"
+        "```sh\necho b\n```\n\n"
+        "<!-- run by CI: .ci/run -->\n```sh\necho c\n```\n\n"
+        "<!-- needs: systemd as PID 1 -->\n```sh\necho fine\n```\n\n"
+        "```text\nnot a command\n```\n"
+    )
+    blocks = blocks_of(page)
+    assert [b.language for b in blocks] == ["sh", "bash", "python", *["sh"] * 5, "text"]
+    assert blocks[2].text == "print('indented, unmarked')\n"
+    faults = faults_of(blocks)
+    expected = [
+        "no marker", "fenced as 'bash'", "no marker", "needs ['a quantum computer']",
+        "no test", "tests/test_docs.py::test_every_command_block_is_run_or_marked runs no block",
+        "only README's",
+    ]  # fmt: skip
+    assert len(faults) == len(expected), faults
+    for fault, start in zip(faults, expected, strict=True):
+        assert fault.partition(": ")[2].startswith(start), (fault, start)
+    for test in RUNNERS:
         assert claimed_by(test), f"no block names {test}"
 
 
@@ -338,10 +388,8 @@ class Process:
             self.kill()
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=5)
         self.close()
 
@@ -430,17 +478,15 @@ class Workspace:
             log = self.directory / f"server-{len(self.servers)}.log"
             server = Process(concrete, self.directory, self.env, log)
             self.servers.append(server)
-            own = [
-                int(p)
-                for p in re.findall(r"(?:tcp6?|ssl):(\d+)", concrete)
-                if p != "0"
-            ]
+            own = [int(p) for p in re.findall(r"(?:tcp6?|ssl):(\d+)", concrete) if p != "0"]
             assert own, f"{block.where}: name the port in {command!r} (--listen tcp:8080:...)"
             for port in own:
                 self._wait_listening(server, port)
             if re.search(r"--store[= ](redis|rediss|unix)://", concrete):
                 # It serves once both its connections to Redis are up.
-                server.wait_for(r"(?s)connected to Redis.*connected to Redis", START_DEADLINE_SECONDS)
+                server.wait_for(
+                    r"(?s)connected to Redis.*connected to Redis", START_DEADLINE_SECONDS
+                )
             ports += own
         return ports
 
@@ -554,7 +600,9 @@ def _block_id(block: Block) -> str:
 
 
 @pytest.mark.parametrize("block", claimed_by("test_runs_against_a_server"), ids=_block_id)
-def test_runs_against_a_server(block: Block, workspace: Workspace, request: pytest.FixtureRequest) -> None:
+def test_runs_against_a_server(
+    block: Block, workspace: Workspace, request: pytest.FixtureRequest
+) -> None:
     """
     A block that talks to a server runs to its end, exit code 0, against the server its page
     starts, and prints what its comments say it prints.
@@ -591,7 +639,9 @@ def _probe(port: int, tls: bool) -> http.client.HTTPResponse:
 
 
 @pytest.mark.parametrize("block", claimed_by("test_starts_and_serves"), ids=_block_id)
-def test_starts_and_serves(block: Block, workspace: Workspace, request: pytest.FixtureRequest) -> None:
+def test_starts_and_serves(
+    block: Block, workspace: Workspace, request: pytest.FixtureRequest
+) -> None:
     """
     A block that starts servers starts each one, each creates a rendezvous on every port its
     command names (metrics ports answer /health), and each stops cleanly on SIGTERM.
@@ -601,9 +651,7 @@ def test_starts_and_serves(block: Block, workspace: Workspace, request: pytest.F
     ports = workspace.start_servers(block)
     assert ports, f"{block.where}: no twistd -n command"
     metrics = {workspace.ports[p] for p in ("9090",) if p in workspace.ports}
-    tls_ports = {
-        int(p) for p in re.findall(r"ssl:(\d+)", workspace.substitute(block.text))
-    }
+    tls_ports = {int(p) for p in re.findall(r"ssl:(\d+)", workspace.substitute(block.text))}
     for port in ports:
         if port in metrics:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -629,7 +677,9 @@ def test_the_start_command_serves(workspace: Workspace) -> None:
     _start_as_readme_says(workspace)
     answer = _probe(workspace.ports["8080"], tls=False)
     assert answer.status == 200
-    assert answer.getheader("Location", "").startswith(f"http://127.0.0.1:{workspace.ports['8080']}/")
+    assert answer.getheader("Location", "").startswith(
+        f"http://127.0.0.1:{workspace.ports['8080']}/"
+    )
     workspace.stop_servers()
 
 
@@ -740,7 +790,9 @@ http {{
     waiting = http.client.HTTPConnection("127.0.0.1", homeserver, timeout=BLOCK_DEADLINE_SECONDS)
     try:
         waiting.request("GET", path, headers={"If-None-Match": etag_a})
-        status, _, _ = _request(homeserver, "PUT", path, b"hello from B", {**text, "If-Match": etag_b})
+        status, _, _ = _request(
+            homeserver, "PUT", path, b"hello from B", {**text, "If-Match": etag_b}
+        )
         assert status == 202
         answer = waiting.getresponse()
         assert (answer.status, answer.read()) == (200, b"hello from B")
@@ -752,13 +804,14 @@ http {{
     assert _request(homeserver, "DELETE", path)[0] == 204
     assert _request(homeserver, "GET", path)[0] == 404
     # The homeserver's other paths stay the homeserver's.
-    assert _request(homeserver, "GET", "/_matrix/client/versions")[2] == b'{"errcode": "M_UNRECOGNIZED"}'
+    assert (
+        _request(homeserver, "GET", "/_matrix/client/versions")[2]
+        == b'{"errcode": "M_UNRECOGNIZED"}'
+    )
     workspace.stop_servers()
 
 
 def json_url(body: bytes) -> str:
-    import json
-
     value = json.loads(body)["url"]
     assert isinstance(value, str)
     return value
@@ -772,7 +825,9 @@ def _exchange_on(port: int) -> None:
     A whole MSC3886 exchange on the server at C{port}: create, read, a
     long-poll woken by a write, a stale write refused, delete.
     """
-    status, headers, body = _request(port, "POST", "/", b"hello from A", {"Content-Type": "text/plain"})
+    status, headers, body = _request(
+        port, "POST", "/", b"hello from A", {"Content-Type": "text/plain"}
+    )
     assert status == 200, body
     path = "/" + headers["location"].rpartition("/")[2]
     status, headers, body = _request(port, "GET", path)
@@ -790,13 +845,15 @@ def _exchange_on(port: int) -> None:
     assert _request(port, "DELETE", path)[0] == 204
 
 
-def _redis_with(settings: str, workspace: Workspace, name: str, listen: str) -> None:
+def _redis_with(settings: str, workspace: Workspace, name: str) -> None:
     """
     A redis-server of its own on the given settings, in the workspace, up
-    once it answers on C{listen} (a port, or a socket's path).
+    once it says it accepts connections.
     """
     if not REDIS_SERVER.exists():
-        raise RuntimeError(f"{REDIS_SERVER} is missing: apt-get install redis-server (as ./check does)")
+        raise RuntimeError(
+            f"{REDIS_SERVER} is missing: apt-get install redis-server (as ./check does)"
+        )
     conf = workspace.directory / f"{name}.conf"
     conf.write_text(f"dir {workspace.directory}\n{settings}")
     server = Process(
@@ -817,7 +874,7 @@ def test_the_redis_settings_serve_an_exchange(workspace: Workspace) -> None:
     settings, one_host = claimed_by("test_the_redis_settings_serve_an_exchange")
     assert "user rendezvous on >SECRET" in settings.text and "requirepass" in settings.text
     port = free_port()
-    _redis_with(f"port {port}\n{settings.text}", workspace, "tcp", str(port))
+    _redis_with(f"port {port}\n{settings.text}", workspace, "tcp")
     (process_port,) = workspace.start_servers(
         Block(settings.page, settings.line, "sh",
               ".venv/bin/twistd -n rendezvous --listen tcp:8080:interface=127.0.0.1"
@@ -835,7 +892,7 @@ def test_the_redis_settings_serve_an_exchange(workspace: Workspace) -> None:
     ]
     socket_path = workspace.directory / "redis.sock"
     unix = f"port 0\nunixsocket {socket_path}\nunixsocketperm 770\n"
-    _redis_with(unix + "\n".join(kept) + "\n" + one_host.text, workspace, "unix", str(socket_path))
+    _redis_with(unix + "\n".join(kept) + "\n" + one_host.text, workspace, "unix")
     (process_port,) = workspace.start_servers(
         Block(one_host.page, one_host.line, "sh",
               ".venv/bin/twistd -n rendezvous --listen tcp:8081:interface=127.0.0.1"
@@ -843,3 +900,44 @@ def test_the_redis_settings_serve_an_exchange(workspace: Workspace) -> None:
     )  # fmt: skip
     _exchange_on(process_port)
     workspace.stop_servers()
+
+
+_LINK = re.compile(r"\]\((?P<target>[^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6} (?P<title>.+)$")
+
+
+def anchors_of(page: Path) -> set[str]:
+    """
+    The anchors GitHub makes of a page's headings: lower case, punctuation
+    but hyphens dropped, spaces as hyphens.
+    """
+    anchors = set()
+    in_fence = False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        heading = None if in_fence else _HEADING.match(line)
+        if heading:
+            title = re.sub(r"[^\w\- ]", "", heading["title"].strip().lower())
+            anchors.add(title.replace(" ", "-"))
+    return anchors
+
+
+def test_links_between_pages_resolve() -> None:
+    """
+    Every relative link of README.md and docs/*.md names a file of the repository, and every
+    #anchor a heading of the page it points to.
+    """
+    faults = []
+    for page in PAGES:
+        for match in _LINK.finditer(page.read_text(encoding="utf-8")):
+            target = match["target"]
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                faults.append(f"{page.name}: {target}: no such file")
+            elif anchor and anchor not in anchors_of(linked):
+                faults.append(f"{page.name}: {target}: no such heading")
+    assert not faults, "\n".join(faults)
