@@ -10,13 +10,17 @@ who runs it:
     <!-- needs: systemd as PID 1 -->
     <!-- run by CI: .ci/run -->
 
-C{tested by} names a test function that must exist; the runners of this module
-(L{test_runs_against_a_server}, L{test_starts_and_serves}, and the two below for
-the README's start command and the Redis settings) take every block that names
-them. C{needs:} names what a test machine lacks, from L{NEEDS}. C{run by CI}
-is for the README's test command alone, which must be a line of C{.ci/run}.
-A command block without a marker, or with any other, fails
-L{test_every_command_block_is_run_or_marked}.
+C{tested by} names a test function that must exist; in this module it must be
+one of L{RUNNERS}, the tests that run every block naming them (the two
+generic ones, L{test_runs_against_a_server} and L{test_starts_and_serves},
+and a few for blocks that need more wiring: the README's start command,
+rendezvous-cli's two terminals, a homeserver's nginx, the Redis settings).
+A marker may also name a test elsewhere that runs the same command.
+C{needs:} names what a test machine lacks, from L{NEEDS}. C{run by CI} is
+for the README's test command alone, which must be a line of C{.ci/run}. A
+command block without a marker, or with any other, fails
+L{test_every_command_block_is_run_or_marked}. Other fenced blocks (text,
+yaml, nginx) may carry a C{tested by} marker too, and it is checked alike.
 
 How the runners run a block:
   - In a fresh temporary directory that holds what a clone's top folder
