@@ -3,7 +3,7 @@ Start the server with `twistd -ny rendezvous.tac`.
 
 Settings come from environment variables, one per `twistd rendezvous`
 option (RENDEZVOUS_LISTEN, RENDEZVOUS_TTL, RENDEZVOUS_MAX_BYTES, ...; see
-docs/configuration.md). The options, their defaults and the service are exactly those of
+README.md). The options, their defaults and the service are exactly those of
 the plugin.
 """
 
