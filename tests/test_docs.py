@@ -494,6 +494,15 @@ class Workspace:
             ports += own
         return ports
 
+    def start_twistd(self, block: Block, options: str) -> int:
+        """
+        C{.venv/bin/twistd -n rendezvous} with these options (which name a
+        docs port: it is substituted), for the test of C{block}; its port.
+        """
+        command = f".venv/bin/twistd -n rendezvous {options}\n"
+        (port,) = self.start_servers(Block(block.page, block.line, "sh", command, None, None))
+        return port
+
     def _wait_listening(self, server: Process, port: int) -> None:
         deadline = time.monotonic() + START_DEADLINE_SECONDS
         for _ in range(100_000):
@@ -581,10 +590,7 @@ def _start_as_readme_says(space: Workspace) -> None:
     command = README_START.text.strip().rpartition("&& ")[2]
     assert command == ".venv/bin/twistd -n rendezvous", README_START.text
     # The default listener is 8080; the docs' port substitution moves it.
-    space.start_servers(
-        Block(README_START.page, README_START.line, "sh",
-              command + " --listen tcp:8080:interface=127.0.0.1\n", None, None)
-    )  # fmt: skip
+    space.start_twistd(README_START, "--listen tcp:8080:interface=127.0.0.1")
 
 
 def _serve_for(block: Block, space: Workspace) -> None:
@@ -739,11 +745,10 @@ def test_a_homeserver_proxy_carries_msc4108(workspace: Workspace) -> None:
         raise RuntimeError(f"{NGINX} is missing: apt-get install nginx (as ./check does)")
     homeserver = free_port()
     base = f"http://127.0.0.1:{homeserver}"
-    workspace.start_servers(
-        Block(block.page, block.line, "sh",
-              ".venv/bin/twistd -n rendezvous --listen tcp:8080:interface=127.0.0.1"
-              f" --public-url {base}/ --trusted-proxy 127.0.0.1/32\n", None, None)
-    )  # fmt: skip
+    workspace.start_twistd(
+        block,
+        f"--listen tcp:8080:interface=127.0.0.1 --public-url {base}/ --trusted-proxy 127.0.0.1/32",
+    )
     directory = workspace.directory
     for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (directory / name).mkdir()
@@ -879,11 +884,10 @@ def test_the_redis_settings_serve_an_exchange(workspace: Workspace) -> None:
     assert "user rendezvous on >SECRET" in settings.text and "requirepass" in settings.text
     port = free_port()
     _redis_with(f"port {port}\n{settings.text}", workspace, "tcp")
-    (process_port,) = workspace.start_servers(
-        Block(settings.page, settings.line, "sh",
-              ".venv/bin/twistd -n rendezvous --listen tcp:8080:interface=127.0.0.1"
-              f" --store redis://rendezvous:SECRET@127.0.0.1:{port}/0\n", None, None)
-    )  # fmt: skip
+    process_port = workspace.start_twistd(
+        settings,
+        f"--listen tcp:8080:interface=127.0.0.1 --store redis://rendezvous:SECRET@127.0.0.1:{port}/0",
+    )
     _exchange_on(process_port)
     assert "could not check whether Redis writes to disk" in workspace.servers[-1].text()
     workspace.stop_servers()
@@ -897,11 +901,9 @@ def test_the_redis_settings_serve_an_exchange(workspace: Workspace) -> None:
     socket_path = workspace.directory / "redis.sock"
     unix = f"port 0\nunixsocket {socket_path}\nunixsocketperm 770\n"
     _redis_with(unix + "\n".join(kept) + "\n" + one_host.text, workspace, "unix")
-    (process_port,) = workspace.start_servers(
-        Block(one_host.page, one_host.line, "sh",
-              ".venv/bin/twistd -n rendezvous --listen tcp:8081:interface=127.0.0.1"
-              f" --store unix://{socket_path}\n", None, None)
-    )  # fmt: skip
+    process_port = workspace.start_twistd(
+        one_host, f"--listen tcp:8081:interface=127.0.0.1 --store unix://{socket_path}"
+    )
     _exchange_on(process_port)
     workspace.stop_servers()
 
