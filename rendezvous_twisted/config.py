@@ -127,7 +127,7 @@ class Config:
     #: end; never "/" alone, which is the native protocol's.
     msc4108_session_prefix: str = MSC4108_DEFAULT_SESSION_PREFIX
 
-    # Abuse limits (README "Running it on the internet").  A client is the
+    # Abuse limits (docs/security.md).  A client is the
     # key of ClientResolver: an IPv4 address, or an IPv6 network of
     # ipv6_prefix_length bits.
     #: Creates one client may make at once (tokens in its create bucket).

@@ -483,14 +483,14 @@ class RedisStore:
                             version=found,
                         )
 
-        # INFO may well not be granted (README's ACL user): then the scripts'
+        # INFO may well not be granted (docs/scaling.md's ACL user): then the scripts'
         # own errors tell.
         self._commands.execute(b"INFO", b"server").addCallbacks(version, lambda _: None)
 
     def _check_persistence(self) -> None:
         """
         Warn if this Redis writes its data to disk: payloads must live in
-        memory only (README: "Running several processes or machines").
+        memory only (docs/scaling.md, "Redis settings").
         """
 
         def persists(replies: list[Any]) -> None:
