@@ -33,6 +33,12 @@ CONNECTION_OVERHEAD_BYTES = 16384
 #: (Twisted reads 64 KiB at a time) and the pipelined bytes Twisted keeps
 #: while a request is handled before it stops reading (16 KiB).
 CONNECTION_BUFFER_BYTES = 65536 + 16384
+#: One connection refused at a connection cap while it waits for its
+#: request: protocol, channel, the deadline and the last bytes it looked
+#: at, never the request itself (measured ~2.2 KiB).
+WAITING_REFUSAL_BYTES = 4096
+#: One socket read, which is all a waiting refusal holds of what it is sent.
+SOCKET_READ_BYTES = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,8 @@ def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
             ),
             # Two limiters: one for creates, one for every request.
             Item("rate buckets", 2 * config.max_rate_buckets, BUCKET_BYTES),
+            # Idle keep-alive connections are among these: an open
+            # connection counts against max_connections, request or not.
             Item(
                 "connections",
                 config.max_connections,
@@ -118,6 +126,13 @@ def worst_case_memory(config: Config, in_redis: bool = False) -> MemoryBudget:
                 + CONNECTION_BUFFER_BYTES
                 + config.max_header_bytes
                 + config.max_bytes,
+            ),
+            # Beyond max_connections: those refused at a cap, waiting for
+            # their request before they are answered.
+            Item(
+                "refused connections waiting",
+                config.max_waiting_refusals,
+                WAITING_REFUSAL_BYTES + SOCKET_READ_BYTES,
             ),
         )
     )

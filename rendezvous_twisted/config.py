@@ -178,7 +178,7 @@ class Config:
     #: end; never "/" alone, which is the native protocol's.
     msc4108_session_prefix: str = MSC4108_DEFAULT_SESSION_PREFIX
 
-    # Abuse limits (README "Running it on the internet").  A client is the
+    # Abuse limits (docs/security.md).  A client is the
     # key of ClientResolver: an IPv4 address, or an IPv6 network of
     # ipv6_prefix_length bits.
     #: Creates one client may make at once (tokens in its create bucket).
@@ -215,6 +215,13 @@ class Config:
     #: Open connections from one client key (past it: 429); connections from
     #: trusted proxies are counted only against max_connections.
     max_connections_per_address: int = 100
+    #: Connections refused at a connection cap that may wait at once for
+    #: their request (at most header_timeout_seconds), to be answered 503 or
+    #: 429 after it rather than before, which a client still sending would
+    #: see as a broken pipe.  They are beyond max_connections, so they have
+    #: a cap of their own; past it a refused connection is answered at once
+    #: and closed.
+    max_waiting_refusals: int = 64
     #: Networks (CIDR) whose peers are proxies we trust to name the client.
     #: Peers on a UNIX socket are always trusted: only local processes reach
     #: one, and a reverse proxy on the same host is what does.

@@ -136,7 +136,8 @@ class StoreService(Service):
 
     def _check_descriptor_limit(self) -> None:
         """
-        Warn when the process may open fewer files than max_connections:
+        Warn when the process may open fewer files than max_connections
+        (and the refused connections that wait for their request) need:
         then the operating system, not the connection cap, refuses the
         excess, without an answer.
         """
@@ -146,7 +147,7 @@ class StoreService(Service):
             return
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         # Some descriptors go to listening sockets, logs and the interpreter.
-        wanted = self.config.max_connections + 64
+        wanted = self.config.max_connections + self.config.max_waiting_refusals + 64
         if soft != resource.RLIM_INFINITY and soft < wanted:
             self.log.warn(
                 "the process may open {soft} files, fewer than max_connections "

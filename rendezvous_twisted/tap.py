@@ -202,6 +202,13 @@ class Options(usage.Options):
             int,
         ),
         (
+            "max-waiting-refusals",
+            "max_waiting_refusals",
+            "Connections refused at a connection cap that may wait for their request "
+            "before being answered (past it: answered at once and closed).",
+            int,
+        ),
+        (
             "shutdown-timeout-seconds",
             "shutdown_timeout_seconds",
             "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
@@ -864,6 +871,7 @@ def makeService(
                 lambda: lifecycle.stopping,
                 reactor,
                 store_available=lambda: store.available,
+                saturated=lambda: site.saturated,
             ),
             lifecycle,
         )
@@ -938,6 +946,25 @@ def _watch(
         "Open HTTP connections.",
         "gauge",
         lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_connections_max",
+        "The connection cap (--max-connections): past it new connections get 503.",
+        "gauge",
+        lambda: site.admission.max_connections,
+    )
+    metrics.watch(
+        "rendezvous_http_saturated",
+        "1 from when the open connections reach the cap until they fall a tenth below it "
+        "(/health answers 503 saturated meanwhile), else 0.",
+        "gauge",
+        lambda: int(site.saturated),
+    )
+    metrics.watch(
+        "rendezvous_http_refusals_waiting",
+        "Connections refused at a connection cap, waiting for their request to be answered.",
+        "gauge",
+        lambda: site.admission.waiting_refusals,
     )
     metrics.watch(
         "rendezvous_http_requests_in_flight",

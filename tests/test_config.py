@@ -37,6 +37,7 @@ LIMITS = [
     "max_headers",
     "max_connections",
     "max_connections_per_address",
+    "max_waiting_refusals",
     "shutdown_timeout_seconds",
     "store_timeout_seconds",
 ]

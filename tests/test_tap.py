@@ -80,6 +80,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         20,
     ),
     (
+        "max-waiting-refusals",
+        "max_waiting_refusals",
+        "RENDEZVOUS_MAX_WAITING_REFUSALS",
+        "16",
+        16,
+    ),
+    (
         "shutdown-timeout-seconds",
         "shutdown_timeout_seconds",
         "RENDEZVOUS_SHUTDOWN_TIMEOUT_SECONDS",
