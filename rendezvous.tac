@@ -3,15 +3,16 @@ Start the server with `twistd -ny rendezvous.tac`.
 
 Settings come from environment variables, one per `twistd rendezvous`
 option (RENDEZVOUS_LISTEN, RENDEZVOUS_TTL, RENDEZVOUS_MAX_BYTES, ...; see
-README.md). The options, their defaults and the service are exactly those of
-the plugin.
+the configuration docs). The options, their defaults and the service are
+exactly those of the plugin. A RENDEZVOUS_* variable that is no option's is
+refused, as is any bad value, with one line naming the variable.
 """
 
 import os
 
 from twisted.application.service import Application
 
-from rendezvous_twisted.tap import makeService, options_from_environment
+from rendezvous_twisted.tap import environment_service
 
 application = Application("rendezvous")
-makeService(options_from_environment(os.environ)).setServiceParent(application)
+environment_service(os.environ).setServiceParent(application)

@@ -1,15 +1,21 @@
 """
-C{python -m bench}: run one scenario against a running server, or every
-scenario against servers the benchmark starts itself.
+python -m bench: load a running rendezvous server with one scenario, or
+start the servers and run every scenario.
 
     python -m bench --url http://127.0.0.1:8080 --scenario read-heavy --seconds 8
     python -m bench --all --repeat 3
     python -m bench --all --only redis
 
-Each scenario prints one JSON line; C{--all} also writes them to C{--out}
-and ends with a summary line of medians over the repeats, every read
-figure as a ratio to the bare twisted.web floor measured in the same run,
-and every figure of the Redis store as a ratio to the in-memory store's.
+A server's default limits are for real clients: they refuse (429) the load
+that one address sends at benchmark rates. Start the server that --url loads
+with the benchmark's limits (--all does so for the servers it starts):
+
+    twistd -n rendezvous --listen 8080 $(python -m bench --server-flags)
+
+Each scenario prints one JSON line; --all also writes them to --out and ends
+with a summary line of medians over the repeats, every read figure as a ratio
+to the bare twisted.web floor measured in the same run, and every figure of
+the Redis store as a ratio to the in-memory store's.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import scenarios
-from bench.client import Target, new_event_loop
+from bench.client import BenchError, Refused, Target, new_event_loop
 from bench.servers import (
+    BENCH_LIMITS,
     Probe,
     Probes,
     Server,
@@ -68,11 +76,21 @@ def parked_counts(spec: str, limit: int) -> list[int]:
 
 
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8080")
     which.add_argument(
         "--all", action="store_true", help="start the servers and run every scenario"
+    )
+    which.add_argument(
+        "--server-flags",
+        action="store_true",
+        help="print the twistd rendezvous options of a server this benchmark can load "
+        "(its limits raised for one address), and exit",
     )
     parser.add_argument("--scenario", choices=SCENARIOS, help="the scenario to run with --url")
     parser.add_argument(
@@ -453,8 +471,19 @@ def summarize(figures: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def server_command(url: str | None) -> str:
+    """
+    The command that starts a server this benchmark can load at C{url}.
+    """
+    port = urlsplit(url).port if url else None
+    return f"twistd -n rendezvous --listen {port or 8080} {' '.join(BENCH_LIMITS)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = arguments(argv)
+    if options.server_flags:
+        print(" ".join(BENCH_LIMITS))
+        return 0
     # A SIGTERM unwinds like ^C, so that the servers this run started stop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runner = Runner(options)
@@ -463,6 +492,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.all()
         else:
             runner.one()
+    # One line, never a traceback, for what a user can fix.
+    except Refused as e:
+        raise SystemExit(
+            f"bench: {options.url or 'the server'} refused the load ({e}): its limits are "
+            "for real clients, not one address at benchmark rates; start it with the "
+            f"benchmark's: {server_command(options.url)}"
+        ) from None
+    except (ConnectionError, TimeoutError) as e:
+        raise SystemExit(
+            f"bench: no answer from {options.url} ({e.strerror or e}); start the server "
+            f"first: {server_command(options.url)}"
+        ) from None
+    except BenchError as e:
+        raise SystemExit(f"bench: {e}") from None
     finally:
         runner.loop.close()
         if runner.out is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import re
 import socket
 import struct
@@ -26,6 +27,36 @@ class BenchError(Exception):
     The server answered something a scenario did not expect: the run is
     void, rather than quietly counting a failure as a request served.
     """
+
+
+class Refused(BenchError):
+    """
+    The server refused the load with 429 or 503: its limits (rate limits,
+    caps) are those for real clients, not for one address at benchmark
+    rates.  C{status} and C{reason} (its JSON error, or its status line)
+    say what it answered.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+    @classmethod
+    def of(cls, status: int, body: bytes) -> Refused:
+        """
+        The refusal a 429 or 503 answer with C{body} makes.
+        """
+        try:
+            error = json.loads(body)
+            reason = f"{error['errcode']}: {error['error']}"
+        except (ValueError, KeyError, TypeError):
+            reason = body[:100].decode("utf-8", "replace") or "no reason given"
+        return cls(status, reason)
+
+
+#: Statuses that mean "a limit said no", not "the server is broken".
+REFUSALS = (429, 503)
 
 
 def new_event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
@@ -112,6 +143,11 @@ class Connection(asyncio.Protocol):
         del buffer[:total]
         waiter, self._waiter = self._waiter, None
         if waiter is None:
+            if status in REFUSALS:
+                # A connection cap's answer, written as the connection opened,
+                # before it is closed: the next request learns of it.
+                self._lost = Refused.of(status, body)
+                return
             raise BenchError(f"an answer nobody asked for: {head!r}")
         if not waiter.done():
             waiter.set_result(Response(status, head, body, time.perf_counter()))

@@ -548,7 +548,7 @@ def budget_per_connection(options: Sequence[str]) -> int:
     from rendezvous_twisted import budget, tap
 
     parsed = tap.Options()
-    parsed.parseOptions(["--listen=tcp:0", *options])  # type: ignore[no-untyped-call]
+    parsed.parseOptions(["--listen=tcp:0", *options])
     config = parsed["config"]
     return budget.http2_connection_bytes(config)
 
@@ -589,7 +589,7 @@ def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             from rendezvous_twisted import tap
 
             parsed = tap.Options()
-            parsed.parseOptions(["--listen=tcp:0", *args.server_options])  # type: ignore[no-untyped-call]
+            parsed.parseOptions(["--listen=tcp:0", *args.server_options])
             config = parsed["config"]
             streams = 1_000_000
             body = config.max_bytes - 1

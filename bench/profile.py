@@ -1,12 +1,12 @@
 """
-Where a request's time goes: C{python -m bench.profile} starts C{twistd
-rendezvous}, samples it with py-spy (the C{bench} extra) while a scenario
-loads it, and prints the share of samples that each function (with its
-callees) and each module (its own code only) took.
+python -m bench.profile: where a request's time goes. It starts twistd
+rendezvous, samples it with py-spy (the bench extra) while a scenario loads
+it, and prints the share of samples that each function (with its callees)
+and each module (its own code only) took.
 
     python -m bench.profile --scenario read-heavy --seconds 6 > profile.txt
 
-The raw collapsed stacks are kept (C{--raw FILE}) for flame graphs.
+The raw collapsed stacks are kept (--raw FILE) for flame graphs.
 """
 
 from __future__ import annotations
@@ -54,7 +54,11 @@ def summarize(raw: Path, top: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--scenario", default="read-heavy")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")

@@ -17,7 +17,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.client import BenchError, Connection, Response, Target, close_all, percentile
+from bench.client import (
+    REFUSALS,
+    BenchError,
+    Connection,
+    Refused,
+    Response,
+    Target,
+    close_all,
+    percentile,
+)
 from bench.servers import Probe, Probes, connections_drained
 
 Figures = dict[str, Any]
@@ -32,6 +41,8 @@ def _ms(seconds: float | None) -> float | None:
 
 def _expect(response: Response, status: int, what: str) -> Response:
     if response.status != status:
+        if response.status in REFUSALS:
+            raise Refused.of(response.status, response.body)
         raise BenchError(f"{what}: expected {status}, got {response.head!r} {response.body!r}")
     return response
 
@@ -268,7 +279,7 @@ async def _hammer(
                 return
             response = await request(connection, i)
             if response.status != status:
-                raise BenchError(f"expected {status}, got {response.head!r}")
+                _expect(response, status, "a request")
             mine.append(response.arrived - sent)
             i += 1
 

@@ -33,6 +33,12 @@ CONNECTION_OVERHEAD_BYTES = 16384
 #: (Twisted reads 64 KiB at a time) and the pipelined bytes Twisted keeps
 #: while a request is handled before it stops reading (16 KiB).
 CONNECTION_BUFFER_BYTES = 65536 + 16384
+#: One connection refused at a connection cap while it waits for its
+#: request: protocol, channel, the deadline and the last bytes it looked
+#: at, never the request itself (measured ~2.2 KiB).
+WAITING_REFUSAL_BYTES = 4096
+#: One socket read, which is all a waiting refusal holds of what it is sent.
+SOCKET_READ_BYTES = 65536
 
 # HTTP/2 (TLS with ALPN "h2"; rendezvous_twisted/http2.py bounds each term).
 #: One HTTP/2 connection with no stream open: the switch, the HTTP/1.1
@@ -181,10 +187,19 @@ def worst_case_memory(
             ),
             # Two limiters: one for creates, one for every request.
             Item("rate buckets", 2 * config.max_rate_buckets, BUCKET_BYTES),
+            # Idle keep-alive connections are among these: an open
+            # connection counts against max_connections, request or not.
             Item(
                 "HTTP/2 connections" if http2 else "connections",
                 config.max_connections,
                 connection,
+            ),
+            # Beyond max_connections: those refused at a cap, waiting for
+            # their request before they are answered.
+            Item(
+                "refused connections waiting",
+                config.max_waiting_refusals,
+                WAITING_REFUSAL_BYTES + SOCKET_READ_BYTES,
             ),
         )
     )

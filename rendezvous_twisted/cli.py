@@ -32,6 +32,8 @@ from rendezvous_twisted.client import (
     RendezvousClient,
     ServerError,
 )
+from rendezvous_twisted.version import version_line
+from rendezvous_twisted.words import quantity
 
 #: Where C{create} goes without C{--server}: where C{twistd -n rendezvous}
 #: listens by default.
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="rendezvous-cli",
         description="Create, send to, receive from and cancel rendezvous on a rendezvous server.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def payload_options(command: argparse.ArgumentParser) -> None:
@@ -203,7 +206,8 @@ async def _command(
             # Conditional on what is there now: a write by someone else
             # between this read and the PUT gives a 412, not a silent loss.
             target = (await client.read(args.url)).rendezvous
-        await client.send(target, body, args.content_type, if_match=not args.force)
+        sent = await client.send(target, body, args.content_type, if_match=not args.force)
+        streams.say(f"sent {quantity(len(body), 'byte')} ({args.content_type}); ETag {sent.etag}")
         return EXIT_OK
     if args.command == "receive":
         if args.no_wait:
@@ -221,6 +225,7 @@ async def _command(
         return EXIT_OK
     assert args.command == "cancel"
     await client.cancel(args.url)
+    streams.say("cancelled")
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ from twisted.web.http import stringToDatetime
 from twisted.web.iweb import IResponse
 
 __all__ = [
+    "GoneWhileWaitingError",
     "Message",
     "NotFoundError",
     "PreconditionFailedError",
@@ -90,11 +91,32 @@ class ServerError(Exception):
         self.error = error
         self.retry_after_seconds = retry_after_seconds
 
+    @property
+    def details(self) -> tuple[int, str | None, str | None, int | None]:
+        """
+        The arguments this error was made with, to make another kind from.
+        """
+        return (self.status, self.errcode, self.error, self.retry_after_seconds)
+
 
 class NotFoundError(ServerError):
     """
     404: the rendezvous never existed, was cancelled, or expired.
     """
+
+
+class GoneWhileWaitingError(NotFoundError):
+    """
+    404 to L{RendezvousClient.receive}: the rendezvous expired, or was
+    cancelled, before the other device wrote to it.
+    """
+
+    def __str__(self) -> str:
+        return (
+            f"{super().__str__()}: the rendezvous expired or was cancelled before the other "
+            "device wrote to it (the other device must read it and send its answer within "
+            "the rendezvous' lifetime)"
+        )
 
 
 class PreconditionFailedError(ServerError):
@@ -231,8 +253,9 @@ class RendezvousClient:
         with C{If-None-Match}.  Each C{304} polls again, at once after a
         long-poll and after L{FALLBACK_POLL_INTERVAL_SECONDS} from a server
         that answered at once; after C{timeout_seconds} in all it fails
-        with L{ReceiveTimeout}.  Fails with L{NotFoundError} when the
-        rendezvous is cancelled or expires meanwhile.
+        with L{ReceiveTimeout}.  Fails with L{GoneWhileWaitingError} (a
+        L{NotFoundError}) when the rendezvous is cancelled or expires
+        meanwhile.
         """
         return self._run(self._receive(rendezvous, timeout_seconds))
 
@@ -313,6 +336,8 @@ class RendezvousClient:
                 break
             if response.code == 200:
                 return self._message(rendezvous, response, content)
+            if response.code == 404:
+                raise GoneWhileWaitingError(*self._error(response, content).details)
             if response.code != 304:
                 raise self._error(response, content)
             etag = _header(response, b"ETag") or etag

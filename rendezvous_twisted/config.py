@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
@@ -25,13 +26,56 @@ MSC4108_DEFAULT_SESSION_PREFIX = "/_matrix/client/unstable/org.matrix.msc4108/re
 _SESSION_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+/\Z")
 
 
+class ConfigError(ValueError):
+    """
+    A L{Config} that cannot be.  C{template} says what is wrong, with
+    C{{0}}, C{{1}}... standing for the fields at fault (C{fields}), so that
+    the command line can call them by its option names (L{render}).
+    C{str()} calls each C{field=value} (C{values}) or, without a value,
+    by its name.
+    """
+
+    def __init__(
+        self, template: str, *fields: str, values: Mapping[str, object] | None = None
+    ) -> None:
+        self.template = template
+        self.fields = fields
+        self.values = dict(values or {})
+        super().__init__(self.render(self._field))
+
+    def _field(self, field: str) -> str:
+        if field in self.values:
+            return f"{field}={self.values[field]!r}"
+        return field
+
+    def render(self, name: Callable[[str], str]) -> str:
+        """
+        The message, with each field called what C{name} calls it.
+        """
+        return self.template.format(*(name(field) for field in self.fields))
+
+
+def _literal(text: str) -> str:
+    """
+    C{text} (a value quoted in a message) safe inside a L{ConfigError} template.
+    """
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def is_positive(value: float) -> bool:
+    """
+    Whether C{value} is a positive, finite number.
+    """
+    # NaN fails every comparison, so "not > 0" also refuses it.
+    return bool(value > 0) and value != float("inf")
+
+
 def check_positive(name: str, value: float) -> None:
     """
     Refuse a limit that is not a positive, finite number.
     """
-    # NaN fails every comparison, so "not > 0" also refuses it.
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, not {value!r}")
+    if not is_positive(value):
+        raise ConfigError("{0} must be a positive finite number", name, values={name: value})
 
 
 def _check_public_url(url: str) -> None:
@@ -40,17 +84,24 @@ def _check_public_url(url: str) -> None:
     http(s) with a host, and have nothing that urlsplit would quietly drop
     or that would end up inside Location unescaped.
     """
+    values = {"public_url": url}
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise ValueError(f"public_url must not contain spaces or control characters: {url!r}")
+        raise ConfigError(
+            "{0} must not contain spaces or control characters", "public_url", values=values
+        )
     if "?" in url or "#" in url:
-        raise ValueError(f"public_url must not have a query or a fragment: {url!r}")
+        raise ConfigError("{0} must not have a query or a fragment", "public_url", values=values)
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError as e:
-        raise ValueError(f"public_url has a bad port: {url!r}") from e
+    except ValueError:
+        raise ConfigError("{0} has a bad port", "public_url", values=values) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"public_url must be an absolute http(s) URL with a host, not {url!r}")
+        raise ConfigError(
+            "{0} must be an absolute http(s) URL with a host, e.g. https://rendezvous.example.org/",
+            "public_url",
+            values=values,
+        )
 
 
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -127,7 +178,7 @@ class Config:
     #: end; never "/" alone, which is the native protocol's.
     msc4108_session_prefix: str = MSC4108_DEFAULT_SESSION_PREFIX
 
-    # Abuse limits (README "Running it on the internet").  A client is the
+    # Abuse limits (docs/security.md).  A client is the
     # key of ClientResolver: an IPv4 address, or an IPv6 network of
     # ipv6_prefix_length bits.
     #: Creates one client may make at once (tokens in its create bucket).
@@ -172,6 +223,13 @@ class Config:
     #: Open connections from one client key (past it: 429); connections from
     #: trusted proxies are counted only against max_connections.
     max_connections_per_address: int = 100
+    #: Connections refused at a connection cap that may wait at once for
+    #: their request (at most header_timeout_seconds), to be answered 503 or
+    #: 429 after it rather than before, which a client still sending would
+    #: see as a broken pipe.  They are beyond max_connections, so they have
+    #: a cap of their own; past it a refused connection is answered at once
+    #: and closed.
+    max_waiting_refusals: int = 64
     #: Networks (CIDR) whose peers are proxies we trust to name the client.
     #: Peers on a UNIX socket are always trusted: only local processes reach
     #: one, and a reverse proxy on the same host is what does.
@@ -191,32 +249,46 @@ class Config:
             if field.name in _NOT_LIMITS:
                 continue
             check_positive(field.name, getattr(self, field.name))
-        if self.max_rendezvous_per_address > self.max_rendezvous:
-            raise ValueError("max_rendezvous_per_address must not exceed max_rendezvous")
-        if self.max_connections_per_address > self.max_connections:
-            raise ValueError("max_connections_per_address must not exceed max_connections")
+        for local, overall in (
+            ("max_rendezvous_per_address", "max_rendezvous"),
+            ("max_connections_per_address", "max_connections"),
+            ("max_parked_per_rendezvous", "max_parked"),
+        ):
+            if getattr(self, local) > getattr(self, overall):
+                raise ConfigError(
+                    "{0} must not exceed {1}",
+                    local,
+                    overall,
+                    values={local: getattr(self, local), overall: getattr(self, overall)},
+                )
         if self.ipv6_prefix_length > 128:
-            raise ValueError("ipv6_prefix_length must be at most 128")
+            raise ConfigError(
+                "{0} must be at most 128",
+                "ipv6_prefix_length",
+                values={"ipv6_prefix_length": self.ipv6_prefix_length},
+            )
         if self.proxy_header not in ("x-forwarded-for", "forwarded"):
-            raise ValueError(
-                f"proxy_header must be x-forwarded-for or forwarded, not {self.proxy_header!r}"
+            raise ConfigError(
+                "{0} must be x-forwarded-for or forwarded",
+                "proxy_header",
+                values={"proxy_header": self.proxy_header},
             )
         for name in ("trusted_proxies", "allow_create", "deny"):
             if isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a tuple of networks, not a string")
+                raise ConfigError("{0} must be a tuple of networks, not a string", name)
             for network in getattr(self, name):
                 try:
                     parse_network(network)
                 except ValueError as e:
-                    raise ValueError(f"{name}: {e}") from e
-        if self.max_parked_per_rendezvous > self.max_parked:
-            raise ValueError("max_parked_per_rendezvous must not exceed max_parked")
+                    raise ConfigError("{0}: " + _literal(str(e)), name) from e
         if self.public_url is not None:
             _check_public_url(self.public_url)
         if _SESSION_PREFIX.match(self.msc4108_session_prefix) is None:
-            raise ValueError(
-                "msc4108_session_prefix must be a path of one or more segments of letters, "
-                f"digits and ._~- with a slash at each end, not {self.msc4108_session_prefix!r}"
+            raise ConfigError(
+                "{0} must be a path of one or more segments of letters, digits and ._~- "
+                "with a slash at each end, e.g. /qr/session/",
+                "msc4108_session_prefix",
+                values={"msc4108_session_prefix": self.msc4108_session_prefix},
             )
 
     @property

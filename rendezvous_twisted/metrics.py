@@ -143,10 +143,16 @@ class _MetricsPage(Resource):
 class _Health(Resource):
     isLeaf = True
 
-    def __init__(self, stopping: Callable[[], bool], store_available: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        stopping: Callable[[], bool],
+        store_available: Callable[[], bool],
+        saturated: Callable[[], bool],
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._stopping = stopping
         self._store_available = store_available
+        self._saturated = saturated
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -157,6 +163,11 @@ class _Health(Resource):
         if not self._store_available():
             request.setResponseCode(503)
             return b"store unavailable\n"
+        if self._saturated():
+            # New connections are being refused at the connection cap: a
+            # balancer should send them elsewhere until this clears.
+            request.setResponseCode(503)
+            return b"saturated\n"
         return b"serving\n"
 
 
@@ -165,15 +176,18 @@ def metrics_site(
     stopping: Callable[[], bool],
     reactor: Any = None,
     store_available: Callable[[], bool] = lambda: True,
+    saturated: Callable[[], bool] = lambda: False,
 ) -> Site:
     """
     The site of the metrics listener: C{/metrics} in Prometheus' text
     format, C{/health} answering 200 while serving, and 503 once a stop
-    began or while the store (Redis) cannot be reached; nothing else.
+    began, while the store (Redis) cannot be reached, or while the server
+    is saturated (refusing new connections at its connection cap, see
+    L{rendezvous_twisted.http1.Admission}); nothing else.
     """
     root = Resource()
     root.putChild(b"metrics", _MetricsPage(metrics))
-    root.putChild(b"health", _Health(stopping, store_available))
+    root.putChild(b"health", _Health(stopping, store_available, saturated))
     site = Site(root, reactor=reactor)
     # Scrapes every few seconds would drown the log.
     site.log = lambda request: None  # type: ignore[method-assign]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from itertools import count
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -54,6 +53,7 @@ from rendezvous_twisted.store import (
     TooLarge,
     Version,
     Wakeup,
+    new_etag,
     parking_refusal,
     retry_after,
 )
@@ -378,8 +378,6 @@ class RedisStore:
         self.deleted_total = 0
         self.expired_total = 0
         self._live_seen = 0
-        self._etag_prefix = secrets.token_urlsafe(9).encode("ascii")
-        self._etag_serial = count(1)
         self._ready: list[Deferred[None]] = []
         self._last_warning = -math.inf
         timeout = config.store_timeout_seconds
@@ -485,14 +483,14 @@ class RedisStore:
                             version=found,
                         )
 
-        # INFO may well not be granted (README's ACL user): then the scripts'
+        # INFO may well not be granted (docs/scaling.md's ACL user): then the scripts'
         # own errors tell.
         self._commands.execute(b"INFO", b"server").addCallbacks(version, lambda _: None)
 
     def _check_persistence(self) -> None:
         """
         Warn if this Redis writes its data to disk: payloads must live in
-        memory only (README: "Running several processes or machines").
+        memory only (docs/scaling.md, "Redis settings").
         """
 
         def persists(replies: list[Any]) -> None:
@@ -579,9 +577,6 @@ class RedisStore:
         # Down, not to the nearest: a rendezvous is never judged expired early.
         return math.floor(self._clock.seconds() * 1000)
 
-    def _mint_etag(self) -> bytes:
-        return b'"%s%x"' % (self._etag_prefix, next(self._etag_serial))
-
     def _key(self, rendezvous_id: str) -> str:
         return self._record_prefix + rendezvous_id
 
@@ -591,7 +586,7 @@ class RedisStore:
         now = self._now_ms()
         ttl = round(self._config.ttl_seconds * 1000)
         rendezvous_id = secrets.token_urlsafe(16)
-        etag = self._mint_etag()
+        etag = new_etag()
         d = self._script(
             "create",
             [self._live_key, self._owner_prefix + owner, self._key(rendezvous_id)],
@@ -657,7 +652,7 @@ class RedisStore:
     ) -> Deferred[Version]:
         now = self._now_ms()
         too_large = len(body) > self.max_bytes
-        etag = self._mint_etag()
+        etag = new_etag()
         d = self._script(
             "write",
             [self._key(rendezvous_id)],

@@ -4,6 +4,7 @@ The store's lifecycle as a Twisted service.
 
 from __future__ import annotations
 
+import errno
 import resource
 import signal
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -21,6 +23,7 @@ from rendezvous_twisted.budget import redis_memory, worst_case_memory
 from rendezvous_twisted.config import Config
 from rendezvous_twisted.store import RendezvousStore
 from rendezvous_twisted.web import RendezvousSite
+from rendezvous_twisted.words import quantity
 
 
 class Lifecycle:
@@ -114,13 +117,14 @@ class StoreService(Service):
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
             "{poll}s, {max_rendezvous} rendezvous ({per_address} per address), "
-            "{max_parked} parked readers ({per_rendezvous} per rendezvous)",
+            "{parked} ({per_rendezvous} per rendezvous)",
             ttl=c.ttl_seconds,
             max_bytes=c.max_bytes,
             poll=c.poll_timeout_seconds,
             max_rendezvous=c.max_rendezvous,
             per_address=c.max_rendezvous_per_address,
             max_parked=c.max_parked,
+            parked=quantity(c.max_parked, "parked reader"),
             per_rendezvous=c.max_parked_per_rendezvous,
         )
         in_redis = self.connections is not None
@@ -137,7 +141,8 @@ class StoreService(Service):
 
     def _check_descriptor_limit(self) -> None:
         """
-        Warn when the process may open fewer files than max_connections:
+        Warn when the process may open fewer files than max_connections
+        (and the refused connections that wait for their request) need:
         then the operating system, not the connection cap, refuses the
         excess, without an answer.
         """
@@ -147,7 +152,7 @@ class StoreService(Service):
             return
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         # Some descriptors go to listening sockets, logs and the interpreter.
-        wanted = self.config.max_connections + 64
+        wanted = self.config.max_connections + self.config.max_waiting_refusals + 64
         if soft != resource.RLIM_INFINITY and soft < wanted:
             self.log.warn(
                 "the process may open {soft} files, fewer than max_connections "
@@ -179,13 +184,67 @@ class StoreService(Service):
         return d
 
 
+class StartupError(Exception):
+    """
+    The server cannot start, for a reason its operator can fix; the
+    message says which, in one line.
+    """
+
+
+class StartFailed(SystemExit, Exception):
+    """
+    A start that failed for a reason already logged in one line, ending
+    the process.  twistd takes it as any exception (it removes its PID file
+    and, when daemonizing, tells the parent process waiting for the start,
+    which would otherwise wait forever); Python takes it as a SystemExit:
+    the process ends with status 1, printing no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def cannot_listen(label: str, error: BaseException) -> str:
+    """
+    Why listening on C{label} (e.g. C{--listen tcp:80}) failed, and what to do.
+    """
+    cause = getattr(error, "socketError", None) or error
+    code = getattr(cause, "errno", None)
+    port = getattr(error, "port", None)
+    if code == errno.EADDRINUSE:
+        why = "the address is already in use: another process listens there (ss -ltnp shows which)"
+    elif code == errno.EACCES and isinstance(port, int) and 0 < port < 1024:
+        why = (
+            f"permission denied: port {port} needs root (twistd's --uid and --gid then drop "
+            "it) or CAP_NET_BIND_SERVICE; or listen on a port above 1023 behind a proxy"
+        )
+    elif code == errno.EADDRNOTAVAIL:
+        why = "no such address on this machine (check interface=)"
+    else:
+        why = getattr(cause, "strerror", None) or str(cause)
+    return f"cannot listen on {label}: {why}"
+
+
 class ListenerService(StreamServerEndpointService):
     """
     Twisted's endpoint service, raising listen failures at start as
-    C{strports.service} does, and telling when it listens.
+    C{strports.service} does (as a L{StartupError} naming L{label}), and
+    telling when it listens.
     """
 
     _raiseSynchronously = True
+    #: How the user named this listener, for messages: C{--listen 9000}.
+    label = "a listener"
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()  # type: ignore[no-untyped-call]
+        except (CannotListenError, OSError) as e:
+            raise StartupError(cannot_listen(self.label, e)) from e
 
     def whenListening(self) -> Deferred[IListeningPort | None]:
         """

@@ -3,21 +3,38 @@ The command line: C{twistd rendezvous} options, and the service they build.
 
 This is the only module that reads options or environment variables, and
 the only one that may fall back to the global reactor.
+
+Mistakes end the program with one or two lines naming the option (or the
+environment variable) as the user wrote it: L{Options.parseOptions} under
+twistd, L{environment_service} for the C{.tac}, and L{makeService} for what
+only the start can tell.  Never a traceback, and never twistd's whole help.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import getopt
+import math
 import os
-from collections.abc import Callable, Mapping
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from twisted.application.service import IService
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
-from rendezvous_twisted import logs, systemd, tls, wire
-from rendezvous_twisted.config import DEFAULT_LISTEN, Config, check_positive, parse_network
+from rendezvous_twisted import endpoints, logs, systemd, tls, wire
+from rendezvous_twisted.config import (
+    DEFAULT_LISTEN,
+    Config,
+    ConfigError,
+    is_positive,
+    parse_network,
+)
 from rendezvous_twisted.logs import RendezvousRoot
 from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
@@ -27,36 +44,51 @@ from rendezvous_twisted.service import (
     Lifecycle,
     ListenerService,
     OpenFileLimitService,
+    StartupError,
     StoppingService,
     StoreService,
 )
 from rendezvous_twisted.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.version import version_line
 from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
+from rendezvous_twisted.words import quantity
 
 _DEFAULTS = Config()
 #: The prefix of the environment variables that the .tac file reads.
 ENVIRONMENT_PREFIX = "RENDEZVOUS_"
 #: --store's value for the in-memory store.
 MEMORY = "memory:"
+#: What the usage errors of twistd rendezvous point to.
+HELP_HINT = "see: twistd rendezvous --help"
+#: How the .tac is named in its usage errors.
+TAC = "rendezvous.tac"
+#: Options users reach for to set the port, which --listen does.
+_PORT_WORDS = frozenset(("port", "p", "host", "bind", "address", "interface", "http-port"))
 
 
-def _positive(kind: type[float], option: str) -> Callable[[str], Any]:
-    def coerce(value: str) -> float:
-        number = kind(value)
-        check_positive(f"--{option}", number)
-        return number
+def _number(kind: type[float], text: str) -> float:
+    """
+    C{text} as a positive finite number of C{kind}; ValueError saying what
+    is wrong with it otherwise.
+    """
+    try:
+        number = kind(text)
+    except ValueError:
+        raise ValueError("not a whole number" if kind is int else "not a number") from None
+    if math.isnan(number):
+        raise ValueError("not a number")
+    if not is_positive(number):
+        raise ValueError("must be finite" if math.isinf(number) else "must be more than 0")
+    return number
 
-    coerce.coerceDoc = "A positive number."  # type: ignore[attr-defined]
-    return coerce
 
-
-def _log_format(value: str) -> str:
-    if value not in logs.FORMATS:
-        raise ValueError(f"--log-format must be one of {', '.join(logs.FORMATS)}, not {value!r}")
-    return value
-
-
-_log_format.coerceDoc = "text or json."  # type: ignore[attr-defined]
+def _example(value: Any) -> str:
+    """
+    A default as an example value: C{60.0} as C{60}.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 class Options(usage.Options):
@@ -67,7 +99,9 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "A rendezvous server for the Matrix log-in-with-a-QR-code handshake "
-        "(MSC3886 and MSC4108), holding rendezvous in memory, with long-polling."
+        "(MSC3886 and MSC4108), with long-polling. Rendezvous live in this "
+        "process' memory, or with --store in a Redis shared by several processes. "
+        "twistd's own options (-n, --pidfile, --logfile, ...) go before 'rendezvous'."
     )
 
     # (option, Config field, help, number type)
@@ -177,6 +211,13 @@ class Options(usage.Options):
             int,
         ),
         (
+            "max-waiting-refusals",
+            "max_waiting_refusals",
+            "Connections refused at a connection cap that may wait for their request "
+            "before being answered (past it: answered at once and closed).",
+            int,
+        ),
+        (
             "shutdown-timeout-seconds",
             "shutdown_timeout_seconds",
             "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
@@ -197,7 +238,12 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        [option, None, getattr(_DEFAULTS, field), help_text, _positive(kind, option)]
+        [
+            option,
+            None,
+            getattr(_DEFAULTS, field),
+            f"{help_text} A positive {'whole ' if kind is int else ''}number.",
+        ]
         for option, field, help_text, kind in _limits
     ] + [
         [
@@ -240,7 +286,6 @@ class Options(usage.Options):
             "text",
             "text (twistd's own lines, honouring --logfile) or json (one JSON object per "
             "line on standard output, for journald or a collector).",
-            _log_format,
         ],
         [
             "store",
@@ -262,13 +307,20 @@ class Options(usage.Options):
             None,
             None,
             "Serve Prometheus metrics (/metrics) and a health check (/health) on this "
-            "endpoint, e.g. tcp:9090:interface=127.0.0.1. Off by default.",
+            "port or endpoint, e.g. 9090 (on 127.0.0.1) or tcp:9090:interface=127.0.0.1. "
+            "Off by default.",
         ],
     ]
 
     #: (flag, help); environment variables set them with 1 (or 0).
     _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
     optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
+
+    #: How the program is named in usage errors ("twistd rendezvous", or the
+    #: .tac's name), or None when these options are parsed by a library
+    #: caller: then a usage error is raised as UsageError rather than
+    #: ending the program.
+    program: str | None = None
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -278,6 +330,141 @@ class Options(usage.Options):
         self["listen"] = []
         for option, _ in self._networks:
             self[option] = []
+        #: The options given, with their values as written (the last one
+        #: of a repeated option), for messages.
+        self.given: dict[str, str] = {}
+        #: Option -> environment variable, when the options came from the
+        #: environment (L{options_from_environment}).
+        self.variables: dict[str, str] = {}
+
+    # Naming options as the user wrote them.
+
+    def name(self, option: str) -> str:
+        """
+        C{option} as the user spells it: C{--ttl}, or C{RENDEZVOUS_TTL}.
+        """
+        return self.variables.get(option, f"--{option}")
+
+    def spelled(self, option: str, value: str | None = None) -> str:
+        """
+        C{option} with a value as the user would write it: C{--ttl 60}, or
+        C{RENDEZVOUS_TTL=60}; with no value, the one given.
+        """
+        if value is None:
+            value = self.given.get(option, "")
+        if option in self.variables:
+            return f"{self.variables[option]}={value}"
+        return f"--{option} {shlex.quote(value)}"
+
+    def _field_name(self, field: str) -> str:
+        """
+        A Config field as the option that sets it, with its value, for a
+        L{ConfigError}: C{--max-rendezvous 31}, or
+        C{--max-rendezvous-per-address (default 32)}.
+        """
+        option = _FIELD_OPTIONS.get(field)
+        if option is None:
+            return field
+        if option in self.given:
+            return self.spelled(option)
+        return f"{self.name(option)} (default {_example(getattr(_DEFAULTS, field))})"
+
+    def usage_error(self, message: str) -> str:
+        """
+        The whole text of a usage error: the program, the message, and
+        where to read more.
+        """
+        hint = HELP_HINT
+        if self.variables:
+            hint += f" (each {ENVIRONMENT_PREFIX}NAME variable is the option --name)"
+        return f"{self.program}: {message}\n{hint}"
+
+    # Parsing.
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse C{options} (C{sys.argv[1:]} when None).  A mistake raises
+        C{UsageError} with a message naming the option as written; when
+        run as a program (under twistd, or the .tac through
+        L{environment_service}) it ends the program with that message and
+        a pointer to the help instead, since twistd would print its whole
+        help before it.
+        """
+        if self.program is None and self.parent is not None:
+            self.program = "twistd rendezvous"
+        argv = list(sys.argv[1:] if options is None else options)
+        try:
+            if "--_shell-completion" not in argv:  # Twisted's own, for shells
+                self._read_words(argv)
+            super().parseOptions(argv)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            # Twisted's words for a coercer's ValueError: the value is what counts.
+            message = str(e).removeprefix("Parameter type enforcement failed: ")
+            if self.program is None:
+                raise usage.UsageError(message) from None
+            raise SystemExit(self.usage_error(message)) from None
+
+    def _read_words(self, argv: list[str]) -> None:
+        """
+        Check the words of the command line as Twisted's parser will read
+        them (with getopt), so that a mistake is told in our words: an
+        unknown option with a guess at the one meant, an option of twistd
+        given after "rendezvous", a missing value.  Remember each value as
+        written, for later messages.
+        """
+        try:
+            found, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
+        except getopt.GetoptError as e:
+            raise usage.UsageError(self._getopt_message(e)) from None
+        for opt, value in found:
+            name = opt.lstrip("-")
+            self.given[self.synonyms.get(name.replace("-", "_"), name).replace("_", "-")] = value
+
+    def _getopt_message(self, error: getopt.GetoptError) -> str:
+        opt = error.opt
+        spelled = ("--" if len(opt) > 1 else "-") + opt
+        if "not recognized" in error.msg:
+            if opt.lower() in _PORT_WORDS:
+                return (
+                    f"no option {spelled}: give the port with --listen, e.g. --listen 9000 "
+                    "(on 127.0.0.1) or --listen tcp:9000:interface=0.0.0.0"
+                )
+            if self.parent is not None and _knows(self.parent, opt):
+                value = ""
+                if _takes_value(self.parent, opt):
+                    value = " VALUE" if len(opt) == 1 else "=VALUE"
+                return (
+                    f"{spelled} is an option of twistd itself: it goes before 'rendezvous' "
+                    f"(twistd {spelled}{value} rendezvous ...)"
+                )
+            names = sorted({n.rstrip("=") for n in self.longOpt})
+            close = difflib.get_close_matches(opt, names, n=1)
+            guess = f"; did you mean --{close[0]}?" if close else ""
+            return f"no option {spelled}{guess}"
+        if "requires argument" in error.msg:
+            default = self.defaults.get(opt.replace("-", "_"), self.defaults.get(opt))
+            example = f", e.g. {spelled} {_example(default)}" if default is not None else ""
+            return f"{spelled} needs a value{example}"
+        if "must not have an argument" in error.msg:
+            return f"{spelled} takes no value"
+        if "not a unique prefix" in error.msg:
+            names = sorted(n.rstrip("=") for n in self.longOpt if n.startswith(opt))
+            return f"{spelled} could be any of --{', --'.join(names)}"
+        return error.msg
+
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            hint = ""
+            if endpoints.expand(args[0]) != args[0] or ":" in args[0]:
+                hint = f" (to listen there: --listen {args[0]})"
+            raise usage.UsageError(f"unexpected argument {args[0]!r}{hint}")
+
+    def opt_version(self) -> NoReturn:
+        """
+        Print the versions of rendezvous-twisted, Twisted and Python, and exit.
+        """
+        print(version_line())
+        sys.exit(0)
 
     def opt_trusted_proxy(self, network: str) -> None:
         """
@@ -301,48 +488,60 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """
-        Listen on a Twisted endpoint, e.g. tcp:8080:interface=127.0.0.1
-        (repeatable; default tcp:8080:interface=127.0.0.1).
+        Where to listen (repeatable): a port, e.g. 9000 (on 127.0.0.1 only),
+        or a Twisted endpoint, e.g. tcp:9000:interface=0.0.0.0,
+        unix:/run/rendezvous.sock, ssl:8443 or tls:ENDPOINT (with --tls-cert
+        and --tls-key). Default: tcp:8080:interface=127.0.0.1.
         """
         self["listen"].append(description)
 
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self["listen"] = [endpoints.expand(d) for d in self["listen"]]
+        if self["metrics"]:
+            self["metrics"] = endpoints.expand(self["metrics"])
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError(
+                f"{self.spelled('log-format')}: must be one of {', '.join(logs.FORMATS)}"
+            )
+        limits: dict[str, Any] = {}
+        for option, field, _, kind in self._limits:
+            value = self[option]
+            if isinstance(value, str):
+                try:
+                    value = _number(kind, value)
+                except ValueError as e:
+                    example = self.spelled(option, _example(getattr(_DEFAULTS, field)))
+                    raise usage.UsageError(
+                        f"{self.spelled(option, value)}: {e}, e.g. {example}"
+                    ) from None
+            limits[field] = self[option] = value
         for option, _ in self._networks:
             for network in self[option]:
                 try:
                     parse_network(network)
                 except ValueError as e:
-                    raise usage.UsageError(f"--{option}: {e}") from e
+                    example = self.spelled(option, "10.0.0.0/8")
+                    raise usage.UsageError(
+                        f"{self.spelled(option, network)}: {e}, e.g. {example}"
+                    ) from None
         try:
             fields: dict[str, Any] = {
                 field: tuple(self[option]) for option, field in self._networks
             }
-            fields.update({field: self[option] for option, field, _, _ in self._limits})
             self["config"] = Config(
                 public_url=self["public-url"],
                 msc4108_session_prefix=self["msc4108-session-prefix"],
                 proxy_header=self["proxy-header"],
                 **fields,
+                **limits,
             )
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from e
+        except ConfigError as e:
+            raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
-        self._check_ports()
         self._check_tls()
-
-    def _check_ports(self) -> None:
-        """
-        Refuse a TCP port outside 0-65535 now, rather than with a traceback
-        when the listener starts.
-        """
-        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
-        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
-            kind, _, rest = description.removeprefix("tls:").partition(":")
-            port = rest.partition(":")[0]
-            if kind in ("tcp", "tcp6", "ssl") and port.isdigit() and int(port) > 65535:
-                raise usage.UsageError(f"--{option} {description}: port {port} is not in 0-65535")
+        self._check_twistd()
 
     def _store_url(self) -> StoreURL | None:
         """
@@ -352,99 +551,251 @@ class Options(usage.Options):
         password_file = self["store-password-file"]
         if self["store"] == MEMORY:
             if password_file is not None:
-                raise usage.UsageError("--store-password-file needs a --store redis URL")
+                raise usage.UsageError(
+                    f"{self.name('store-password-file')} needs a Redis store, "
+                    f"e.g. {self.spelled('store', 'redis://127.0.0.1:6379/0')}"
+                )
             return None
         try:
             url = parse_store_url(self["store"])
         except ValueError as e:
-            raise usage.UsageError(str(e)) from e
+            # Its messages name --store, as on the command line.
+            why = str(e).removeprefix("--store").lstrip(": ")
+            raise usage.UsageError(f"{self.name('store')}: {why}") from None
         if password_file is None:
             return self._check_user(url)
         try:
             password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise usage.UsageError(f"--store-password-file: {e}") from e
+        except OSError as e:
+            raise usage.UsageError(
+                f"{self.spelled('store-password-file')}: {e.strerror or e}"
+            ) from None
+        except UnicodeDecodeError:
+            raise usage.UsageError(
+                f"{self.spelled('store-password-file')}: not UTF-8 text"
+            ) from None
         if not password:
-            raise usage.UsageError(f"--store-password-file: {password_file} is empty")
+            raise usage.UsageError(f"{self.spelled('store-password-file')}: the file is empty")
         return dataclasses.replace(url, password=password)
 
-    @staticmethod
-    def _check_user(url: StoreURL) -> StoreURL:
+    def _check_user(self, url: StoreURL) -> StoreURL:
         # Redis' AUTH takes a user only with its password.
         if url.username is not None and url.password is None:
             raise usage.UsageError(
-                f"--store {url}: user {url.username!r} without a password "
-                "(in the URL or in --store-password-file)"
+                f"{self.name('store')} {url}: user {url.username!r} without a password "
+                f"(in the URL or in {self.name('store-password-file')})"
             )
         return url
 
     def _check_tls(self) -> None:
         """
-        Refuse TLS settings that cannot serve: one of --tls-cert and
-        --tls-key without the other, files given that no listener uses (a
-        server an operator meant to be TLS must not quietly serve plain
-        HTTP), a TLS listener without files, or files that do not load.
+        Refuse endpoints that cannot listen (L{endpoints.check}), and TLS
+        settings that cannot serve: one of --tls-cert and --tls-key without
+        the other, files given that no listener uses (a server an operator
+        meant to be TLS must not quietly serve plain HTTP), a TLS listener
+        without files, or files that do not load.
         """
         cert, key = self["tls-cert"], self["tls-key"]
         if (cert is None) != (key is None):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
+            raise usage.UsageError(
+                f"{self.name('tls-cert')} and {self.name('tls-key')} go together"
+            )
         default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
         used = False
-        try:
-            metrics = [self["metrics"]] if self["metrics"] else []
-            for description in [*self["listen"], *metrics]:
-                files = tls.tls_files(description, default)
-                if files is not None:
-                    tls.load_identity(files)
-                    used = used or files == default
-        except ValueError as e:  # CertificateError included
-            raise usage.UsageError(str(e)) from e
+        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
+        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+            try:
+                endpoints.check(description, default)
+            except endpoints.EndpointError as e:
+                if e.needs_certificate:
+                    hint = (
+                        f"give {self.name('tls-cert')} and {self.name('tls-key')} "
+                        "(or privateKey= in ssl:)"
+                    )
+                else:
+                    one, other = _ENDPOINT_EXAMPLES[option]
+                    hint = f"e.g. {self.spelled(option, one)} or {self.spelled(option, other)}"
+                spelled = self.spelled(option, description)
+                raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
+            files = tls.tls_files(description, default)
+            if files is None:
+                continue
+            try:
+                tls.load_identity(files)
+            except tls.CertificateError as e:
+                which = "tls-cert" if files == default else option
+                raise usage.UsageError(f"{self.name(which)}: {e}") from None
+            used = used or files == default
         if default is not None and not used:
             raise usage.UsageError(
-                "--tls-cert/--tls-key are given but no listener uses them: "
-                "listen with ssl:PORT or tls:ENDPOINT"
+                f"{self.name('tls-cert')} and {self.name('tls-key')} are given but no listener "
+                f"uses them: listen with ssl:PORT or tls:ENDPOINT, e.g. "
+                f"{self.spelled('listen', 'ssl:8443')}"
             )
         self["tls-default"] = default
 
+    def _check_twistd(self) -> None:
+        """
+        Refuse a log or PID file of twistd's (given before "rendezvous")
+        that twistd could not write: it would fail with a traceback once
+        it opens them, after these options.
+        """
+        parent = self.parent
+        if parent is None:
+            return
+        for option in ("logfile", "pidfile"):
+            try:
+                path = parent[option]
+            except KeyError:
+                continue
+            if not path or path == "-":
+                continue
+            if option == "pidfile":
+                path = os.path.join(parent.get("rundir") or ".", path)
+            problem = _unwritable(Path(path))
+            if problem:
+                raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
 
-def options_from_environment(environ: Mapping[str, str]) -> Options:
+
+def _unwritable(path: Path) -> str | None:
+    """
+    Why C{path} could not be opened for writing, or None.
+    """
+    if path.is_dir():
+        return "is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "permission denied"
+    directory = path.parent
+    if not directory.is_dir():
+        return f"no such directory: {directory}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create a file in {directory}: permission denied"
+    return None
+
+
+def _knows(options: Any, opt: str) -> bool:
+    """
+    Whether C{options} (twistd's own) has the option C{opt}.
+    """
+    synonyms = getattr(options, "synonyms", {})
+    return opt in synonyms or opt.replace("-", "_") in synonyms
+
+
+def _takes_value(options: Any, opt: str) -> bool:
+    long = options.synonyms.get(opt, options.synonyms.get(opt.replace("-", "_"), opt))
+    return f"{long}=" in options.longOpt or f"{long.replace('_', '-')}=" in options.longOpt
+
+
+#: Two good examples for each option that takes an endpoint.
+_ENDPOINT_EXAMPLES = {
+    "listen": ("9000", "tcp:9000:interface=0.0.0.0"),
+    "metrics": ("9090", "tcp:9090:interface=127.0.0.1"),
+}
+#: Config field -> the option that sets it.
+_FIELD_OPTIONS: dict[str, str] = {
+    **{field: option for option, field, _, _ in Options._limits},
+    **{field: option for option, field in Options._networks},
+    "public_url": "public-url",
+    "msc4108_session_prefix": "msc4108-session-prefix",
+    "proxy_header": "proxy-header",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """
+    One option of L{Options} as users set it: on the command line, or
+    through its environment variable for the .tac.
+    """
+
+    #: The option's long name, without dashes.
+    option: str
+    #: The .tac's environment variable.
+    variable: str
+    #: Whether it takes a value (else it is a flag).
+    takes_value: bool
+    #: Whether it may be given more than once (the variable then holds
+    #: several values, separated by spaces).
+    repeatable: bool
+    #: What an empty command line gives it.
+    default: Any
+
+
+def settings() -> list[Setting]:
+    """
+    Every option of L{Options}, whoever declared it and however (a
+    parameter, a flag, an C{opt_} method), but C{--help} and C{--version}.
+    """
+    blank = Options()
+    effective = Options()
+    effective.parseOptions([])
+    found = []
+    for long in blank.longOpt:
+        option = long.rstrip("=")
+        if option in ("help", "version"):
+            continue
+        key = blank.synonyms.get(option.replace("-", "_"), option)
+        key = key if key in effective else option
+        found.append(
+            Setting(
+                option=option,
+                variable=ENVIRONMENT_PREFIX + option.upper().replace("-", "_"),
+                takes_value=long.endswith("="),
+                repeatable=isinstance(blank.get(key), list),
+                default=effective.get(key),
+            )
+        )
+    return found
+
+
+def options_from_environment(environ: Mapping[str, str], program: str | None = None) -> Options:
     """
     Parse L{Options} from C{RENDEZVOUS_*} environment variables, one per
-    option: C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, and
-    C{RENDEZVOUS_LISTEN} holds space-separated endpoints, as do the
-    repeatable networks (C{RENDEZVOUS_TRUSTED_PROXY}, C{RENDEZVOUS_ALLOW_CREATE},
-    C{RENDEZVOUS_DENY}).
+    option (L{settings}): C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, a
+    repeatable option's variable holds its values separated by spaces
+    (C{RENDEZVOUS_LISTEN}, C{RENDEZVOUS_TRUSTED_PROXY}...), and a flag's is
+    1 or 0.  A C{RENDEZVOUS_*} variable that is no option's is refused
+    (a typo would otherwise be silently ignored).  Mistakes name the
+    variable; with a C{program} they end it (see L{Options.parseOptions}).
     """
-    repeatable = {"listen", *(option for option, _ in Options._networks)}
-    argv: list[str] = []
-    for name in [
-        *sorted(repeatable),
-        "public-url",
-        "msc4108-session-prefix",
-        "proxy-header",
-        "tls-cert",
-        "tls-key",
-        "log-format",
-        "metrics",
-        "store",
-        "store-password-file",
-        *(option for option, *_ in Options._limits),
-    ]:
-        value = environ.get(ENVIRONMENT_PREFIX + name.upper().replace("-", "_"))
-        if value is None:
-            continue
-        for one in value.split() if name in repeatable else [value]:
-            argv.append(f"--{name}={one}")
-    for flag, _ in Options._flags:
-        variable = ENVIRONMENT_PREFIX + flag.upper().replace("-", "_")
-        value = environ.get(variable, "").lower()
-        if value in ("1", "true", "yes"):
-            argv.append(f"--{flag}")
-        elif value not in ("", "0", "false", "no"):
-            raise usage.UsageError(f"{variable} must be 1 or 0, not {value!r}")
     options = Options()
-    options.parseOptions(argv)  # type: ignore[no-untyped-call]
+    options.program = program
+    known = {s.variable: s for s in settings()}
+    options.variables = {s.option: s.variable for s in known.values()}
+    argv: list[str] = []
+    try:
+        for variable in sorted(environ):
+            if not variable.startswith(ENVIRONMENT_PREFIX):
+                continue
+            value = environ[variable]
+            setting = known.get(variable)
+            if setting is None:
+                close = difflib.get_close_matches(variable, list(known), n=1)
+                guess = f"; did you mean {close[0]}?" if close else ""
+                raise usage.UsageError(f"{variable}={value}: no such setting{guess}")
+            if not setting.takes_value:
+                if value.lower() in ("1", "true", "yes"):
+                    argv.append(f"--{setting.option}")
+                elif value.lower() not in ("", "0", "false", "no"):
+                    raise usage.UsageError(f"{variable}={value}: must be 1 or 0")
+                continue
+            for one in value.split() if setting.repeatable else [value]:
+                argv.append(f"--{setting.option}={one}")
+    except usage.UsageError as e:
+        if program is None:
+            raise
+        raise SystemExit(options.usage_error(str(e))) from None
+    options.parseOptions(argv)
     return options
+
+
+def environment_service(environ: Mapping[str, str]) -> IService:
+    """
+    The service of the .tac: L{makeService} with the options of the
+    environment (L{options_from_environment}); a mistake ends the program
+    with a short message naming the variable.
+    """
+    return makeService(options_from_environment(environ, program=TAC), environ=environ)
 
 
 def makeService(
@@ -482,7 +833,7 @@ def makeService(
         # The same lines twistd's own observer would write, cheaper per
         # access line; twistd keeps its own for a log file or syslog.
         log_observer = logs.observer("text")
-    root = RendezvousRoot(log_observer)
+    root = RendezvousRoot(log_observer, program=options.program)
     OpenFileLimitService().setServiceParent(root)  # type: ignore[no-untyped-call]
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
@@ -500,15 +851,20 @@ def makeService(
     HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     listeners = []
     for description in options["listen"]:
-        endpoint = tls.listen_endpoint(reactor, description, contexts, options["tls-default"])
+        endpoint = _endpoint(options, "listen", description, reactor, contexts)
         listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
+        listener.label = options.spelled("listen", description)
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]
         listeners.append(listener)
 
     def status() -> str:
-        return (
-            f"{store.rendezvous_count} rendezvous, {store.parked_count} parked readers, "
-            f"{site.in_flight} requests in flight, {site.connection_count} connections"
+        return ", ".join(
+            (
+                quantity(store.rendezvous_count, "rendezvous", "rendezvous"),
+                quantity(store.parked_count, "parked reader"),
+                quantity(site.in_flight, "request") + " in flight",
+                quantity(site.connection_count, "connection"),
+            )
         )
 
     systemd.SystemdService(
@@ -521,20 +877,42 @@ def makeService(
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
     if options["metrics"]:
         _watch(metrics, store, site, contexts)
-        endpoint = tls.listen_endpoint(reactor, options["metrics"], contexts, None)
-        LateListenerService(  # type: ignore[no-untyped-call]
+        endpoint = _endpoint(options, "metrics", options["metrics"], reactor, contexts)
+        late = LateListenerService(
             endpoint,
             metrics_site(
                 metrics,
                 lambda: lifecycle.stopping,
                 reactor,
                 store_available=lambda: store.available,
+                saturated=lambda: site.saturated,
             ),
             lifecycle,
-        ).setServiceParent(root)
+        )
+        late.label = options.spelled("metrics", options["metrics"])
+        late.setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+def _endpoint(
+    options: Options, option: str, description: str, reactor: Any, contexts: tls.ContextRegistry
+) -> IStreamServerEndpoint:
+    """
+    The endpoint of a checked C{--listen} or C{--metrics} description;
+    what only the start can tell is wrong with it (a socket systemd did not
+    pass, certificate files gone since) ends the program, or raises
+    L{StartupError} for a library caller.
+    """
+    default = options["tls-default"] if option == "listen" else None
+    try:
+        return endpoints.listen_endpoint(reactor, description, contexts, default)
+    except (endpoints.EndpointError, tls.CertificateError) as e:
+        message = f"{options.spelled(option, description)}: {e}"
+        if options.program is None:
+            raise StartupError(message) from e
+        raise SystemExit(f"{options.program}: {message}") from None
 
 
 def _watch(
@@ -582,6 +960,25 @@ def _watch(
         "Open HTTP connections.",
         "gauge",
         lambda: site.connection_count,
+    )
+    metrics.watch(
+        "rendezvous_http_connections_max",
+        "The connection cap (--max-connections): past it new connections get 503.",
+        "gauge",
+        lambda: site.admission.max_connections,
+    )
+    metrics.watch(
+        "rendezvous_http_saturated",
+        "1 from when the open connections reach the cap until they fall a tenth below it "
+        "(/health answers 503 saturated meanwhile), else 0.",
+        "gauge",
+        lambda: int(site.saturated),
+    )
+    metrics.watch(
+        "rendezvous_http_refusals_waiting",
+        "Connections refused at a connection cap, waiting for their request to be answered.",
+        "gauge",
+        lambda: site.admission.waiting_refusals,
     )
     metrics.watch(
         "rendezvous_http_requests_in_flight",

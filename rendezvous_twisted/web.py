@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from io import BytesIO
 from typing import Any, cast
@@ -19,7 +18,7 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -28,8 +27,16 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import access, conditions, msc4108, wire
+from rendezvous_twisted import access, conditions, http1, msc4108, wire
 from rendezvous_twisted.addresses import Client, ClientResolver
+
+# Named here too (they were defined here before answers.py held them).
+from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
+from rendezvous_twisted.answers import JSON as JSON
+from rendezvous_twisted.answers import PREFLIGHT as PREFLIGHT
+from rendezvous_twisted.answers import Refusal
+from rendezvous_twisted.answers import closing_answer as _closing_answer
+from rendezvous_twisted.answers import error_body as error_body
 from rendezvous_twisted.conditions import ANY
 from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
 from rendezvous_twisted.metrics import Metrics
@@ -46,31 +53,6 @@ from rendezvous_twisted.store import (
     Wakeup,
 )
 
-#: What SPEC.md's "Every response" and "CORS" sections put on every answer.
-EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
-    (b"Access-Control-Allow-Origin", b"*"),
-    (
-        b"Access-Control-Expose-Headers",
-        b"ETag, Location, X-Max-Bytes, Expires, Last-Modified, Retry-After",
-    ),
-    (b"Cache-Control", b"no-store, no-transform"),
-    (b"Pragma", b"no-cache"),
-    (b"X-Content-Type-Options", b"nosniff"),
-    # Whatever a payload holds, a browser that opens it runs and loads
-    # nothing.  Harmless on the other answers, so it goes on all of them.
-    (b"Content-Security-Policy", b"sandbox; default-src 'none'"),
-    # No version: it helps no client and tells an attacker what to try.
-    (b"Server", b"rendezvous-twisted"),
-)
-
-#: Added to the every-response headers on a CORS preflight.
-PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
-    (b"Access-Control-Allow-Methods", b"GET, PUT, POST, DELETE"),
-    (b"Access-Control-Allow-Headers", b"Content-Type, If-Match, If-None-Match, Prefer"),
-    (b"Access-Control-Max-Age", b"86400"),
-)
-
-JSON = b"application/json"
 OCTET_STREAM = b"application/octet-stream"
 #: Reason phrases Twisted lacks.
 _REASONS = {429: b"Too Many Requests"}
@@ -79,21 +61,17 @@ NO_BODY = frozenset((204, 304))
 
 ALLOW_ROOT = b"POST, OPTIONS"
 ALLOW_RENDEZVOUS = b"GET, PUT, DELETE, OPTIONS"
+#: What OPTIONS * (about the server as a whole) answers it allows.
+ALLOW_SERVER = b"GET, PUT, POST, DELETE, OPTIONS"
 
 # Ids are minted by secrets.token_urlsafe(16): 22 URL-safe characters.  A
 # little slack costs nothing; anything else can never name a rendezvous.
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 # A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
 # literal, and an optional port.  Anything else falls back to our own address.
+# The control characters (RFC 5234 CTL) but horizontal tab.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
-
-
-def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
-    """
-    The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
-    C{extra} fields.
-    """
-    return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
 def redact(rendezvous_id: str) -> str:
@@ -144,6 +122,7 @@ def _http_date(seconds: float) -> bytes:
     # name (now, and the expiry and last write of live rendezvous) repeat
     # across many requests: format each once.
     return _date_of_second(int(seconds))
+
 
 
 class HTTPError(Exception):
@@ -201,29 +180,6 @@ class MethodNotAllowedError(HTTPError):
         self.headers = ((b"Allow", allow),)
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """
-    How a connection refused at the caps is answered: the status, the JSON
-    error and any headers.  HTTP/1.1 writes it whole; HTTP/2 answers its
-    first stream with it, then says GOAWAY.
-    """
-
-    status: int
-    errcode: str
-    message: str
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-    def http11(self) -> bytes:
-        """
-        The whole HTTP/1.1 answer, closing the connection.
-        """
-        reason = _REASONS.get(self.status) or http.RESPONSES.get(self.status, b"Unknown")
-        return _closing_answer(
-            b"%d %s" % (self.status, reason), self.errcode, self.message, self.headers
-        )
-
-
 class RendezvousRequest(Request):
     """
     A request that enforces the payload limit before and while its body is
@@ -244,6 +200,9 @@ class RendezvousRequest(Request):
     #: Who sent it, once L{RendezvousAPI} has resolved it (for limits, the
     #: access log and the Location scheme).
     client: Client | None = None
+    #: Why its line or headers break RFC 9112's rules (L{http1.check_request}),
+    #: for the 400 that answers it before any route; None for most.
+    problem: str | None = None
 
     @property
     def _max_bytes(self) -> int:
@@ -292,9 +251,37 @@ class RendezvousRequest(Request):
             return
         content.write(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # Called for HTTP/1.x and HTTP/2 alike, once the body is in.  Route
+        # an absolute-form target on its path, with its authority as the
+        # Host (RFC 9112 3.2.2); a target or Host that breaks the rules is
+        # answered 400 by the resource, before any route.
+        try:
+            target = http1.check_request(command, path, version, self.requestHeaders)
+        except http1.TargetError as problem:
+            self.problem = str(problem)
+        else:
+            path = target.path
+            if target.authority is not None:
+                self.requestHeaders.setRawHeaders(b"Host", [target.authority])
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
     def process(self) -> None:
-        if not self._refused:
+        if self._refused:
+            return
+        if self.path != http1.ASTERISK:
             super().process()  # type: ignore[no-untyped-call]
+            return
+        # Twisted answers "OPTIONS *" (and refuses any other method with a
+        # "*" target) itself, in its own words and without the headers of
+        # every answer: send it to the resource like any other request.
+        self.site = cast(Any, self.channel).site
+        self.prepath, self.postpath = [], []
+        self.setHeader(b"Date", http.datetimeToString())  # type: ignore[no-untyped-call]
+        try:
+            self.render(self.site.resource)  # type: ignore[no-untyped-call]
+        except Exception:
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     def _refuse_oversize(self) -> None:
         """
@@ -369,31 +356,6 @@ class RendezvousRequest(Request):
         self.finish()  # type: ignore[no-untyped-call]
 
 
-def _closing_answer(
-    status: bytes,
-    errcode: str,
-    message: str,
-    headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> bytes:
-    """
-    A whole HTTP/1.1 error answer as bytes, with the every-response headers
-    and C{Connection: close}, for refusals made below the resource, where
-    there is no Request to answer through.
-    """
-    body = error_body(errcode, message)
-    head = [b"HTTP/1.1 " + status]
-    for name, value in (
-        *EVERY_RESPONSE,
-        (b"Date", http.datetimeToString()),
-        (b"Content-Type", JSON),
-        (b"Content-Length", b"%d" % len(body)),
-        (b"Connection", b"close"),
-        *headers,
-    ):
-        head.append(name + b": " + value)
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
 def _peer_host(address: IAddress) -> str | None:
     """
     The IP address of a peer, None for a peer that has none (a UNIX socket).
@@ -427,15 +389,30 @@ class RendezvousChannel(http.HTTPChannel):
     # these five more (ours, and the limits set per site) took it past the
     # table, so every parked connection held such a dict.  In slots they
     # cost 8 bytes each.
-    __slots__ = ("MAX_LENGTH", "_deadline", "maxHeaders", "site", "totalHeadersSize")
+    __slots__ = (
+        "MAX_LENGTH",
+        "_chunks",
+        "_deadline",
+        "_refusal",
+        "maxHeaders",
+        "site",
+        "totalHeadersSize",
+    )
 
     site: RendezvousSite
     _deadline: IDelayedCall | None
+    #: While a chunked body comes: what its chunks announced.
+    _chunks: http1.ChunkedAnnouncements | None
+    #: For a connection the site refused: its refusal, waiting for the
+    #: request's head, then answered.
+    _refusal: http1.WaitingRefusal | None
     _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._deadline = None
+        self._chunks = None
+        self._refusal = None
         # A slot hides its bases' class default: start from that default.
         self.totalHeadersSize = http.HTTPChannel.totalHeadersSize
         self.maxHeaders = http.HTTPChannel.maxHeaders
@@ -449,17 +426,60 @@ class RendezvousChannel(http.HTTPChannel):
         super().connectionMade()  # type: ignore[no-untyped-call]
         self._arm(self.site.config.header_timeout_seconds, "headers")
 
-    def refuse(self, answer: bytes) -> None:
+    def refuse(self, refusal: Refusal, wait: bool) -> None:
         """
-        Write C{answer} (a whole HTTP/1.1 response) and close, with no
-        deadline left to fire: for a connection the site did not admit.
+        Answer a connection the site did not admit with C{refusal}, and
+        close it.  When C{wait}, the answer comes once the request's head
+        is in (or at the header deadline, or past max_header_bytes), as a
+        client that sends its request before it reads expects: an answer
+        written before would be followed by a close that makes its sending
+        fail.  Else it is written at once.  Nothing the connection sends is
+        ever parsed or served.
         """
+        waiting = http1.WaitingRefusal(refusal, self.site.config.max_header_bytes)
+        self._refusal = waiting
+        # Our deadlines, not Twisted's idle timeout, bound it from now on.
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        if wait:
+            return  # the header deadline, armed at connectionMade, bounds it
+        waiting.answered = True
         self._disarm()
         assert self.transport is not None
-        self.transport.write(answer)
+        self.transport.write(refusal.http11())
         self.loseConnection()  # type: ignore[no-untyped-call]
 
+    def answer_refusal(self) -> None:
+        """
+        Write the refusal of a refused connection that waited for its
+        request, then close once its client has read the answer and closed
+        its end, or after L{http1.LINGER_SECONDS}, whichever is first.
+        """
+        waiting = self._refusal
+        assert waiting is not None
+        assert not waiting.answered
+        waiting.answered = True
+        self._disarm()
+        transport = self.transport
+        assert transport is not None
+        transport.write(waiting.refusal.http11())
+        if ITCPTransport.providedBy(transport):
+            # Say at once that no more is coming.  (A TLS transport has no
+            # half-close, and would forward this name to the TCP below it.)
+            transport.loseWriteConnection()
+        self._deadline = self.site.reactor.callLater(http1.LINGER_SECONDS, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        transport.abortConnection()
+
     def dataReceived(self, data: bytes) -> None:
+        waiting = self._refusal
+        if waiting is not None:
+            # Refused: only the end of the request's head matters.
+            if waiting.head_complete(data):
+                self.answer_refusal()
+            return
         # The first byte of a request starts its headers' deadline; bytes
         # that arrive while a request is handled are the next request's,
         # buffered until that one is done.
@@ -473,9 +493,26 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         if self.length != 0 and not getattr(self.transport, "disconnecting", False):
             self._arm(self.site.config.body_timeout_seconds, "body")
+            if self.length is None:
+                # Chunked: its length is only known as its chunks announce it.
+                self._chunks = http1.ChunkedAnnouncements()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        chunks = self._chunks
+        if chunks is not None and chunks.feed(data) > self.site.max_body_bytes:
+            # A chunk announced more than the limit: refuse it now, not once
+            # its bytes have come (or at the body deadline, if they never do).
+            self._chunks = None
+            request = self.requests[-1]
+            assert isinstance(request, RendezvousRequest)
+            if not request._refused:
+                request._refuse_oversize()
+            return
+        super().rawDataReceived(data)
 
     def allContentReceived(self) -> None:
         self._disarm()
+        self._chunks = None
         super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -499,6 +536,10 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         if getattr(self.transport, "disconnecting", False):
             return  # already refused (400, 413) and closing
+        if self._refusal is not None:
+            # Refused, and its request never came whole: answer anyway.
+            self.answer_refusal()
+            return
         self._log.info(
             "closing a connection from {client}: request {what} not complete in {seconds}s",
             client=_peer_host(self.transport.getPeer()) or "-",
@@ -535,16 +576,17 @@ class RendezvousChannel(http.HTTPChannel):
 class _TrackedChannelProtocol(wire.SwitchingProtocol):
     """
     One connection: HTTP/1.1 through L{RendezvousChannel}, or HTTP/2 (when
-    TLS negotiated "h2") through L{http2.LimitedH2Connection}.  It lives as
-    long as its connection, across the switch, so it is what the site counts
+    TLS negotiated "h2") through L{http2.LimitedH2Connection}, which bounds
+    its streams, header blocks, bodies and deadlines.  It lives as long as
+    its connection, across the switch, so it is what the site counts
     against the connection caps (admitted when made, released when lost)
     and what tells the site when its connection is gone, so that a graceful
     stop knows what is still open.
 
-    A connection refused at the caps is answered with its L{Refusal}: over
-    HTTP/1.1 at once; over TLS once its first bytes say which protocol it
-    speaks (ALPN), and over HTTP/2 on its first stream, then GOAWAY, within
-    the header deadline.
+    A connection refused at the caps is answered with its L{Refusal} once
+    it has asked: over HTTP/1.1 by its channel, after the request's head;
+    over HTTP/2 on its first stream, then GOAWAY, within the header
+    deadline.
     """
 
     #: Whether this connection was admitted and is counted by the site.
@@ -552,32 +594,42 @@ class _TrackedChannelProtocol(wire.SwitchingProtocol):
     #: The key it is counted under per address; None for trusted proxies
     #: and peers without an IP address.
     _connection_key: str | None = None
-    #: How a refused TLS connection is answered, until it is.
+    #: Whether it was refused and counted among those waiting for their
+    #: request (L{http1.Admission.wait}) until it is lost.
+    _waiting = False
+    #: A refused TLS connection's refusal, for its first HTTP/2 stream should
+    #: it speak HTTP/2.
     _refusal: Refusal | None = None
 
     http11: RendezvousChannel
     site: RendezvousSite
 
     def makeConnection(self, transport: Any) -> None:
-        refusal = self.site.admit(self, transport.getPeer())
+        site = self.site
+        refusal = site.admit(self, transport.getPeer())
         super().makeConnection(transport)
-        if refusal is None:
-            return
-        if wire.H2_AVAILABLE and hasattr(transport, "negotiatedProtocol"):
-            # TLS: which protocol it speaks is known with its first bytes,
-            # once the handshake is done; until then the HTTP/1.1 channel's
-            # header deadline bounds the wait.
-            self._refusal = refusal
-            return
-        self.http11.refuse(refusal.http11())
+        if refusal is not None:
+            self._waiting = site.admission.wait()
+            if self._waiting and wire.H2_AVAILABLE and hasattr(transport, "negotiatedProtocol"):
+                # TLS: which protocol it speaks is known with its first
+                # bytes.  Until then the HTTP/1.1 channel waits, within its
+                # header deadline.
+                self._refusal = refusal
+            self.http11.refuse(refusal, self._waiting)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refusal is not None and self.negotiated() != b"h2":
-            refusal, self._refusal = self._refusal, None
-            self.http11.refuse(refusal.http11())
+        if not self._admitted and self.http2 is None:
+            waiting = self.http11._refusal
+            pending = waiting is not None and not waiting.answered
+            if self._refusal is not None and pending and self.negotiated() == b"h2":
+                # Its first stream gets the refusal (see make_h2).
+                super().dataReceived(data)
+                return
+            # The HTTP/1.1 channel waits for the request's head and answers;
+            # nothing it sends is ever served.
+            self._refusal = None
+            self.http11.dataReceived(data)
             return
-        if not self._admitted and self._refusal is None and self.http2 is None:
-            return  # refused: its answer is written and it is closing
         super().dataReceived(data)
 
     def switching(self) -> None:
@@ -589,6 +641,14 @@ class _TrackedChannelProtocol(wire.SwitchingProtocol):
         refusal, self._refusal = self._refusal, None
         return self.site.make_h2(refusal)
 
+    def close_idle(self) -> None:
+        waiting = self.http11._refusal if self.http2 is None else None
+        if waiting is not None and not waiting.answered:
+            # Refused, and still waiting for its request: answered, not dropped.
+            self.http11.answer_refusal()
+            return
+        super().close_idle()
+
     def connectionLost(self, reason: Failure = wire.connectionDone) -> None:
         try:
             super().connectionLost(reason)
@@ -597,6 +657,9 @@ class _TrackedChannelProtocol(wire.SwitchingProtocol):
             if self._admitted:
                 self._admitted = False
                 site.release(self._connection_key)
+            if self._waiting:
+                self._waiting = False
+                site.admission.done_waiting()
             site.connection_lost(self)
 
 
@@ -613,8 +676,8 @@ class RendezvousSite(Site):
     _logger = Logger()
 
     def protocol(self) -> _TrackedChannelProtocol:  # type: ignore[override]
-        # As Twisted's own factory, with our channel for HTTP/1.x; the proxy
-        # is what switches to HTTP/2 when TLS negotiates it.
+        # Our channel for HTTP/1.x; the protocol switches to HTTP/2 when TLS
+        # negotiates it.
         channel = RendezvousChannel()
         channel.totalHeadersSize = self.config.max_header_bytes
         channel.maxHeaders = self.config.max_headers
@@ -634,7 +697,16 @@ class RendezvousSite(Site):
     ) -> None:
         config = config if config is not None else Config()
         super().__init__(  # type: ignore[no-untyped-call]
-            resource, reactor=reactor, timeout=config.idle_timeout_seconds
+            resource,
+            reactor=reactor,
+            timeout=config.idle_timeout_seconds,
+            # Twisted would parse a POST's body as a form when its
+            # Content-Type names one, for request.args, which nothing here
+            # reads: a payload is opaque bytes, whatever type it claims.
+            # Its parser also raised on a Content-Type holding a character
+            # that Python's email package reads as a line break (\x0b, \x0c,
+            # \x1c-\x1e, \x85), so that the request was never answered.
+            parsePOSTFormSubmission=False,
         )
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or Metrics()
@@ -647,45 +719,57 @@ class RendezvousSite(Site):
         self._draining: Deferred[None] | None = None
         self.config = config
         self.clients = clients if clients is not None else ClientResolver(self.config)
-        #: Open connections, and open connections per client key.
-        self.connection_count = 0
-        self._per_key: dict[str, int] = {}
+        #: The connection caps and counts.
+        self.admission = http1.Admission(
+            config.max_connections,
+            config.max_connections_per_address,
+            config.max_waiting_refusals,
+        )
+
+    @property
+    def connection_count(self) -> int:
+        """
+        Open connections that were admitted (refused ones are not).
+        """
+        return self.admission.count
+
+    @property
+    def saturated(self) -> bool:
+        """
+        Whether new connections are refused at the global cap (see
+        L{http1.Admission}): what C{/health} tells a balancer.
+        """
+        return self.admission.saturated
 
     def admit(self, connection: _TrackedChannelProtocol, peer: IAddress) -> Refusal | None:
         """
         Count a new connection from C{peer}, or refuse it: None when
-        admitted (L{release} must follow when it is lost), else how to
-        answer it before closing it.  Past the global cap the
-        answer is 503 (the server is busy: no fault of this client); past
-        the per-address cap it is 429 (this client holds too many).
-        Connections from trusted proxies and from peers without an IP
-        address count only against the global cap: each carries many
+        admitted (L{release} must follow when it is lost), else the
+        L{Refusal} to answer its first request with before closing it.
+        Past the global cap it is 503 (the server is busy: no fault of this
+        client); past the per-address cap it is 429 (this client holds too
+        many).  Connections from trusted proxies and from peers without an
+        IP address count only against the global cap: each carries many
         clients.
         """
-        if self.connection_count >= self.config.max_connections:
-            return self._refuse_connection(peer, 503, "the server has too many connections")
         client = self.clients.peer(_peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
-            if self._per_key.get(key, 0) >= self.config.max_connections_per_address:
-                return self._refuse_connection(peer, 429, "too many connections from this address")
-            self._per_key[key] = self._per_key.get(key, 0) + 1
-        self.connection_count += 1
+        refusal = self.admission.admit(key)
+        if refusal is not None:
+            # Answered below the resource, so neither the access log nor the
+            # error mapping sees it: count and log it here.
+            self.metrics.refused("connections")
+            self._logger.info(
+                "refusing a connection from {client}: {why}",
+                client=_peer_host(peer) or "-",
+                why=refusal.message,
+            )
+            return refusal
         connection._admitted = True
         connection._connection_key = key
         return None
-
-    def _refuse_connection(self, peer: IAddress, status: int, message: str) -> Refusal:
-        # Answered below the resource, so neither the access log nor the
-        # error mapping sees it: count and log it here.
-        self.metrics.refused("connections")
-        self._logger.info(
-            "refusing a connection from {client}: {why}",
-            client=_peer_host(peer) or "-",
-            why=message,
-        )
-        return Refusal(status, "M_LIMIT_EXCEEDED", message, ((b"Retry-After", b"1"),))
 
     def make_h2(self, refusal: Refusal | None) -> Any:
         """
@@ -715,30 +799,18 @@ class RendezvousSite(Site):
         self, status: int, errcode: str, message: str, headers: Sequence[tuple[bytes, bytes]]
     ) -> tuple[list[tuple[bytes, bytes]], bytes]:
         """
-        The headers (those of every answer first) and the JSON body of an
-        error answered below the resource.
+        The headers (those of every answer first, and Date) and the JSON
+        body of an error answered below the resource.
         """
-        body = error_body(errcode, message)
-        fields = [
-            *EVERY_RESPONSE,
-            (b"Date", http.datetimeToString()),
-            (b"Content-Type", JSON),
-            (b"Content-Length", b"%d" % len(body)),
-            *headers,
-        ]
-        return fields, body
+        answer = Refusal(status, errcode, message, tuple(headers))
+        fields = [*answer.response_headers(), (b"Date", http.datetimeToString())]
+        return fields, answer.body()
 
     def release(self, key: str | None) -> None:
         """
         Forget a connection that L{admit} counted.
         """
-        self.connection_count -= 1
-        if key is not None:
-            left = self._per_key[key] - 1
-            if left:
-                self._per_key[key] = left
-            else:
-                del self._per_key[key]
+        self.admission.release(key)
 
     def buildProtocol(self, addr: Any) -> Any:
         if self._draining is not None:
@@ -827,7 +899,9 @@ class RendezvousSite(Site):
             if protocol.transport is not None:
                 self._closing.add(protocol)
                 protocol.close_idle()
-        if not self._connections:
+        # A transport may report its loss inside loseConnection (a half-
+        # closed TCP one does), which looked again and may have ended it.
+        if not self._connections and not self._draining.called:
             self._draining.callback(None)
 
     def _recheck_after_streams(self, protocol: _TrackedChannelProtocol) -> None:
@@ -944,16 +1018,25 @@ class _GuardedResource(KleinResource):
         # own render reads them from the same attribute.
         self._error_handlers = app._error_handlers
 
+
     def render(self, request: IRequest) -> Any:
         # Policy and rate limits come first: a preflight is a request too.
         try:
             self._api.admit(request)
         except HTTPError as refusal:
             return _written(request, self._api.refuse(request, refusal))
+        problem = request.problem if isinstance(request, RendezvousRequest) else None
+        if problem is not None:
+            error = BadRequestError("M_BAD_REQUEST", problem)
+            return _written(request, self._api.refuse(request, error))
         # A preflight succeeds whatever the path, known or not: a failed one
         # is a broken browser client, and it reveals nothing.  Decided here,
         # once, before any routing.
         if request.method == b"OPTIONS":
+            if request.path == http1.ASTERISK:
+                # About the server as a whole (RFC 9110 9.3.7): what it allows
+                # anywhere, besides the preflight's answer.
+                request.responseHeaders.setRawHeaders(b"Allow", [ALLOW_SERVER])
             return _written(request, self._api.preflight(request))
         segments = request.postpath or [b""]
         # Klein would read "//" as "/" and "/<id>/" as "/<id>": an empty
@@ -1248,7 +1331,9 @@ class RendezvousAPI:
             # Twisted dates every answer when its request arrived; a parked
             # one (200, 304 or 404) comes up to a poll timeout later.
             if parked:
-                request.responseHeaders.setRawHeaders(b"Date", [_http_date(self._clock.seconds())])
+                request.responseHeaders.setRawHeaders(
+                    b"Date", [_http_date(self._clock.seconds())]
+                )
             return result
 
         def answer(wakeup: Wakeup) -> bytes:
@@ -1450,6 +1535,12 @@ class RendezvousAPI:
                 "M_INVALID_PARAM",
                 f"Content-Type is over {self._config.max_content_type_bytes} bytes",
             )
+        if _CONTROL.search(values[0]) is not None:
+            # Stored and sent back byte for byte to every reader, where a
+            # control character is not a field value (RFC 9110 5.5) and some
+            # parsers read \x0b or \x0c as a line break.  obs-text (bytes
+            # 0x80-0xff) is a field value, and is kept as it came.
+            raise BadRequestError("M_INVALID_PARAM", "Content-Type holds a control character")
         content_type: bytes = values[0]
         return content_type
 

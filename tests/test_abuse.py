@@ -284,6 +284,8 @@ def test_connection_cap_per_address(servers: list[TwistdServer], tmp_path: Path)
         for conn in parked:
             assert conn.quiet_for(PARKED_PROOF_SECONDS / 3)
         with Conn(server.port, source=ATTACKER) as extra:
+            # Answered after its request, as a client that sends first expects.
+            extra.request("POST", "/", body=b"x")
             refused = extra.read_response()
             assert_rate_limited(refused)
             assert refused.header("Connection") == b"close"

@@ -202,3 +202,81 @@ def test_a_scenario_whose_answers_never_come_stops_by_itself() -> None:
     assert done.returncode != 0
     assert b"did not finish within 1 s" in done.stderr, done.stderr
     assert done.stdout == b""
+
+
+# Against a server started by hand, as the docs say.
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_SECONDS,
+        check=False,
+    )
+
+
+def test_a_server_with_default_limits_is_named_with_the_flags_to_start(tmp_path: Path) -> None:
+    """Against default limits (429), the bench stops with one line giving the flags that fix it."""
+    from .test_end_to_end import running, start_plugin_server
+
+    for server in running(start_plugin_server(tmp_path)):
+        url = f"http://127.0.0.1:{server.port}"
+        done = bench("--url", url, "--scenario", "exchange", "--seconds", "0.5")
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"bench: {url} refused the load (429 M_LIMIT_EXCEEDED: "), line
+        flags = bench("--server-flags").stdout.strip()
+        assert line.endswith(f"twistd -n rendezvous --listen {server.port} {flags}"), line
+
+
+def test_the_documented_server_command_serves_the_bench(tmp_path: Path) -> None:
+    """A server started with $(python -m bench --server-flags) takes the scenarios' load."""
+    from .test_end_to_end import LISTEN, TwistdServer, running
+
+    flags = bench("--server-flags")
+    assert flags.returncode == 0, flags.stderr
+    arguments = flags.stdout.split()
+    assert "--request-burst=1000000" in arguments
+    # No access log: nothing reads the server's output pipe while the bench runs.
+    argv = ["rendezvous", "--listen", LISTEN, *arguments, "--no-access-log"]
+    for server in running(TwistdServer(argv, tmp_path)):
+        for scenario in ("exchange", "read-heavy"):
+            done = bench(
+                "--url", f"http://127.0.0.1:{server.port}", "--scenario", scenario,
+                "--seconds", "0.3", "--server-pid", str(server.proc.pid),
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            [line] = done.stdout.splitlines()
+            assert json.loads(line)["scenario"] == scenario
+
+
+def test_no_server_is_one_line() -> None:
+    """With nothing listening at --url, the bench says so in one line, not a traceback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    done = bench("--url", f"http://127.0.0.1:{free}", "--scenario", "exchange", "--seconds", "0.2")
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"bench: no answer from http://127.0.0.1:{free} "), line
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.profile"])
+def test_help_is_plain_text(module: str) -> None:
+    """python -m bench --help (and bench.profile's) holds no epytext markup."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for markup in ("C{", "L{", "I{", "@param", "@return"):
+        assert markup not in done.stdout, done.stdout
+    assert "--server-flags" in done.stdout or module == "bench.profile"

@@ -36,6 +36,7 @@ def test_budget_at_the_defaults() -> None:
     assert items["parked readers"].count == config.max_connections
     assert items["rate buckets"].count == 2 * config.max_rate_buckets
     assert items["connections"].count == config.max_connections
+    assert items["refused connections waiting"].count == config.max_waiting_refusals
     total = budget.worst_case_memory(config).total_bytes
     assert total == sum(item.count * item.bytes_each for item in items.values())
     assert 500 * 2**20 < total < 800 * 2**20
@@ -50,6 +51,7 @@ def test_budget_grows_with_each_cap() -> None:
         {"max_rate_buckets": 200000},
         {"max_connections": 8192},
         {"max_header_bytes": 32768},
+        {"max_waiting_refusals": 128},
     ]:
         assert budget.worst_case_memory(Config(**change)).total_bytes > base, change  # type: ignore[arg-type]
 
@@ -135,6 +137,32 @@ def test_connection_price_bounds_a_parked_connection() -> None:
     assert per_connection < budget.CONNECTION_OVERHEAD_BYTES
 
 
+def test_waiting_refusal_price_bounds_a_refused_connection() -> None:
+    """
+    A connection refused at the cap, waiting for the rest of its request's head, costs less than
+    the budget's price for it, and keeps none of what it was sent.
+    """
+    count = 300
+    reactor = MemoryReactorClock()
+    config = Config(max_connections=1, max_connections_per_address=1, max_waiting_refusals=count)
+    site = RendezvousAPI(MemoryStore(config, reactor), config, reactor).site(reactor)
+    admitted = IPv4Address("TCP", "10.9.9.9", 1)
+    site.buildProtocol(admitted).makeConnection(StringTransport(peerAddress=admitted))
+    head = b"GET / HTTP/1.1\r\nHost: rendezvous.example.org\r\nUser-Agent: " + b"y" * 2000
+
+    def connection(i: int) -> object:
+        peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
+        channel = site.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        channel.makeConnection(transport)
+        channel.dataReceived(head)
+        return channel, transport
+
+    per_connection = measured(count, connection)
+    assert site.admission.waiting_refusals == count
+    assert per_connection < budget.WAITING_REFUSAL_BYTES
+
+
 def test_too_few_file_descriptors_are_warned_about() -> None:
     """
     When the process may open fewer files than max_connections needs, the
@@ -152,11 +180,17 @@ def test_too_few_file_descriptors_are_warned_about() -> None:
     warnings = [e for e in events if e["log_level"] == LogLevel.warn]
     assert len(warnings) == 1
     assert "ulimit -n" in formatEvent(warnings[0])
-    config = Config(max_connections=max(1, soft - 64), max_connections_per_address=1)
-    service = StoreService(MemoryStore(config, Clock()), config, Clock())
-    with capturedLogs() as events:
-        service.startService()
-    assert not [e for e in events if e["log_level"] == LogLevel.warn]
+    # The refused connections that wait for their request hold descriptors too.
+    for waiting, warned in ((8, 0), (9, 1)):
+        config = Config(
+            max_connections=max(1, soft - 64 - 8),
+            max_connections_per_address=1,
+            max_waiting_refusals=waiting,
+        )
+        service = StoreService(MemoryStore(config, Clock()), config, Clock())
+        with capturedLogs() as events:
+            service.startService()
+        assert len([e for e in events if e["log_level"] == LogLevel.warn]) == warned
 
 
 def test_rendezvous_in_redis_leave_the_process_budget() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import re
 import select
 import socket
 import subprocess
@@ -104,7 +105,13 @@ def test_two_terminals_complete_an_exchange(server: TwistdServer) -> None:
         wait_for_stderr(receiver, b"waiting for a new payload")
         assert receiver.poll() is None
         sent = cli("send", url, "--data", answer.decode())
-        assert (sent.returncode, sent.stdout, sent.stderr) == (0, b"", b"")
+        assert (sent.returncode, sent.stdout) == (0, b""), sent.stderr
+        # What was sent, briefly, on standard error (standard output is for payloads).
+        assert re.fullmatch(
+            rb'rendezvous-cli: sent %d bytes \(application/octet-stream\); ETag "[^"]+"\n'
+            % len(answer),
+            sent.stderr,
+        ), sent.stderr
         out, err = receiver.communicate(timeout=DEADLINE_SECONDS)
     finally:
         if receiver.poll() is None:
@@ -114,7 +121,7 @@ def test_two_terminals_complete_an_exchange(server: TwistdServer) -> None:
     assert out == answer
 
     cancelled = cli("cancel", url)
-    assert cancelled.returncode == 0, cancelled.stderr
+    assert (cancelled.returncode, cancelled.stderr) == (0, b"rendezvous-cli: cancelled\n")
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
         connection.request("GET", urlsplit(url).path)
@@ -232,3 +239,12 @@ def test_refusals_timeouts_and_usage_errors_have_their_exit_codes() -> None:
     with pytest.raises(SystemExit) as usage:
         run_in_harness(harness, ["send"], io.StringIO())
     assert usage.value.code == EXIT_USAGE
+
+
+def test_version_names_this_package() -> None:
+    """rendezvous-cli --version names rendezvous-twisted and its version, then Twisted's."""
+    from rendezvous_twisted import __version__
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(f"rendezvous-twisted {__version__} (Twisted ")

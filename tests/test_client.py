@@ -19,6 +19,7 @@ from twisted.web.http import stringToDatetime
 
 from rendezvous_twisted.client import (
     FALLBACK_POLL_INTERVAL_SECONDS,
+    GoneWhileWaitingError,
     NotFoundError,
     PreconditionFailedError,
     ReceiveTimeout,
@@ -197,6 +198,28 @@ async def test_a_parked_receive_fails_when_the_rendezvous_is_cancelled() -> None
         await client().cancel(created)
         with pytest.raises(NotFoundError):
             await receiving
+
+
+def test_a_receive_outlived_by_its_rendezvous_says_nobody_wrote() -> None:
+    """
+    A receive() whose rendezvous expires before anyone writes (the README's
+    lone example, TTL and bound both 60 s) fails with GoneWhileWaitingError,
+    a NotFoundError saying the other device must write in time.
+    """
+    harness = Harness(ttl_seconds=60, poll_timeout_seconds=20)
+    _, rendezvous = created_on(harness)
+    harness.advance(1)  # showing the QR code
+    receiving = RendezvousClient(harness.clock, harness.client).receive(rendezvous, 60)
+    harness.flush()
+    for _ in range(61):
+        harness.advance(1)
+    failure = cast(Any, receiving).result
+    receiving.addErrback(lambda _: None)
+    assert isinstance(failure.value, GoneWhileWaitingError), failure
+    assert isinstance(failure.value, NotFoundError)
+    message = str(failure.value)
+    assert message.startswith("404 M_NOT_FOUND: ")
+    assert "expired or was cancelled before the other device wrote to it" in message
 
 
 @in_reactor

@@ -38,6 +38,7 @@ LIMITS = [
     "max_streams_per_connection",
     "max_connections",
     "max_connections_per_address",
+    "max_waiting_refusals",
     "shutdown_timeout_seconds",
     "store_timeout_seconds",
 ]

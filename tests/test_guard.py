@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from rendezvous_twisted.http1 import LINGER_SECONDS
 from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
 
 from .conftest import Harness, fired
@@ -270,10 +271,10 @@ def test_too_many_headers_is_a_json_400() -> None:
     harness = Harness(max_headers=5)
     clock = Clock()
     channel, transport = connect(harness, clock)
-    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 5 + b"\r\n")
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 4 + b"\r\n")
     assert b" 204 " in transport.value()
     channel, transport = connect(harness, clock)
-    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\n" + b"X-A: 1\r\n" * 6 + b"\r\n")
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n" + b"X-A: 1\r\n" * 5 + b"\r\n")
     status, headers, _ = raw_answer(transport)
     assert status.startswith(b"HTTP/1.1 400 ") and headers[b"content-type"] == b"application/json"
     assert transport.disconnecting
@@ -282,7 +283,7 @@ def test_too_many_headers_is_a_json_400() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        b"OPTIONS / HTTP/1.1\r\n" + b"X-Short: " + b"a" * 40 + b"\r\n" * 1,
+        b"OPTIONS / HTTP/1.1\r\nHost: x\r\n" + b"X-Short: " + b"a" * 40 + b"\r\n" * 1,
         b"OPTIONS / HTTP/1.1\r\n" + (b"X-Short: " + b"a" * 40 + b"\r\n") * 12,
         b"OPTIONS / HTTP/1.1\r\nX-Big: " + b"a" * 600,
         b"GET /" + b"a" * 600 + b" HTTP/1.1",
@@ -307,19 +308,26 @@ def test_oversize_headers_are_a_json_400(data: bytes) -> None:
     assert transport.disconnecting
 
 
+#: A request head, which a refused connection waits for before it is answered.
+HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
 def test_connection_cap_per_address_is_429_and_frees_on_close() -> None:
     """
     Past max_connections_per_address an address's next connection gets 429 and a close; closing one
     frees a slot.
     """
     harness = Harness(max_connections_per_address=2)
-    site = harness.api.site(Clock())
+    clock = Clock()
+    site = harness.api.site(clock)
     first, _ = open_on(site)
     open_on(site)
-    _, refused = open_on(site)
+    refused_channel, refused = open_on(site)
+    refused_channel.dataReceived(HEAD)
     status, headers, body = raw_answer(refused)
     assert status == b"HTTP/1.1 429 Too Many Requests"
     assert headers[b"retry-after"] == b"1" and b"M_LIMIT_EXCEEDED" in body
+    clock.advance(LINGER_SECONDS)
     assert refused.disconnecting
     _, other = open_on(site, IPv4Address("TCP", "192.0.2.10", 1))
     assert not other.disconnecting
@@ -345,11 +353,12 @@ def test_refusals_on_the_connection_are_counted_and_logged() -> None:
     site = harness.api.site(clock)
     open_on(site)  # holds the address's one connection; it times out too
     with capturedLogs() as events:
-        _, refused = open_on(site)
+        refused_channel, refused = open_on(site)
+        refused_channel.dataReceived(HEAD)
         _, other = open_on(site, IPv4Address("TCP", "192.0.2.10", 1))
         other.clear()
         clock.advance(1)
-    assert refused.disconnecting
+    assert raw_answer(refused)[0] == b"HTTP/1.1 429 Too Many Requests"
     status, _, body = raw_answer(other)
     assert status.startswith(b"HTTP/1.1 408 ")
     assert b'within 1 second"' in body
@@ -377,22 +386,25 @@ def test_trusted_proxies_are_only_under_the_global_connection_cap() -> None:
     for _ in range(3):
         assert not open_on(site)[1].disconnecting
     assert not open_on(site, IPv4Address("TCP", "198.51.100.1", 1))[1].disconnecting
-    _, refused = open_on(site, IPv4Address("TCP", "198.51.100.2", 1))
+    refused_channel, refused = open_on(site, IPv4Address("TCP", "198.51.100.2", 1))
+    refused_channel.dataReceived(HEAD)
     assert raw_answer(refused)[0] == b"HTTP/1.1 503 Service Unavailable"
-    assert refused.disconnecting
 
 
 def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
     """
-    A refused connection serves no request it sends, and once closed leaves the counts as they were.
+    A refused connection serves no request it sends, answering only its refusal, and once closed
+    leaves the counts as they were.
     """
     harness = Harness(max_connections_per_address=1)
     site = harness.api.site(Clock())
     open_on(site)
     refused_channel, transport = open_on(site)
-    transport.clear()
-    refused_channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
-    assert transport.value() == b""
+    refused_channel.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx" + HEAD * 2
+    )
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    assert raw_answer(transport)[0] == b"HTTP/1.1 429 Too Many Requests"
     assert harness.store.rendezvous_count == 0
     refused_channel.connectionLost(Failure(ConnectionDone()))
     assert site.connection_count == 1

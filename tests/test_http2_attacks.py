@@ -159,7 +159,7 @@ def test_rss_of_connections_at_their_limits_is_within_the_budget(
     process, _ = start(tmp_path, *options)
     stopped.append(process)
     config = tap.Options()
-    config.parseOptions(["--listen=tcp:0", *options])  # type: ignore[no-untyped-call]
+    config.parseOptions(["--listen=tcp:0", *options])
     limits = config["config"]
     before = rss(process)
     connections = 40

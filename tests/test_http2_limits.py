@@ -33,6 +33,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
 from rendezvous_twisted import http2  # noqa: E402
+from rendezvous_twisted.http1 import LINGER_SECONDS  # noqa: E402
 
 from .conftest import Harness, fired  # noqa: E402
 
@@ -523,6 +524,7 @@ def test_a_refused_tls_connection_speaking_http11_gets_its_refusal_when_it_speak
     protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
     assert transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
     assert b'"M_LIMIT_EXCEEDED"' in transport.value()
+    harness.clock.advance(LINGER_SECONDS)
     assert transport.disconnecting
     assert harness.store.rendezvous_count == 0
     protocol.connectionLost(Failure(ConnectionDone()))

@@ -38,7 +38,7 @@ from .test_metrics import get, samples, value
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX = Path("/usr/sbin/nginx")
-#: The balancer config that the README documents; rendered for the test.
+#: The balancer config that docs/scaling.md documents; rendered for the test.
 CONTRIB_NGINX = REPO / "contrib" / "nginx" / "rendezvous-twisted.conf"
 
 #: Long enough that no parked reader here times out by itself.

@@ -11,6 +11,8 @@ at the end.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -33,6 +35,7 @@ from rendezvous_twisted.store import (
     TooLarge,
     Version,
     Wakeup,
+    new_etag,
 )
 
 from .conftest import EPOCH, answered, on_reactor, reactor_fixture
@@ -295,6 +298,42 @@ async def test_two_rendezvous_never_share_an_etag(make: Stores) -> None:
     """Rendezvous created with the same bytes get different ETags."""
     store, _ = await make()
     assert (await create(store, b"x")).etag != (await create(store, b"x")).etag
+
+
+@on_reactor
+async def test_etags_link_nothing_across_writes_or_rendezvous(make: Stores) -> None:
+    """
+    Every ETag is 96 random bits in hex: no two, of one rendezvous or of several, share more of a
+    prefix than chance gives, so none tells how many writes the server made or which came first.
+    """
+    store, _ = await make()
+    etags = []
+    for _ in range(10):
+        created = await create(store, b"x")
+        written = await store.write(created.rendezvous_id, b"x", TYPE, ANY)
+        etags += [created.etag, written.etag]
+    for etag in etags:
+        assert re.fullmatch(rb'"[0-9a-f]{24}"', etag), etag
+    # 190 pairs: sharing 8 hex digits by chance is a 1-in-20-million event.
+    prefixes = {etag[1:9] for etag in etags}
+    assert len(prefixes) == len(etags), etags
+
+
+def test_etags_differ_in_a_forked_child() -> None:
+    """A child process forked after ETags were drawn draws its own, never the parent's next ones."""
+    new_etag()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"".join(new_etag() for _ in range(4)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read()
+    parent = b"".join(new_etag() for _ in range(4))
+    assert len(child) == len(parent) == 4 * 26
+    assert child != parent
 
 
 @on_reactor

@@ -300,7 +300,7 @@ def test_units_hold_what_the_issue_asks(tmp_path: Path) -> None:
     (tmp_path / "key.pem").rename(tmp_path / "tls-key")
     arguments = exec_start.replace("${CREDENTIALS_DIRECTORY}", str(tmp_path)).split()
     options = tap.Options()
-    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])  # type: ignore[no-untyped-call]
+    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])
     assert options["log-format"] == "json"
     assert options["metrics"] == "tcp:9090:interface=127.0.0.1"
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
@@ -343,7 +343,7 @@ def test_template_unit_runs_one_process_per_port() -> None:
         .split()
     )
     options = tap.Options()
-    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])  # type: ignore[no-untyped-call]
+    options.parseOptions(arguments[arguments.index("rendezvous") + 1 :])
     assert options["listen"] == ["tcp:8081:interface=127.0.0.1"]
     assert options["metrics"] == "tcp:18081:interface=127.0.0.1"
     assert options["store"] == "redis://127.0.0.1:6379/0"

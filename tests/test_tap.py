@@ -87,6 +87,13 @@ LIMITS: list[tuple[str, str, str, str, Any]] = [
         20,
     ),
     (
+        "max-waiting-refusals",
+        "max_waiting_refusals",
+        "RENDEZVOUS_MAX_WAITING_REFUSALS",
+        "16",
+        16,
+    ),
+    (
         "shutdown-timeout-seconds",
         "shutdown_timeout_seconds",
         "RENDEZVOUS_SHUTDOWN_TIMEOUT_SECONDS",
@@ -119,7 +126,7 @@ def parsed(argv: list[str]) -> tap.Options:
     """
     options = tap.Options()
     # usage.Options is unannotated; tap.py calls it the same way.
-    options.parseOptions(argv)  # type: ignore[no-untyped-call]
+    options.parseOptions(argv)
     return options
 
 
@@ -233,9 +240,12 @@ def test_counts_and_sizes_must_be_integers(option: str, argument: str) -> None:
     ],
 )
 def test_impossible_combination_is_a_usage_error(argv: list[str]) -> None:
-    """A local cap above its global one, even through a default, is a UsageError naming the cap."""
-    with pytest.raises(usage.UsageError, match="per_"):
+    """A local cap above its global one, even through a default, is a UsageError naming both."""
+    with pytest.raises(usage.UsageError) as caught:
         parsed(argv)
+    message = str(caught.value)
+    assert re.match(r"--max-\w+-per-\w+ (\d+|\(default \d+\)) must not exceed --max-", message)
+    assert "_" not in message, message
 
 
 @pytest.mark.parametrize(
@@ -243,7 +253,7 @@ def test_impossible_combination_is_a_usage_error(argv: list[str]) -> None:
 )
 def test_bad_public_url_is_a_usage_error(url: str) -> None:
     """A public URL that Config refuses is a UsageError, not a ValueError traceback."""
-    with pytest.raises(usage.UsageError, match="public_url"):
+    with pytest.raises(usage.UsageError, match=r"^--public-url "):
         parsed([f"--public-url={url}"])
 
 
@@ -524,7 +534,7 @@ def test_tac_reads_the_limits_from_the_environment(monkeypatch: pytest.MonkeyPat
 
 def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
     """A session prefix that Config refuses is a UsageError naming it."""
-    with pytest.raises(usage.UsageError, match="msc4108_session_prefix"):
+    with pytest.raises(usage.UsageError, match=r"^--msc4108-session-prefix / must be a path"):
         parsed(["--msc4108-session-prefix=/"])
 
 
@@ -578,7 +588,7 @@ def test_store_password_file_keeps_the_password_off_the_command_line(tmp_path: P
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--store-password-file=/nonexistent/file"], "needs a --store"),
+        (["--store-password-file=/nonexistent/file"], "needs a Redis store"),
         (["--store=redis://h", "--store-password-file=/nonexistent/file"], "No such file"),
     ],
 )
@@ -611,3 +621,156 @@ def test_a_store_user_without_a_password_is_a_usage_error(url: str) -> None:
     """A Redis user named without a password (URL or file) is refused, not connected as nobody."""
     with pytest.raises(usage.UsageError, match="without a password"):
         parsed([f"--store={url}"])
+
+
+# Ports, and endpoint descriptions checked once.
+
+
+def test_a_bare_port_listens_on_the_loopback() -> None:
+    """--listen 9000 means tcp:9000:interface=127.0.0.1, and --metrics 9090 the same."""
+    options = parsed(["--listen", "9000", "--listen", "tcp6:9001", "--metrics", "9090"])
+    assert options["listen"] == ["tcp:9000:interface=127.0.0.1", "tcp6:9001"]
+    assert options["metrics"] == "tcp:9090:interface=127.0.0.1"
+    reactor = MemoryReactorClock()
+    tap.makeService(options, reactor=reactor).startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers][:1] == [
+        (9000, "127.0.0.1")
+    ]
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "8080x",
+        "tcp:notaport",
+        "foo:1",
+        "tcp:65536",
+        "tcp:8080:interface=127.0.0.1:bogus=1",
+        "tcp:8080:backlog=lots",
+        "unix:",
+        "unix:/nonexistent/rz.sock",
+        "systemd:domain=INET",
+        "systemd:domain=NOWHERE:index=0",
+        "systemd:domain=INET:index=first",
+        "tls:ssl:443",
+        "ssl:8443:sslmethod=TLSv1_METHOD",
+        "",
+    ],
+)
+def test_a_malformed_endpoint_is_a_usage_error_naming_the_option(description: str) -> None:
+    """An endpoint that cannot listen is a UsageError naming --listen or --metrics, and a fix."""
+    # An empty --metrics is no metrics listener (as an empty variable is).
+    for option in ("listen", "metrics") if description else ("listen",):
+        with pytest.raises(usage.UsageError) as caught:
+            parsed([f"--{option}={description}"])
+        message = str(caught.value)
+        assert message.startswith(f"--{option} "), message
+        assert "e.g. --" in message or "--tls-cert" in message, message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:0",
+        "tcp:port=8080:interface=\\:\\:1:backlog=10",
+        "tcp6:8080:interface=\\:\\:",
+        "unix:/tmp/rz.sock:mode=660",
+        "systemd:domain=INET6:name=https",
+        "systemd:domain=UNIX:index=0",
+    ],
+)
+def test_a_sound_endpoint_is_accepted(description: str) -> None:
+    """Endpoint descriptions Twisted accepts are accepted, systemd's whether or not passed yet."""
+    assert parsed([f"--listen={description}"])["listen"] == [description]
+
+
+def test_every_setting_is_derived_from_the_options() -> None:
+    """settings() lists every option of Options, however declared, with its variable and default."""
+    found = {s.option: s for s in tap.settings()}
+    options = tap.Options()
+    declared = {name.rstrip("=") for name in options.longOpt} - {"help", "version"}
+    assert set(found) == declared
+    assert found["ttl"].variable == "RENDEZVOUS_TTL" and found["ttl"].default == 60.0
+    assert found["listen"].repeatable and found["listen"].default == [
+        "tcp:8080:interface=127.0.0.1"
+    ]
+    assert found["trusted-proxy"].repeatable and found["trusted-proxy"].default == []
+    assert not found["no-access-log"].takes_value
+    assert found["public-url"].default is None
+
+
+def test_an_option_added_the_usual_way_has_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An option added to Options alone is read from its RENDEZVOUS_* variable: no list to keep."""
+    monkeypatch.setattr(
+        tap.Options,
+        "optParameters",
+        [*tap.Options.optParameters, ["new-knob", None, "off", "A knob added later."]],
+    )
+    assert tap.options_from_environment({"RENDEZVOUS_NEW_KNOB": "on"})["new-knob"] == "on"
+    assert "RENDEZVOUS_NEW_KNOB" in {s.variable for s in tap.settings()}
+
+
+def test_a_coercer_of_an_option_added_later_speaks_plainly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError from an option's own coercer is the usage error, without Twisted's preamble."""
+
+    def knob(value: str) -> int:
+        if not value.isdigit():
+            raise ValueError(f"--knob {value}: not a number of turns")
+        return int(value)
+
+    monkeypatch.setattr(
+        tap.Options,
+        "optParameters",
+        [*tap.Options.optParameters, ["knob", None, 1, "Turns.", knob]],
+    )
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(["--knob", "lots"])
+    assert str(caught.value) == "--knob lots: not a number of turns"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"RENDEZVOUS_TTLL": "5"},
+            "RENDEZVOUS_TTLL=5: no such setting; did you mean RENDEZVOUS_TTL?",
+        ),
+        ({"RENDEZVOUS_OPTIONS": "--ttl 5"}, "RENDEZVOUS_OPTIONS=--ttl 5: no such setting"),
+        ({"RENDEZVOUS_TTL": "abc"}, "RENDEZVOUS_TTL=abc: not a number, e.g. RENDEZVOUS_TTL=60"),
+        ({"RENDEZVOUS_LISTEN": "8080 80x"}, "RENDEZVOUS_LISTEN=80x: unknown endpoint type"),
+    ],
+)
+def test_environment_mistakes_name_the_variable(environ: dict[str, str], message: str) -> None:
+    """A misspelt RENDEZVOUS_* variable is refused with a guess; a bad value names its variable."""
+    with pytest.raises(usage.UsageError) as caught:
+        tap.options_from_environment(environ)
+    assert str(caught.value).startswith(message), caught.value
+
+
+def test_a_program_exits_with_two_lines_rather_than_raising() -> None:
+    """Run as a program, a usage error ends it with the message and a pointer to the help."""
+    options = tap.Options()
+    options.program = "twistd rendezvous"
+    with pytest.raises(SystemExit) as caught:
+        options.parseOptions(["--ttl", "abc"])
+    assert str(caught.value) == (
+        "twistd rendezvous: --ttl abc: not a number, e.g. --ttl 60\n"
+        "see: twistd rendezvous --help"
+    )
+
+
+def test_version_option_names_this_package(tmp_path: Path) -> None:
+    """`twistd rendezvous --version` names rendezvous-twisted with its version, and Twisted's."""
+    result = twistd("rendezvous", "--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r"rendezvous-twisted \d+\.\d+\.\d+\S* \(Twisted \S+, Python \S+\)\n", result.stdout
+    ), result.stdout
+
+
+def test_the_help_ends_with_what_the_server_does_today() -> None:
+    """The help says both stores, and where twistd's own options go."""
+    text = " ".join(str(tap.Options()).split())
+    assert "holding rendezvous in memory" not in text
+    assert "--store" in text and "before 'rendezvous'" in text

@@ -187,7 +187,7 @@ def test_options_refuse_tls_that_cannot_serve(tmp_path: Path, ca_a: CA) -> None:
         (["--listen", "tls:tcp:8443", "--tls-cert", key, "--tls-key", key], "no PEM certificate"),
     ]:
         with pytest.raises(usage.UsageError, match=complaint):
-            tap.Options().parseOptions(argv)  # type: ignore[no-untyped-call]
+            tap.Options().parseOptions(argv)
 
 
 # Real listeners.
@@ -235,7 +235,7 @@ async def serve(argv: list[str]) -> tuple[IService, int]:
     makeService on the real reactor, started; the port of its one listener.
     """
     options = tap.Options()
-    options.parseOptions(argv)  # type: ignore[no-untyped-call]
+    options.parseOptions(argv)
     service = tap.makeService(options, reactor)
     service.startService()
     [listener] = [s for s in descendants(service) if isinstance(s, ListenerService)]
