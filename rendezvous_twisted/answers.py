@@ -48,8 +48,22 @@ def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = Non
     return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
+#: Reason phrases where Twisted has none (429) or RFC 9110's differs (413,
+#: "Payload Too Large" before RFC 9110).
+_PHRASES = {413: b"Content Too Large", 429: b"Too Many Requests"}
+
+
+def phrase(status: int) -> bytes:
+    """
+    The reason phrase of C{status} on an HTTP/1.1 status line: RFC 9110's,
+    the same on every answer.
+    """
+    known: bytes = _PHRASES.get(status) or http.RESPONSES.get(status, b"Refused")
+    return known
+
+
 def closing_answer(
-    status: bytes,
+    status: int,
     errcode: str,
     message: str,
     headers: tuple[tuple[bytes, bytes], ...] = (),
@@ -60,7 +74,7 @@ def closing_answer(
     there is no Request to answer through.
     """
     body = error_body(errcode, message)
-    head = [b"HTTP/1.1 " + status]
+    head = [b"HTTP/1.1 %d %s" % (status, phrase(status))]
     for name, value in (
         *EVERY_RESPONSE,
         (b"Date", http.datetimeToString()),
@@ -71,10 +85,6 @@ def closing_answer(
     ):
         head.append(name + b": " + value)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-#: Reason phrases Twisted lacks.
-_PHRASES = {429: b"Too Many Requests"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +102,6 @@ class Refusal:
     errcode: str
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
-
-    @property
-    def phrase(self) -> bytes:
-        """
-        The reason phrase of the HTTP/1.1 status line.
-        """
-        phrase: bytes = _PHRASES.get(self.status) or http.RESPONSES.get(self.status, b"Refused")
-        return phrase
 
     def body(self) -> bytes:
         """
@@ -125,6 +127,4 @@ class Refusal:
         The whole HTTP/1.1 answer, with C{Connection: close}: written, it
         ends the connection.
         """
-        return closing_answer(
-            b"%d %s" % (self.status, self.phrase), self.errcode, self.message, self.headers
-        )
+        return closing_answer(self.status, self.errcode, self.message, self.headers)

@@ -34,7 +34,7 @@ from rendezvous_twisted.addresses import Client, ClientResolver
 from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
 from rendezvous_twisted.answers import JSON as JSON
 from rendezvous_twisted.answers import PREFLIGHT as PREFLIGHT
-from rendezvous_twisted.answers import Refusal
+from rendezvous_twisted.answers import Refusal, phrase
 from rendezvous_twisted.answers import closing_answer as _closing_answer
 from rendezvous_twisted.answers import error_body as error_body
 from rendezvous_twisted.conditions import ANY
@@ -52,10 +52,9 @@ from rendezvous_twisted.store import (
     Version,
     Wakeup,
 )
+from rendezvous_twisted.words import quantity
 
 OCTET_STREAM = b"application/octet-stream"
-#: Reason phrases Twisted lacks.
-_REASONS = {429: b"Too Many Requests"}
 #: Statuses whose answer has no body and so no Content-Length (RFC 9110 8.6).
 NO_BODY = frozenset((204, 304))
 
@@ -320,7 +319,7 @@ class RendezvousRequest(Request):
         assert transport is not None
         transport.write(
             _closing_answer(
-                b"413 Payload Too Large",
+                413,
                 "M_TOO_LARGE",
                 f"the payload is over {self._max_bytes} bytes",
             )
@@ -550,7 +549,7 @@ class RendezvousChannel(http.HTTPChannel):
         unit = "second" if seconds == 1 else "seconds"
         self.transport.write(
             _closing_answer(
-                b"408 Request Timeout",
+                408,
                 "M_REQUEST_TIMEOUT",
                 f"the request {what} did not arrive within {seconds:g} {unit}",
             )
@@ -568,7 +567,7 @@ class RendezvousChannel(http.HTTPChannel):
         )
         self.site.metrics.refused("malformed")
         self.transport.write(
-            _closing_answer(b"400 Bad Request", "M_BAD_REQUEST", "malformed HTTP request")
+            _closing_answer(400, "M_BAD_REQUEST", "malformed HTTP request")
         )
         self.loseConnection()  # type: ignore[no-untyped-call]
 
@@ -872,7 +871,9 @@ class RendezvousSite(Site):
         drained = self._draining
         deadline = clock.callLater(timeout_seconds, self._abort_all)
         self._logger.info(
-            "draining: {requests} requests in flight on {connections} connections",
+            "draining: {in_flight} in flight on {open}",
+            in_flight=quantity(self.in_flight, "request"),
+            open=quantity(len(self._connections), "connection"),
             requests=self.in_flight,
             connections=len(self._connections),
         )
@@ -919,7 +920,9 @@ class RendezvousSite(Site):
 
     def _abort_all(self) -> None:
         self._logger.warn(
-            "shutdown timeout: aborting {requests} requests on {connections} connections",
+            "shutdown timeout: aborting {in_flight} on {open}",
+            in_flight=quantity(self.in_flight, "request"),
+            open=quantity(len(self._connections), "connection"),
             requests=self.in_flight,
             connections=len(self._connections),
         )
@@ -1489,8 +1492,9 @@ class RendezvousAPI:
         Set the status and every header SPEC.md asks of this answer; return
         the body for Klein to write.  The one header helper.
         """
-        # Twisted knows no phrase for 429 and would send "Unknown Status".
-        request.setResponseCode(code, _REASONS.get(code))
+        # Twisted knows no phrase for 429 ("Unknown Status") and an older
+        # one for 413.
+        request.setResponseCode(code, phrase(code))
         headers = request.responseHeaders
         for name, value in EVERY_RESPONSE:
             headers.setRawHeaders(name, [value])

@@ -871,7 +871,7 @@ def test_oversize_content_length_is_refused_before_the_body() -> None:
     harness, channel, transport = connect(max_bytes=100)
     channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n")
     status, headers, body = raw_answer(transport)
-    assert status == b"HTTP/1.1 413 Payload Too Large"
+    assert status == b"HTTP/1.1 413 Content Too Large"
     assert json.loads(body)["errcode"] == "M_TOO_LARGE"
     assert headers[b"content-length"] == b"%d" % len(body)
     assert headers[b"connection"] == b"close"
