@@ -555,7 +555,9 @@ class RendezvousChannel(http.HTTPChannel):
             )
         )
         # As Twisted's own idle timeout: close, and abort a peer that does
-        # not read its answer.
+        # not read its answer; that idle timeout, still armed, must not do
+        # it again (its second abort of a TLS transport raised).
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         self.timeoutConnection()  # type: ignore[no-untyped-call]
 
     def _respondToBadRequestAndDisconnect(self) -> None:

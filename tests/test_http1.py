@@ -646,3 +646,41 @@ def test_check_request_reads_headers() -> None:
     assert http1.check_request(b"GET", b"/x", b"HTTP/1.1", headers) == Target(b"/x")
     with pytest.raises(TargetError):
         http1.check_request(b"GET", b"/x", b"HTTP/1.1", Headers())
+
+
+# 10. What a peer that does not read or close can hold.
+
+
+class CountingTransport(StringTransport):
+    """
+    A StringTransport that counts its aborts and, like a TLS transport
+    aborted once already, fails on a second one.
+    """
+
+    aborts = 0
+
+    def abortConnection(self) -> None:
+        self.aborts += 1
+        assert self.aborts == 1, "aborted twice (a TLS transport raises AttributeError)"
+        super().abortConnection()
+
+
+def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
+    """
+    A connection answered 408 at the header deadline is aborted once, at Twisted's abort timeout
+    after it: the idle timeout, still armed, does not time it out (and abort it) a second time.
+    """
+    server = Server(header_timeout_seconds=2, idle_timeout_seconds=5)
+    protocol = server.site.buildProtocol(PEER)
+    transport = CountingTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        server.clock.advance(2)
+        answers(transport.value())[0].assert_json_error(408, "M_REQUEST_TIMEOUT")
+        assert transport.disconnecting
+        for _ in range(40):
+            server.clock.advance(1)
+    assert transport.aborts == 1
+    assert [e for e in events if e.get("log_format", "").startswith("Timing out")] != []
+    assert len([e for e in events if e.get("log_format", "").startswith("Timing out")]) == 1
+    assert no_failure_logged(events)
