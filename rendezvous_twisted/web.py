@@ -442,9 +442,13 @@ class RendezvousChannel(http.HTTPChannel):
         if wait:
             return  # the header deadline, armed at connectionMade, bounds it
         waiting.answered = True
-        self._disarm()
         assert self.transport is not None
         self.transport.write(refusal.http11())
+        # Not counted anywhere, so bounded in time: a TLS close waits for
+        # the peer's close_notify, which a peer that neither reads nor
+        # closes never sends (armed first: a close may be reported at once).
+        self._disarm()
+        self._deadline = self.site.reactor.callLater(http1.LINGER_SECONDS, self._linger_over)
         self.loseConnection()  # type: ignore[no-untyped-call]
 
     def answer_refusal(self) -> None:

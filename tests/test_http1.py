@@ -684,3 +684,27 @@ def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
     assert [e for e in events if e.get("log_format", "").startswith("Timing out")] != []
     assert len([e for e in events if e.get("log_format", "").startswith("Timing out")]) == 1
     assert no_failure_logged(events)
+
+
+def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
+    """
+    A refused connection past max_waiting_refusals, answered at once, is aborted after the linger
+    if its peer does not close (a TLS close waits for the peer's close_notify for ever).
+    """
+    server = Server(max_connections_per_address=1, max_waiting_refusals=1)
+    server.open()
+    server.open()
+    protocol = server.site.buildProtocol(PEER)
+    transport = CountingTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
+    assert transport.disconnecting
+    assert transport.aborts == 0
+    server.clock.advance(LINGER_SECONDS)
+    assert transport.aborts == 1
+    protocol.connectionLost(Failure(ConnectionDone()))
+    mine = [c for c in server.clock.getDelayedCalls() if getattr(c.func, "__self__", None) in (
+        protocol,
+        protocol.http11,
+    )]
+    assert mine == []
