@@ -393,6 +393,8 @@ class RendezvousChannel(http.HTTPChannel):
         "_chunks",
         "_deadline",
         "_refusal",
+        "_transport_full",
+        "_unread",
         "maxHeaders",
         "site",
         "totalHeadersSize",
@@ -405,6 +407,12 @@ class RendezvousChannel(http.HTTPChannel):
     #: For a connection the site refused: its refusal, waiting for the
     #: request's head, then answered.
     _refusal: http1.WaitingRefusal | None
+    #: Whether the transport told us to pause: it holds more than its
+    #: buffer's worth of answers the peer has not read.
+    _transport_full: bool
+    #: An answered request whose end (and so the next pipelined request)
+    #: waits for the transport to write what it holds.
+    _unread: http.Request | None
     _log = Logger()
 
     def __init__(self) -> None:
@@ -412,6 +420,8 @@ class RendezvousChannel(http.HTTPChannel):
         self._deadline = None
         self._chunks = None
         self._refusal = None
+        self._transport_full = False
+        self._unread = None
         # A slot hides its bases' class default: start from that default.
         self.totalHeadersSize = http.HTTPChannel.totalHeadersSize
         self.maxHeaders = http.HTTPChannel.maxHeaders
@@ -520,7 +530,54 @@ class RendezvousChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._disarm()
+        self._unread = None
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    # A peer that pipelines requests and does not read the answers.
+
+    def pauseProducing(self) -> None:
+        self._transport_full = True
+        super().pauseProducing()  # type: ignore[no-untyped-call]
+
+    def resumeProducing(self) -> None:
+        self._transport_full = False
+        super().resumeProducing()  # type: ignore[no-untyped-call]
+        request, self._unread = self._unread, None
+        if request is not None:
+            self._disarm()
+            super().requestDone(request)  # type: ignore[no-untyped-call]
+
+    def requestDone(self, request: http.Request) -> None:
+        # Twisted goes on to the next pipelined request at once, whatever
+        # the transport holds: a peer that sent a read's worth of GETs (64
+        # KiB, some 1500 of them) and read nothing had every answer held
+        # (10 MB a connection at --max-bytes 10240).  While the transport
+        # is full the next request waits for it to write what it holds,
+        # for at most the idle timeout.
+        transport: Any = self.transport
+        if self._transport_full and self.persistent and not transport.disconnecting:
+            self._unread = request
+            self._disarm()
+            self._deadline = self.site.reactor.callLater(
+                self.site.config.idle_timeout_seconds, self._answers_not_read
+            )
+            return
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+
+    def _answers_not_read(self) -> None:
+        self._deadline = None
+        self._unread = None
+        seconds = self.site.config.idle_timeout_seconds
+        assert self.transport is not None
+        self._log.info(
+            "closing a connection from {client}: its answers not read in {seconds}s",
+            client=_peer_host(self.transport.getPeer()) or "-",
+            seconds=seconds,
+        )
+        self.site.metrics.refused("slow")
+        # Close once what it holds is written, and abort a peer that still
+        # does not read; the requests it pipelined are not answered.
+        self.timeoutConnection()  # type: ignore[no-untyped-call]
 
     def _arm(self, seconds: float, what: str) -> None:
         self._disarm()

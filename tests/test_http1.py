@@ -651,18 +651,33 @@ def test_check_request_reads_headers() -> None:
 # 10. What a peer that does not read or close can hold.
 
 
-class CountingTransport(StringTransport):
+class PeerTransport(StringTransport):
     """
-    A StringTransport that counts its aborts and, like a TLS transport
-    aborted once already, fails on a second one.
+    A StringTransport from L{PEER}, typed.
     """
 
-    aborts = 0
+    def __init__(self) -> None:
+        super().__init__(peerAddress=PEER)  # type: ignore[no-untyped-call]
+
+    def value(self) -> bytes:
+        data: bytes = self.io.getvalue()
+        return data
+
+
+class CountingTransport(PeerTransport):
+    """
+    A transport that counts its aborts and, like a TLS transport aborted
+    once already, fails on a second one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborts = 0
 
     def abortConnection(self) -> None:
         self.aborts += 1
         assert self.aborts == 1, "aborted twice (a TLS transport raises AttributeError)"
-        super().abortConnection()
+        super().abortConnection()  # type: ignore[no-untyped-call]
 
 
 def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
@@ -672,7 +687,7 @@ def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
     """
     server = Server(header_timeout_seconds=2, idle_timeout_seconds=5)
     protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport(peerAddress=PEER)
+    transport = CountingTransport()
     protocol.makeConnection(transport)
     with capturedLogs() as events:
         server.clock.advance(2)
@@ -695,7 +710,7 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     server.open()
     server.open()
     protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport(peerAddress=PEER)
+    transport = CountingTransport()
     protocol.makeConnection(transport)
     answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
     assert transport.disconnecting
@@ -703,8 +718,81 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     server.clock.advance(LINGER_SECONDS)
     assert transport.aborts == 1
     protocol.connectionLost(Failure(ConnectionDone()))
-    mine = [c for c in server.clock.getDelayedCalls() if getattr(c.func, "__self__", None) in (
-        protocol,
-        protocol.http11,
-    )]
+    calls: Any = server.clock.getDelayedCalls()
+    mine = [c for c in calls if getattr(c.func, "__self__", None) in (protocol, protocol.http11)]
     assert mine == []
+
+
+class BufferingTransport(PeerTransport):
+    """
+    A transport that, as a TCP one, tells its producer to pause once
+    more than C{buffer_size} bytes wait to be written, and to resume once
+    the peer has read them all (L{read}).
+    """
+
+    buffer_size = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)  # type: ignore[no-untyped-call]
+        if len(self.value()) > self.buffer_size and not self.paused and self.producer:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def read(self) -> bytes:
+        data = self.value()
+        self.io.seek(0)
+        self.io.truncate()
+        if self.paused and self.producer:
+            self.paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+def test_pipelined_answers_wait_for_a_peer_that_does_not_read() -> None:
+    """
+    Requests pipelined by a peer that does not read are answered only as the transport writes what
+    it holds, never more than its buffer and one answer ahead; all are answered as the peer reads.
+    """
+    server = Server(max_bytes=1000, request_burst=1000)
+    rendezvous_id, _ = server.harness.create(b"p" * 1000)
+    protocol = server.site.buildProtocol(PEER)
+    transport = BufferingTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
+    held = len(transport.value())
+    assert transport.buffer_size < held < transport.buffer_size + 2000
+    got = answers(transport.read())
+    for _ in range(100):
+        held = len(transport.value())
+        assert held < transport.buffer_size + 2000
+        if not held:
+            break
+        got += answers(transport.read())
+    assert len(got) == 100
+    assert all(answer.status == 200 and answer.body == b"p" * 1000 for answer in got)
+
+
+def test_a_peer_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout() -> None:
+    """
+    A peer whose pipelined answers fill the transport and who reads none of them for idle_timeout
+    is closed, then aborted, and its other requests are never answered.
+    """
+    server = Server(max_bytes=1000, idle_timeout_seconds=5)
+    rendezvous_id, _ = server.harness.create(b"p" * 1000)
+    protocol = server.site.buildProtocol(PEER)
+    transport = BufferingTransport()
+    protocol.makeConnection(transport)
+    with capturedLogs() as events:
+        protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
+        held = len(transport.value())
+        assert len(answers(transport.value())) < 10
+        server.clock.advance(4.9)
+        assert not transport.disconnecting
+        server.clock.advance(0.1)
+        assert transport.disconnecting
+        assert len(transport.value()) == held
+    assert no_failure_logged(events)
