@@ -33,6 +33,14 @@ CONNECTION_OVERHEAD_BYTES = 16384
 #: (Twisted reads 64 KiB at a time) and the pipelined bytes Twisted keeps
 #: while a request is handled before it stops reading (16 KiB).
 CONNECTION_BUFFER_BYTES = 65536 + 16384
+#: The answers a transport holds for a peer that does not read them before
+#: it tells its connection to pause (Twisted's buffer, 64 KiB): from then
+#: on the HTTP/1.1 channel answers no further pipelined request until the
+#: transport has written what it holds.  The answer that filled it may pass
+#: it by a whole answer, priced apart (its head and --max-bytes).
+TRANSPORT_WRITE_BYTES = 65536
+#: An answer's status line and headers (measured ~0.7 KiB).
+ANSWER_HEAD_BYTES = 2048
 #: One connection refused at a connection cap while it waits for its
 #: request: protocol, channel, the deadline and the last bytes it looked
 #: at, never the request itself (measured ~2.2 KiB).
@@ -111,12 +119,17 @@ def h2_window(config: Config) -> int:
 
 def http11_connection_bytes(config: Config) -> int:
     """
-    One HTTP/1.1 connection with the largest request it may send.
+    One HTTP/1.1 connection with the largest request it may send, and a
+    transport full of answers its peer has not read, the last of them the
+    largest.
     """
     return (
         CONNECTION_OVERHEAD_BYTES
         + CONNECTION_BUFFER_BYTES
         + config.max_header_bytes
+        + config.max_bytes
+        + TRANSPORT_WRITE_BYTES
+        + ANSWER_HEAD_BYTES
         + config.max_bytes
     )
 

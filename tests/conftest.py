@@ -12,8 +12,10 @@ from typing import Any, ParamSpec
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
@@ -195,3 +197,44 @@ class Harness:
 @pytest.fixture
 def harness() -> Harness:
     return Harness()
+
+
+class PeerTransport(StringTransport):
+    """
+    A StringTransport from C{peer}, typed.
+    """
+
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peerAddress=peer)  # type: ignore[no-untyped-call]
+
+    def value(self) -> bytes:
+        data: bytes = self.io.getvalue()
+        return data
+
+
+class BufferingTransport(PeerTransport):
+    """
+    A transport that, as a TCP one, tells its producer to pause once
+    more than C{buffer_size} bytes wait to be written, and to resume once
+    the peer has read them all (L{read}).
+    """
+
+    def __init__(self, peer: IPv4Address, buffer_size: int = 4096) -> None:
+        super().__init__(peer)
+        self.buffer_size = buffer_size
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)  # type: ignore[no-untyped-call]
+        if len(self.value()) > self.buffer_size and not self.paused and self.producer:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def read(self) -> bytes:
+        data = self.value()
+        self.io.seek(0)
+        self.io.truncate()
+        if self.paused and self.producer:
+            self.paused = False
+            self.producer.resumeProducing()
+        return data

@@ -24,11 +24,11 @@ from rendezvous_twisted.service import StoreService
 from rendezvous_twisted.store import MemoryStore
 from rendezvous_twisted.web import RendezvousAPI
 
-from .conftest import fired
+from .conftest import BufferingTransport, fired
 
 
 def test_budget_at_the_defaults() -> None:
-    """At the defaults, the budget is every cap times its price, about 0.7 GiB in all."""
+    """At the defaults, the budget is every cap times its price, about 1 GiB in all."""
     config = Config()
     items = {item.name: item for item in budget.worst_case_memory(config).items}
     assert items["rendezvous"].count == 10000
@@ -39,7 +39,7 @@ def test_budget_at_the_defaults() -> None:
     assert items["refused connections waiting"].count == config.max_waiting_refusals
     total = budget.worst_case_memory(config).total_bytes
     assert total == sum(item.count * item.bytes_each for item in items.values())
-    assert 500 * 2**20 < total < 800 * 2**20
+    assert 900 * 2**20 < total < 1100 * 2**20
 
 
 def test_budget_grows_with_each_cap() -> None:
@@ -135,6 +135,36 @@ def test_connection_price_bounds_a_parked_connection() -> None:
     per_connection = measured(count, connection)
     assert store.parked_count == count
     assert per_connection < budget.CONNECTION_OVERHEAD_BYTES
+
+
+def test_connection_price_bounds_a_peer_that_pipelines_and_reads_nothing() -> None:
+    """
+    A connection whose peer sent a socket read's worth of pipelined GETs for a payload of max_bytes,
+    and reads none of the answers, costs less than the budget's price for an HTTP/1.1 connection.
+    """
+    count = 20
+    reactor = MemoryReactorClock()
+    config = Config(request_burst=100000, max_connections_per_address=count)
+    store = MemoryStore(config, reactor)
+    site = RendezvousAPI(store, config, reactor).site(reactor)
+    version = fired(store.create(b"p" * config.max_bytes, b"text/plain", "owner"))
+    request = b"GET /%s HTTP/1.1\r\nHost: rendezvous.example.org\r\n\r\n" % (
+        version.rendezvous_id.encode("ascii")
+    )
+    pipelined = request * (budget.SOCKET_READ_BYTES // len(request))
+
+    def connection(i: int) -> object:
+        peer = IPv4Address("TCP", f"10.0.0.{i}", 1234)
+        channel = site.buildProtocol(peer)
+        # A TCP transport's buffer: it pauses its producer past 64 KiB.
+        transport = BufferingTransport(peer, buffer_size=65536)
+        channel.makeConnection(transport)
+        channel.dataReceived(pipelined)
+        assert transport.paused
+        return channel, transport
+
+    per_connection = measured(count, connection)
+    assert per_connection < budget.http11_connection_bytes(config)
 
 
 def test_waiting_refusal_price_bounds_a_refused_connection() -> None:

@@ -35,7 +35,7 @@ from rendezvous_twisted.http1 import (
 )
 from rendezvous_twisted.metrics import metrics_site
 
-from .conftest import Harness
+from .conftest import BufferingTransport, Harness, PeerTransport
 
 PEER = IPv4Address("TCP", "192.0.2.9", 4321)
 
@@ -651,27 +651,14 @@ def test_check_request_reads_headers() -> None:
 # 10. What a peer that does not read or close can hold.
 
 
-class PeerTransport(StringTransport):
-    """
-    A StringTransport from L{PEER}, typed.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=PEER)  # type: ignore[no-untyped-call]
-
-    def value(self) -> bytes:
-        data: bytes = self.io.getvalue()
-        return data
-
-
 class CountingTransport(PeerTransport):
     """
     A transport that counts its aborts and, like a TLS transport aborted
     once already, fails on a second one.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, peer: IPv4Address) -> None:
+        super().__init__(peer)
         self.aborts = 0
 
     def abortConnection(self) -> None:
@@ -687,7 +674,7 @@ def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
     """
     server = Server(header_timeout_seconds=2, idle_timeout_seconds=5)
     protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport()
+    transport = CountingTransport(PEER)
     protocol.makeConnection(transport)
     with capturedLogs() as events:
         server.clock.advance(2)
@@ -710,7 +697,7 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     server.open()
     server.open()
     protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport()
+    transport = CountingTransport(PEER)
     protocol.makeConnection(transport)
     answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
     assert transport.disconnecting
@@ -723,35 +710,6 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     assert mine == []
 
 
-class BufferingTransport(PeerTransport):
-    """
-    A transport that, as a TCP one, tells its producer to pause once
-    more than C{buffer_size} bytes wait to be written, and to resume once
-    the peer has read them all (L{read}).
-    """
-
-    buffer_size = 4096
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)  # type: ignore[no-untyped-call]
-        if len(self.value()) > self.buffer_size and not self.paused and self.producer:
-            self.paused = True
-            self.producer.pauseProducing()
-
-    def read(self) -> bytes:
-        data = self.value()
-        self.io.seek(0)
-        self.io.truncate()
-        if self.paused and self.producer:
-            self.paused = False
-            self.producer.resumeProducing()
-        return data
-
-
 def test_pipelined_answers_wait_for_a_peer_that_does_not_read() -> None:
     """
     Requests pipelined by a peer that does not read are answered only as the transport writes what
@@ -760,7 +718,7 @@ def test_pipelined_answers_wait_for_a_peer_that_does_not_read() -> None:
     server = Server(max_bytes=1000, request_burst=1000)
     rendezvous_id, _ = server.harness.create(b"p" * 1000)
     protocol = server.site.buildProtocol(PEER)
-    transport = BufferingTransport()
+    transport = BufferingTransport(PEER)
     protocol.makeConnection(transport)
     protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
     held = len(transport.value())
@@ -784,7 +742,7 @@ def test_a_peer_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout() -> N
     server = Server(max_bytes=1000, idle_timeout_seconds=5)
     rendezvous_id, _ = server.harness.create(b"p" * 1000)
     protocol = server.site.buildProtocol(PEER)
-    transport = BufferingTransport()
+    transport = BufferingTransport(PEER)
     protocol.makeConnection(transport)
     with capturedLogs() as events:
         protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
