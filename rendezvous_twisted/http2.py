@@ -73,6 +73,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("twisted.web._http2.H2Connection", "_terminate"),
     ("twisted.web._http2.H2Connection", "openStreamWindow"),
     ("twisted.web._http2.H2Connection", "abortRequest"),
+    ("twisted.web._http2.H2Connection", "endRequest"),
     ("twisted.web._http2.H2Connection", "connectionLost"),
     ("twisted.web._http2.H2Connection", "_bufferedControlFrames"),
     ("twisted.web._http2.H2Connection", "_bufferedControlFrameBytes"),
@@ -239,6 +240,9 @@ class LimitedH2Connection(H2Connection):
         self._held: dict[int, int] = {}
         #: Streams whose body is still coming, and their deadline.
         self._receiving: dict[int, IDelayedCall | None] = {}
+        #: Open streams whose answer is complete, waiting to be sent (on a
+        #: window the client keeps shut, for as long as it does).
+        self._answered: set[int] = set()
         self._header_deadline: IDelayedCall | None = None
         self._idle_deadline: IDelayedCall | None = None
         self._idle_since: float | None = None
@@ -542,8 +546,23 @@ class LimitedH2Connection(H2Connection):
         self._shut("too many stream resets", None)
         return False
 
+    def endRequest(self, streamID: int) -> None:  # noqa: N803
+        super().endRequest(streamID)  # type: ignore[no-untyped-call]
+        self._answered.add(streamID)
+        if self._idle_since is None and self._answered.issuperset(self.streams):
+            # Every open stream is answered: what is left is the client's to
+            # take.  A client whose window stays shut held its connection
+            # (and a place under the connection caps) for ever; the idle
+            # timeout runs from now, as it does once no stream is open.
+            self._idle_since = self._site.reactor.seconds()
+            if self._idle_deadline is None and not self._closing:
+                self._idle_deadline = self._site.reactor.callLater(
+                    self._limits.idle_timeout_seconds, self._idle_check
+                )
+
     def _requestDone(self, streamID: int) -> None:  # noqa: N803
         super()._requestDone(streamID)  # type: ignore[no-untyped-call]
+        self._answered.discard(streamID)
         receiving = streamID in self._receiving
         self._stop_receiving(streamID)
         held = self._held.pop(streamID, 0)
@@ -613,8 +632,9 @@ class LimitedH2Connection(H2Connection):
             )
             return
         self._log.info(
-            "closing an HTTP/2 connection from {client}: no request in {seconds}s",
+            "closing an HTTP/2 connection from {client}: {what} in {seconds}s",
             client=self._client(),
+            what="its answers not taken" if self.streams else "no request",
             seconds=seconds,
         )
         self._shut("idle", h2.errors.ErrorCodes.NO_ERROR)

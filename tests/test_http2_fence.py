@@ -38,6 +38,7 @@ SOURCES: dict[str, str] = {
     "H2Connection._terminate": "bd1de5e20b977e09",
     "H2Connection.openStreamWindow": "57b9e9ddac2e5fb1",
     "H2Connection.abortRequest": "30190e545c439425",
+    "H2Connection.endRequest": "12a4b4c2ddd303c6",
     "H2Connection._sendPrioritisedData": "962d5b59c8d38671",
     "H2Stream.__init__": "bc7615e38e185a16",
     "H2Stream.receiveDataChunk": "2d49222e44d9cfc2",

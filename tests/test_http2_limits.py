@@ -33,6 +33,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
 from rendezvous_twisted import http2  # noqa: E402
+from rendezvous_twisted.conditions import ANY  # noqa: E402
 from rendezvous_twisted.http1 import LINGER_SECONDS  # noqa: E402
 
 from .conftest import Harness, fired  # noqa: E402
@@ -328,6 +329,33 @@ def test_an_open_stream_holds_the_connection_past_the_idle_timeout() -> None:
     peer.advance(5.1)
     assert peer.statuses[stream] == 304
     assert peer.goaway is None
+
+
+def test_answers_the_client_does_not_take_do_not_hold_the_connection() -> None:
+    """
+    Streams whose answers are complete but held by the client's shut window keep the connection
+    only as long as idle_timeout, counted from the last answer: a parked stream keeps it.
+    """
+    harness = Harness(idle_timeout_seconds=4, poll_timeout_seconds=30)
+    rendezvous_id, etag = create(harness)
+    peer = Peer(harness)
+    peer.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    peer.send()
+    parked = peer.ask(request("GET", f"/{rendezvous_id}", ("if-none-match", etag.decode())))
+    held = peer.ask(request("GET", f"/{rendezvous_id}"))
+    assert peer.statuses[held] == 200
+    assert held not in peer.ended
+    peer.advance(10)
+    assert peer.goaway is None
+    peer.harness.store.write(rendezvous_id, b"again", b"text/plain", ANY)
+    peer.advance(0)
+    assert peer.statuses[parked] == 200
+    assert parked not in peer.ended
+    peer.advance(3.9)
+    assert peer.goaway is None
+    peer.advance(0.2)
+    assert peer.goaway is not None
+    assert peer.transport.disconnecting
 
 
 def test_a_shut_window_does_not_spin_the_sending_loop() -> None:
