@@ -123,7 +123,10 @@ class SwitchingProtocol(Protocol):
         """
         if self.http2 is not None:
             return self.http2.busy
-        return bool(self.http11.requests)
+        # An answered request may stay in the queue while the transport
+        # writes what it holds (see RendezvousChannel.requestDone): it is
+        # no longer asked or answered.
+        return any(not request.finished for request in self.http11.requests)
 
     def when_idle(self, callback: Callable[[], None]) -> None:
         """

@@ -754,3 +754,19 @@ def test_a_peer_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout() -> N
         assert transport.disconnecting
         assert len(transport.value()) == held
     assert no_failure_logged(events)
+
+
+def test_a_graceful_stop_closes_a_connection_whose_answers_wait_to_be_read() -> None:
+    """
+    A graceful stop closes a connection whose requests are all answered but whose pipelined ones
+    wait for the transport to write what it holds: nothing is being asked or answered on it.
+    """
+    server = Server(max_bytes=1000, request_burst=1000)
+    rendezvous_id, _ = server.harness.create(b"p" * 1000)
+    protocol = server.site.buildProtocol(PEER)
+    transport = BufferingTransport(PEER)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 10)
+    assert transport.paused
+    server.site.drain(server.clock, 5)
+    assert transport.disconnecting
