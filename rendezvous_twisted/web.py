@@ -18,7 +18,13 @@ from klein import Klein
 from klein.resource import KleinResource
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    INegotiated,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -475,11 +481,19 @@ class RendezvousChannel(http.HTTPChannel):
         transport = self.transport
         assert transport is not None
         transport.write(waiting.refusal.http11())
-        if ITCPTransport.providedBy(transport):
-            # Say at once that no more is coming.  (A TLS transport has no
-            # half-close, and would forward this name to the TCP below it.)
-            transport.loseWriteConnection()
+        # Armed first: a close may be reported at once.
         self._deadline = self.site.reactor.callLater(http1.LINGER_SECONDS, self._linger_over)
+        # Say at once that no more is coming.
+        if INegotiated.providedBy(transport):
+            # TLS: its close_notify, once what is written has gone; it then
+            # reads on until the peer's.  A TLS transport provides the
+            # interfaces of the TCP one below it, and hands it
+            # loseWriteConnection: that half-close under TLS, which
+            # Twisted's TLS does not expect, lost the answer (curl: "Empty
+            # reply from server") and logged an Unhandled Error.
+            self.loseConnection()  # type: ignore[no-untyped-call]
+        elif ITCPTransport.providedBy(transport):
+            transport.loseWriteConnection()
 
     def _linger_over(self) -> None:
         self._deadline = None

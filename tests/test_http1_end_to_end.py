@@ -8,9 +8,12 @@ answer, a broken pipe at the connection cap) and what a balancer sees
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import select
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,3 +311,56 @@ def test_http2_requests_keep_their_authority_as_host(tmp_path: Path) -> None:
     finally:
         process.stop()
     process.assert_no_trouble()
+
+
+def test_a_refused_tls_client_reads_its_refusal_every_time(tmp_path: Path) -> None:
+    """
+    A TLS client speaking HTTP/1.1, refused at the cap, that sends its head and its body apart (as
+    curl does) reads its whole JSON 503 every time, then TLS's close; nothing is logged as trouble
+    (the server half-closed the TCP under TLS: the answer was lost, "Empty reply from server", and
+    Twisted's TLS logged an Unhandled Error when the client closed).
+    """
+    from .certificates import CA, cert_pem
+
+    ca = CA.make("refusals")
+    ca.write_leaf(tmp_path / "tls")
+    server = TwistdServer(
+        [
+            "rendezvous",
+            "--listen",
+            f"ssl:0:interface={HOST}",
+            f"--tls-cert={tmp_path / 'tls' / 'fullchain.pem'}",
+            f"--tls-key={tmp_path / 'tls' / 'key.pem'}",
+            "--max-connections=1",
+            "--max-connections-per-address=1",
+        ],
+        tmp_path,
+        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
+    )
+    context = ssl.create_default_context(cadata=cert_pem(ca.root).decode("ascii"))
+    context.set_alpn_protocols(["http/1.1"])
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection((HOST, server.port), timeout=5)
+        return context.wrap_socket(raw, server_hostname="localhost")
+
+    try:
+        with connect():
+            for attempt in range(10):
+                with connect() as refused:
+                    refused.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n")
+                    refused.sendall(b"x")
+                    answer = b""
+                    with contextlib.suppress(ssl.SSLError, OSError):
+                        for _ in range(100):
+                            data = refused.recv(65536)
+                            if not data:
+                                break
+                            answer += data
+                        # As curl does: TLS's close_notify.
+                        refused.unwrap()
+                assert answer.startswith(b"HTTP/1.1 503 "), (attempt, answer)
+                assert answer.endswith(b'"the server has too many connections"}')
+    finally:
+        server.stop()
+    server.assert_no_trouble()
