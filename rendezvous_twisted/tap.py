@@ -496,6 +496,8 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
+        #: What the listeners were given as, for messages: None for the default.
+        self.listen_written: list[str | None] = list(self["listen"]) or [None]
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["listen"] = [endpoints.expand(d) for d in self["listen"]]
@@ -541,6 +543,7 @@ class Options(usage.Options):
             raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
         self._check_tls()
+        self._check_clashes()
         self._check_twistd()
 
     def _store_url(self) -> StoreURL | None:
@@ -613,8 +616,8 @@ class Options(usage.Options):
                         "(or privateKey= in ssl:)"
                     )
                 else:
-                    one, other = _ENDPOINT_EXAMPLES[option]
-                    hint = f"e.g. {self.spelled(option, one)} or {self.spelled(option, other)}"
+                    examples = e.examples or _ENDPOINT_EXAMPLES[option]
+                    hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
                 spelled = self.spelled(option, description)
                 raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
             files = tls.tls_files(description, default)
@@ -633,6 +636,44 @@ class Options(usage.Options):
                 f"{self.spelled('listen', 'ssl:8443')}"
             )
         self["tls-default"] = default
+
+    def _check_clashes(self) -> None:
+        """
+        Refuse two listeners of this server on one TCP port (C{--listen 9000}
+        twice, C{--metrics 8080} beside the default C{--listen}): the second
+        would fail at start as if another process held the port.
+        """
+        listeners = [
+            (self._written("listen", written, description), description)
+            for written, description in zip(self.listen_written, self["listen"], strict=True)
+        ]
+        if self["metrics"]:
+            metrics = self.given.get("metrics", self["metrics"])
+            listeners.append((self.spelled("metrics", metrics), self["metrics"]))
+        seen: list[tuple[str, tuple[int, int, str]]] = []
+        for spelled, description in listeners:
+            address = endpoints.tcp_address(description)
+            if address is None:
+                continue
+            for earlier, other in seen:
+                if endpoints.same_address(address, other):
+                    if spelled == earlier:
+                        raise usage.UsageError(f"{spelled} is given twice")
+                    on = f" of {address[2] or other[2]}" if address[2] or other[2] else ""
+                    raise usage.UsageError(
+                        f"{spelled} and {earlier} both listen on port {address[1]}{on}: "
+                        "give each its own port"
+                    )
+            seen.append((spelled, address))
+
+    def _written(self, option: str, written: str | None, description: str) -> str:
+        """
+        A listener as the user wrote it (C{--listen 9000}), or the default
+        as such (C{--listen (default tcp:8080:interface=127.0.0.1)}).
+        """
+        if written is None:
+            return f"{self.name(option)} (default {description})"
+        return self.spelled(option, written)
 
     def _check_twistd(self) -> None:
         """
@@ -772,6 +813,13 @@ def options_from_environment(environ: Mapping[str, str], program: str | None = N
             if setting is None:
                 close = difflib.get_close_matches(variable, list(known), n=1)
                 guess = f"; did you mean {close[0]}?" if close else ""
+                word = variable.removeprefix(ENVIRONMENT_PREFIX).lower().replace("_", "-")
+                if word in _PORT_WORDS:
+                    listen = f"{ENVIRONMENT_PREFIX}LISTEN"
+                    guess = (
+                        f": give the port with {listen}, e.g. {listen}=9000 (on 127.0.0.1) "
+                        f"or {listen}=tcp:9000:interface=0.0.0.0"
+                    )
                 raise usage.UsageError(f"{variable}={value}: no such setting{guess}")
             if not setting.takes_value:
                 if value.lower() in ("1", "true", "yes"):
