@@ -626,8 +626,9 @@ class Options(usage.Options):
             try:
                 tls.load_identity(files)
             except tls.CertificateError as e:
-                which = "tls-cert" if files == default else option
-                raise usage.UsageError(f"{self.name(which)}: {e}") from None
+                if files == default:
+                    raise usage.UsageError(f"{self._tls_options(files, str(e))}: {e}") from None
+                raise usage.UsageError(f"{self.name(option)}: {e}") from None
             used = used or files == default
         if default is not None and not used:
             raise usage.UsageError(
@@ -636,6 +637,19 @@ class Options(usage.Options):
                 f"{self.spelled('listen', 'ssl:8443')}"
             )
         self["tls-default"] = default
+
+    def _tls_options(self, files: tls.CertificateFiles, message: str) -> str:
+        """
+        The option(s) whose file a certificate error is about: C{--tls-key}
+        for the key's alone, C{--tls-cert} for the certificate's alone, both
+        for a key that does not match its certificate.
+        """
+        cert, key = str(files.certificate) in message, str(files.private_key) in message
+        if key and not cert:
+            return self.name("tls-key")
+        if cert and not key:
+            return self.name("tls-cert")
+        return f"{self.name('tls-cert')} and {self.name('tls-key')}"
 
     def _check_clashes(self) -> None:
         """

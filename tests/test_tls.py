@@ -190,6 +190,48 @@ def test_options_refuse_tls_that_cannot_serve(tmp_path: Path, ca_a: CA) -> None:
             tap.Options().parseOptions(argv)
 
 
+@pytest.mark.parametrize(
+    ("breakage", "named"),
+    [
+        ("missing key", "--tls-key: cannot read"),
+        ("encrypted key", "--tls-key: "),
+        ("missing certificate", "--tls-cert: cannot read"),
+        ("key as certificate", "--tls-cert: "),
+        ("other key", "--tls-cert and --tls-key: "),
+    ],
+)
+def test_a_bad_tls_file_names_its_option(
+    tmp_path: Path, ca_a: CA, breakage: str, named: str
+) -> None:
+    """A usage error about --tls-key's file names --tls-key, not --tls-cert; a mismatch both."""
+    from cryptography.hazmat.primitives import serialization
+
+    ca_a.write_leaf(tmp_path)
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    if breakage == "missing key":
+        key.unlink()
+    elif breakage == "encrypted key":
+        _, other = ca_a.leaf()
+        key.write_bytes(
+            other.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+    elif breakage == "missing certificate":
+        cert.unlink()
+    elif breakage == "key as certificate":
+        cert.write_bytes(key.read_bytes())
+    else:
+        _, other = ca_a.leaf()
+        key.write_bytes(key_pem(other))
+    argv = ["--listen", "ssl:8443", "--tls-cert", str(cert), "--tls-key", str(key)]
+    with pytest.raises(usage.UsageError) as caught:
+        tap.Options().parseOptions(argv)
+    assert str(caught.value).startswith(named), str(caught.value)
+
+
 # Real listeners.
 
 
