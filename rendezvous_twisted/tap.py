@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rendezvous_twisted import endpoints, logs, systemd, tls, wire
@@ -902,10 +903,13 @@ def makeService(
     lifecycle = Lifecycle()
     connections = store.service if isinstance(store, RedisStore) else None
     # HTTP/2 is spoken on TLS listeners when h2 is installed.
-    http2 = wire.H2_AVAILABLE and any(
+    any_tls = any(
         tls.tls_files(description, options["tls-default"]) is not None
         for description in options["listen"]
     )
+    http2 = wire.H2_AVAILABLE and any_tls
+    if any_tls and not wire.H2_AVAILABLE:
+        Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
     StoreService(store, config, reactor, site, lifecycle, connections, http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
@@ -956,6 +960,23 @@ def makeService(
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+class Http2Off(Service):
+    """
+    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
+    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
+    served HTTP/1.1 without a word.
+    """
+
+    log = Logger()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.log.info(
+            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
+            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
+        )
 
 
 def _endpoint(

@@ -232,6 +232,45 @@ def test_a_bad_tls_file_names_its_option(
     assert str(caught.value).startswith(named), str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("h2_installed", "listen", "said"),
+    [(False, "ssl:0", True), (True, "ssl:0", False), (False, "tcp:0", False)],
+)
+def test_a_tls_server_without_h2_says_http2_is_off(
+    tmp_path: Path,
+    ca_a: CA,
+    monkeypatch: pytest.MonkeyPatch,
+    h2_installed: bool,
+    listen: str,
+    said: bool,
+) -> None:
+    """Without h2, a server with a TLS listener logs at start that HTTP/2 is off, and the fix."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from rendezvous_twisted import wire
+
+    monkeypatch.setattr(wire, "H2_AVAILABLE", h2_installed)
+    ca_a.write_leaf(tmp_path)
+    argv = ["--listen", listen]
+    if listen.startswith("ssl:"):
+        argv += [
+            "--tls-cert",
+            str(tmp_path / "fullchain.pem"),
+            "--tls-key",
+            str(tmp_path / "key.pem"),
+        ]
+    options = tap.Options()
+    options.parseOptions(argv)
+    service = tap.makeService(options, reactor=MemoryReactorClock())
+    with capturedLogs() as events:
+        service.startService()
+    service.stopService()
+    lines = [formatEvent(e) for e in events if "HTTP/2 is off" in formatEvent(e)]
+    assert len(lines) == (1 if said else 0), lines
+    if said:
+        assert "pip install 'rendezvous-twisted[http2]'" in lines[0]
+
+
 # Real listeners.
 
 
