@@ -711,6 +711,32 @@ class Options(usage.Options):
             problem = _unwritable(Path(path))
             if problem:
                 raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
+        if self["log-format"] == "json":
+            self._check_json_logs(parent)
+
+    def _check_json_logs(self, parent: Any) -> None:
+        """
+        Refuse JSON logs that would reach nobody: they go to standard
+        output, which a daemonized twistd closes, and twistd's --logfile or
+        --syslog would be silently left unused.
+        """
+        json = self.spelled("log-format", "json")
+        where = None
+        if parent.get("logfile") not in (None, "", "-"):
+            where = f"--logfile {parent['logfile']}"
+        elif parent.get("syslog"):
+            where = "--syslog"
+        if where is not None:
+            raise usage.UsageError(
+                f"{json} writes to standard output, not to twistd's {where}: drop one of them "
+                "(journald and log collectors read standard output)"
+            )
+        if not parent.get("nodaemon"):
+            raise usage.UsageError(
+                f"{json} writes to standard output, which twistd closes when it daemonizes: "
+                "add -n before 'rendezvous' (twistd -n rendezvous ...), or log text to "
+                "twistd.log without it"
+            )
 
 
 def _unwritable(path: Path) -> str | None:

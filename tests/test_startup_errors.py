@@ -174,6 +174,27 @@ def test_a_pidfile_twistd_cannot_write_is_a_short_error(tmp_path: Path) -> None:
     assert_short_error(code, output, "twistd's --pidfile /nonexistent/dir/twistd.pid")
 
 
+@pytest.mark.parametrize(
+    ("twistd_options", "expected"),
+    [
+        (["--pidfile="], "which twistd closes when it daemonizes: add -n before 'rendezvous'"),
+        (["-n", "--pidfile=", "--logfile=x.log"], "not to twistd's --logfile x.log: drop one"),
+        (["-n", "--pidfile=", "--syslog"], "not to twistd's --syslog: drop one"),
+    ],
+)
+def test_json_logs_that_would_reach_nobody_are_a_short_error(
+    tmp_path: Path, twistd_options: list[str], expected: str
+) -> None:
+    """--log-format json daemonized, or beside --logfile or --syslog, is refused before starting."""
+    code, output = run_twistd(
+        [*twistd_options, "rendezvous", "--listen", "0", "--log-format", "json"], tmp_path
+    )
+    assert_short_error(code, output, "twistd rendezvous: --log-format json writes to standard")
+    assert expected in output
+    # Nothing was daemonized, nor written where nobody looks.
+    assert not (tmp_path / "x.log").exists()
+
+
 def test_help_is_still_whole(tmp_path: Path) -> None:
     """`twistd rendezvous --help` prints the whole help, and succeeds."""
     code, output = run_twistd(["rendezvous", "--help"], tmp_path)
