@@ -75,6 +75,40 @@ def parked_counts(spec: str, limit: int) -> list[int]:
     return counts
 
 
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    """
+    An argument type: a positive number of C{kind} (a whole one for int).
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not (value > 0 and value != float("inf")):
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {what}")
+        return value
+
+    return parse
+
+
+def _base_url(text: str) -> str:
+    """
+    An argument type: an http://HOST:PORT URL (the load is plain HTTP/1.1).
+    """
+    try:
+        parts = urlsplit(text)
+        good = parts.scheme == "http" and bool(parts.hostname) and parts.port is not None
+    except ValueError:  # a port that is no number, a broken [IPv6] address
+        good = False
+    if not good:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the benchmark needs http://HOST:PORT, e.g. http://127.0.0.1:8080"
+        )
+    return text
+
+
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -82,7 +116,9 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8080")
+    which.add_argument(
+        "--url", type=_base_url, help="base URL of a running server, e.g. http://127.0.0.1:8080"
+    )
     which.add_argument(
         "--all", action="store_true", help="start the servers and run every scenario"
     )
@@ -92,14 +128,24 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="print the twistd rendezvous options of a server this benchmark can load "
         "(its limits raised for one address), and exit",
     )
-    parser.add_argument("--scenario", choices=SCENARIOS, help="the scenario to run with --url")
     parser.add_argument(
-        "--seconds", type=float, default=8.0, help="length of each load phase (default 8)"
+        "--scenario",
+        choices=SCENARIOS,
+        help="the scenario to run with --url (floor loads the bare twisted.web server "
+        "python -m bench.floor PORT starts, not a rendezvous server)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=_positive(float),
+        default=8.0,
+        help="length of each load phase (default 8)",
     )
     parser.add_argument(
         "--server-pid", type=int, help="with --url: the server's pid, for its CPU and memory"
     )
-    parser.add_argument("--repeat", type=int, default=1, help="with --all: runs to take medians of")
+    parser.add_argument(
+        "--repeat", type=_positive(int), default=1, help="with --all: runs to take medians of"
+    )
     parser.add_argument(
         "--no-pin", action="store_true", help="with --all: do not pin server and client to cores"
     )
@@ -109,14 +155,21 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="parked round sizes, comma-separated; 'max' is the open-file limit (default "
         "1000,10000,max)",
     )
-    parser.add_argument("--churn-rate", type=float, default=500.0, help="creates per second")
     parser.add_argument(
-        "--churn-seconds", type=float, default=30.0, help="length of a churn round (default 30)"
+        "--churn-rate", type=_positive(float), default=500.0, help="creates per second"
     )
     parser.add_argument(
-        "--churn-ttl", type=float, default=5.0, help="the churn server's TTL (default 5)"
+        "--churn-seconds",
+        type=_positive(float),
+        default=30.0,
+        help="length of a churn round (default 30)",
     )
-    parser.add_argument("--churn-rounds", type=int, default=3, help="churn rounds (default 3)")
+    parser.add_argument(
+        "--churn-ttl", type=_positive(float), default=5.0, help="the churn server's TTL (default 5)"
+    )
+    parser.add_argument(
+        "--churn-rounds", type=_positive(int), default=3, help="churn rounds (default 3)"
+    )
     parser.add_argument(
         "--only",
         help="with --all: a comma-separated subset of the scenarios to run ("
@@ -136,7 +189,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenario-timeout",
-        type=float,
+        type=_positive(float),
         help="stop a scenario that has not finished after this many seconds (default: a "
         "generous bound from its settings); a lost answer never hangs the run",
     )

@@ -1,23 +1,25 @@
 """
-C{python -m bench.h2flood}: what HTTP/2 connections cost a real server, and
+python -m bench.h2flood: what HTTP/2 connections cost a real server, and
 what the attacks of issue 12 do to it.
 
-It starts C{twistd rendezvous} of this working tree on a TLS listener (ALPN
-"h2", with a certificate it makes), drives it with the C{h2} library (and
-raw frames from C{hyperframe}) over loopback, and prints one JSON line:
-the server's resident memory (from /proc) before and after, and what the
-server answered.
+It starts twistd rendezvous of this working tree on a TLS listener (ALPN
+"h2", with a certificate it makes), drives it with the h2 library (and raw
+frames from hyperframe) over loopback, and prints one JSON line: the
+server's resident memory (from /proc) before and after, and what the server
+answered.
 
     python -m bench.h2flood limits --connections 50
     python -m bench.h2flood held --connections 40 --streams 100 --body 10000 --hold 20
     python -m bench.h2flood continuation --megabytes 64
     python -m bench.h2flood rapid-reset --count 20000
 
-C{limits} holds every connection at its limits (every stream it may open,
-each with a header block of --max-header-bytes and a body one byte short of
+limits holds every connection at its limits (every stream it may open, each
+with a header block of --max-header-bytes and a body one byte short of
 --max-bytes, still coming) and prints the memory per connection beside the
-budget's price for one (L{rendezvous_twisted.budget}).  Extra server options
-follow C{--}: C{python -m bench.h2flood limits -- --max-streams-per-connection=4}.
+budget's price for one (rendezvous_twisted.budget).  Extra server options
+follow --:
+
+    python -m bench.h2flood limits -- --max-streams-per-connection=4
 """
 
 from __future__ import annotations
@@ -554,7 +556,11 @@ def budget_per_connection(options: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.h2flood", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.h2flood",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("attack", choices=("limits", "held", "continuation", "rapid-reset"))
     parser.add_argument("--connections", type=int, default=40)
     parser.add_argument("--streams", type=int, default=100, help="held: streams per connection")

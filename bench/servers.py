@@ -43,6 +43,9 @@ BENCH_LIMITS = (
     # The parked rounds open every connection before sending a request.
     "--header-timeout=600",
     "--poll-timeout=600",
+    # A scenario's set-up connection waits, idle, through its load phases
+    # (read-heavy's 304 phase found it closed after --idle-timeout's 15 s).
+    "--idle-timeout=600",
     # Longer than any parked round: its rendezvous must outlive it.
     "--ttl=3600",
 )

@@ -15,8 +15,10 @@ expires (60 s by default).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
@@ -62,5 +64,27 @@ def run(reactor: Any, *argv: str) -> Any:
     return Deferred.fromCoroutine(guarded())
 
 
+def server_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def arguments(argv: list[str]) -> str:
+    """
+    The server's URL from the command line; a mistake ends the program with
+    its usage (exit status 2), and --help prints it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python examples/python_client.py",
+        description="A whole rendezvous exchange, both devices in one script.",
+    )
+    parser.add_argument(
+        "server", nargs="?", default=SERVER, type=server_url, help=f"default {SERVER}"
+    )
+    server: str = parser.parse_args(argv).server
+    return server
+
+
 if __name__ == "__main__":
-    react(run, sys.argv[1:])
+    react(run, [arguments(sys.argv[1:])])

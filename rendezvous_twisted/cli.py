@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, NoReturn, TextIO
+from urllib.parse import urlsplit
 
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import react
 
 from rendezvous_twisted.client import (
@@ -46,6 +49,46 @@ EXIT_TIMEOUT = 3
 EXIT_UNREACHABLE = 4
 
 
+def _http_url(example: str) -> Callable[[str], str]:
+    """
+    An argument type: the text if it is an http:// or https:// URL with a
+    host (and a port that is a number); else a usage error showing
+    C{example}.
+    """
+
+    def check(text: str) -> str:
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 (a port that is not a number raises ValueError)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an http:// or https:// URL; {example}"
+            )
+        return text
+
+    return check
+
+
+#: Argument types: the server's URL, and a rendezvous' URL.
+_server_url = _http_url(f"e.g. {DEFAULT_SERVER}")
+_rendezvous_url = _http_url(f"give the URL create printed, e.g. {DEFAULT_SERVER}ID")
+
+
+def _seconds(text: str) -> float:
+    """
+    C{text} as a positive number of seconds; else a usage error.
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds, e.g. 120")
+    return seconds
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rendezvous-cli",
@@ -68,7 +111,10 @@ def _parser() -> argparse.ArgumentParser:
 
     create = commands.add_parser("create", help="create a rendezvous and print its URL")
     create.add_argument(
-        "--server", default=DEFAULT_SERVER, help=f"the server's URL (default {DEFAULT_SERVER})"
+        "--server",
+        type=_server_url,
+        default=DEFAULT_SERVER,
+        help=f"the server's URL (default {DEFAULT_SERVER})",
     )
     payload_options(create)
     create.add_argument(
@@ -76,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     send = commands.add_parser("send", help="replace the payload of a rendezvous")
-    send.add_argument("url")
+    send.add_argument("url", type=_rendezvous_url)
     payload_options(send)
     send.add_argument(
         "--if-match",
@@ -90,10 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     receive = commands.add_parser(
         "receive", help="wait for the next payload (long-poll) and print it"
     )
-    receive.add_argument("url")
+    receive.add_argument("url", type=_rendezvous_url)
     receive.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=120.0,
         help="give up after this many seconds (default 120; exit code 3)",
     )
@@ -104,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     receive.add_argument("--no-wait", action="store_true", help="print the current payload at once")
 
     cancel = commands.add_parser("cancel", help="delete a rendezvous")
-    cancel.add_argument("url")
+    cancel.add_argument("url", type=_rendezvous_url)
     return parser
 
 
@@ -167,7 +213,12 @@ async def run(
                 streams.say(message.format(e))
                 return code
         # Connection refused, DNS, TLS, timeouts...
-        streams.say(f"no answer from the server: {type(e).__name__}: {e}")
+        where = args.server if args.command == "create" else args.url
+        hint = "; is it running? (twistd -n rendezvous starts one)"
+        if not isinstance(e, ConnectionRefusedError):
+            hint = ""
+        why = str(e).rstrip(".")
+        streams.say(f"no answer from the server at {where}: {type(e).__name__}: {why}{hint}")
         return EXIT_UNREACHABLE
 
 

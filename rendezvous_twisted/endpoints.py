@@ -14,6 +14,8 @@ without listening.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -42,11 +44,16 @@ class EndpointError(ValueError):
     A description that cannot listen.  The message says why, without the
     option's name (the caller knows how the user wrote it).
     C{needs_certificate}: a TLS listener was given no certificate files.
+    C{examples}: descriptions that say what the user most likely meant, if
+    it can be told (C{tcp:9000:interface=0.0.0.0} for C{0.0.0.0:9000}).
     """
 
-    def __init__(self, message: str, needs_certificate: bool = False) -> None:
+    def __init__(
+        self, message: str, needs_certificate: bool = False, examples: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.needs_certificate = needs_certificate
+        self.examples = examples
 
 
 def expand(description: str) -> str:
@@ -74,6 +81,11 @@ def check(description: str, tls_default: tls.CertificateFiles | None) -> None:
     inner = description.removeprefix(tls.TLS_PREFIX)
     if inner != description and inner.startswith(("ssl:", tls.TLS_PREFIX)):
         raise EndpointError("tls: goes in front of a plain endpoint, not ssl: or tls:")
+    if inner != description and _PORT.match(inner):
+        raise EndpointError(
+            "tls: goes in front of an endpoint, not a bare port",
+            examples=(f"ssl:{inner}", f"tls:tcp:{inner}"),
+        )
     if description.startswith("ssl:"):
         try:
             files = tls.parse_ssl(description).files
@@ -100,7 +112,7 @@ def _check_plain(inner: str) -> None:
         raise EndpointError(str(e)) from None
     kind = args[0]
     if kind not in _KINDS and kind.lower() not in _plugin_prefixes():
-        raise EndpointError(f"unknown endpoint type {kind!r}")
+        raise EndpointError(f"unknown endpoint type {kind!r}", examples=_meant(inner))
     if kind not in _KINDS:
         return  # a plugin's: its parser may need the reactor, so it runs at start
     if kind == "systemd":
@@ -118,6 +130,45 @@ def _check_plain(inner: str) -> None:
         raise EndpointError(_twisted_complaint(kind, e)) from None
     if kind == "unix":
         _check_unix(args[1:], kwargs)
+
+
+#: Interfaces that stand for every address of their family.
+_WILDCARDS = frozenset(("", "0.0.0.0", "::"))  # noqa: S104 (names them; binds nothing)
+
+
+def tcp_address(description: str) -> tuple[int, int, str] | None:
+    """
+    Where a checked TCP description (C{tcp:}, C{tcp6:}, C{ssl:}, any of
+    them behind C{tls:}) listens, as (address family 4 or 6, port,
+    interface: C{""} for every address); None for any other kind, and for
+    port 0 (the system picks a free one).
+    """
+    try:
+        args, kwargs = tls.split_description(description.removeprefix(tls.TLS_PREFIX))
+    except ValueError:
+        return None
+    kind = args[0]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = kwargs.get("port", args[1] if len(args) > 1 else "")
+    if not _PORT.match(port) or int(port) == 0:
+        return None
+    interface = kwargs.get("interface", args[2] if kind != "ssl" and len(args) > 2 else "")
+    family = 6 if kind == "tcp6" or ":" in interface else 4
+    return family, int(port), "" if interface in _WILDCARDS else interface
+
+
+def same_address(one: tuple[int, int, str], other: tuple[int, int, str]) -> bool:
+    """
+    Whether two L{tcp_address}es cannot both listen: the same port of the
+    same family, on the same interface or with either on every address.
+    (Across families, whether C{::} takes IPv4 too is the system's choice:
+    left to the start to tell.)
+    """
+    (family, port, interface), (other_family, other_port, other_interface) = one, other
+    if (family, port) != (other_family, other_port):
+        return False
+    return interface == other_interface or "" in (interface, other_interface)
 
 
 def listen_endpoint(
@@ -140,6 +191,29 @@ def listen_endpoint(
                 "matching .socket unit (FileDescriptorName=, LISTEN_FDS)"
             ) from None
         raise
+
+
+def _meant(description: str) -> tuple[str, ...]:
+    """
+    The endpoint a description of an unknown kind most likely meant, if it
+    can be told: a HOST:PORT (C{0.0.0.0:9000}, C{:9000}, C{localhost:9000})
+    as C{tcp:PORT:interface=HOST}, a misspelt kind (C{tpc:9000}) spelt.
+    """
+    host, _, port = description.rpartition(":")
+    if _PORT.match(port) and (host in ("", "localhost") or _is_ipv4(host)):
+        # What ":9000" means elsewhere: every address (an example, not a bind).
+        return (f"tcp:{port}:interface={host or '0.0.0.0'}",)  # noqa: S104
+    kind, _, rest = description.partition(":")
+    close = difflib.get_close_matches(kind.lower(), [*_KINDS, "ssl", "tls"], n=1)
+    return (f"{close[0]}:{rest}",) if close and rest else ()
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _plugin_prefixes() -> set[str]:

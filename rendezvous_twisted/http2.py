@@ -8,11 +8,15 @@ subclass here bounds everything a client can make one connection hold:
 
   - streams: at most C{max_streams_per_connection} at once, advertised in
     SETTINGS; a stream past it is refused (RST_STREAM REFUSED_STREAM, which
-    clients retry) before any request is made for it;
+    clients retry) before any request is made for it, whether or not the
+    client has seen the SETTINGS, and the connection goes on;
   - header blocks: HEADERS and CONTINUATION frames are counted as they
     arrive, and a block is refused (431, then GOAWAY) as it passes
-    C{max_header_bytes}, before h2 buffers the frame that passes it; the
-    decoded list is held to the same size (SETTINGS_MAX_HEADER_LIST_SIZE);
+    C{max_header_bytes}, before h2 buffers the frame that passes it; a
+    block within it whose decoded list is over C{max_header_bytes}
+    (SETTINGS_MAX_HEADER_LIST_SIZE, counted as RFC 9113 6.5.2 does) is
+    answered 431 on its stream alone, and one that HPACK inflates past
+    L{DECODED_HEADER_SLACK} times that is a connection error;
   - bodies: each stream's window is one byte more than C{max_bytes} (enough
     to see an oversize body and refuse it 413) and is never re-opened; the
     connection's window is re-opened by a stream's bytes only when that
@@ -52,7 +56,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -103,6 +107,10 @@ RESET_PER_SECOND = 33.0
 MAX_BYTES_AFTER_CLOSE = 65536
 #: The connection-level receive window HTTP/2 starts every connection with.
 DEFAULT_WINDOW = 65535
+#: How far past max_header_bytes h2 decodes a header list before it gives
+#: up on the connection (HPACK lets a few bytes name a long field again and
+#: again): up to it a list over the limit is refused on its stream alone.
+DECODED_HEADER_SLACK = 2
 
 _HEADERS = 0x1
 _CONTINUATION = 0x9
@@ -220,9 +228,10 @@ class LimitedH2Connection(H2Connection):
         self._refusal = refusal
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.conn = _StateMachine(config=config)
-        # Enforced at once: a header list over the limit is refused whatever
-        # the peer has seen of our settings.
-        self.conn.decoder.max_header_list_size = limits.max_header_bytes
+        # Enforced at once, whatever the peer has seen of our settings: a
+        # header list over the limit is refused on its stream (_new_stream);
+        # h2's decoder stops only one inflated far past it.
+        self.conn.decoder.max_header_list_size = DECODED_HEADER_SLACK * limits.max_header_bytes
         # Our own deadlines replace Twisted's idle timeout (which would cut
         # a parked long-poll that sends nothing for that long).
         self.timeOut = None
@@ -257,21 +266,30 @@ class LimitedH2Connection(H2Connection):
 
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
-        # Advertised after the initial SETTINGS, so that h2 enforces them
-        # once the peer acknowledges them (RFC 9113 6.5.3): a client that
-        # sent requests before it saw them is not cut for it.  Until then
-        # the streams past the cap are refused here, one by one.
+        # The window is h2's to keep: it counts what the peer may send.
         self.conn.update_settings(
-            {
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_streams,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._limits.max_header_bytes,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._limits.max_body_bytes + 1,
-            }
+            {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._limits.max_body_bytes + 1}
         )
         window = connection_window(self._limits.max_body_bytes)
         if window > DEFAULT_WINDOW:
             self.conn.increment_flow_control_window(window - DEFAULT_WINDOW)
         self._flush()
+        # The stream cap and the header list limit go out in a SETTINGS
+        # frame of our own, so that h2 never enforces them: it would answer
+        # a stream past the cap, or a list past the limit, by closing the
+        # whole connection (parked long-polls and all), where RFC 9113 5.1.2
+        # asks for a refusal of that stream alone.  _new_stream refuses
+        # them, once h2 has decoded their block (HPACK's table is shared by
+        # every stream).  The peer's ACK of this frame changes nothing in h2.
+        settings = SettingsFrame(
+            0,
+            settings={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self._limits.max_streams,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self._limits.max_header_bytes,
+            },
+        )
+        assert self.transport is not None
+        self.transport.write(settings.serialize())
         self._reset_stamp = self._site.reactor.seconds()
         self._became_idle()
         if self._refusal is not None:
@@ -449,6 +467,21 @@ class LimitedH2Connection(H2Connection):
             )
             self._site.refused("streams")
             self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        listed = sum(32 + len(name) + len(value) for name, value in event.headers)
+        if listed > self._limits.max_header_bytes:
+            self._log.info(
+                "refusing an HTTP/2 request from {client}: a header list of {size} bytes",
+                client=self._client(),
+                size=listed,
+            )
+            self._site.refused("too_large")
+            self._answer_stream(
+                stream_id,
+                431,
+                "M_TOO_LARGE",
+                f"the request's header list is over {self._limits.max_header_bytes} bytes",
+            )
             return
         fields = sum(1 for name, _ in event.headers if not name.startswith(b":"))
         if fields > self._limits.max_headers:

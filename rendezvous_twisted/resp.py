@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IAddress, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 T = TypeVar("T")
 
@@ -282,6 +284,25 @@ _backoff = backoffPolicy(initialDelay=0.05, maxDelay=2.0, jitter=_jitter)
 _COMPLAIN_EVERY_SECONDS = 10.0
 
 
+@implementer(IStreamClientEndpoint)
+class _SaysWhyNot:
+    """
+    An endpoint that tells C{why} each time a connection attempt fails,
+    and fails as the endpoint it wraps does.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, why: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._why = why
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:  # noqa: N803 (the interface's name)
+        def failed(failure: Failure) -> Failure:
+            self._why(failure)
+            return failure
+
+        return self._endpoint.connect(protocolFactory).addErrback(failed)
+
+
 class RedisConnection:
     """
     A connection to Redis that is kept up: reconnected with backoff when
@@ -322,7 +343,7 @@ class RedisConnection:
         self._sweeper: LoopingCall | None = None
         self._heartbeat_seconds = heartbeat_seconds
         self.service = ClientService(
-            endpoint,
+            _SaysWhyNot(endpoint, self._unreachable),
             _Factory(self, on_message),
             retryPolicy=self._retry_delay,
             clock=reactor,
@@ -369,16 +390,39 @@ class RedisConnection:
     def _retry_delay(self, attempt: int) -> float:
         return _backoff(max(attempt, self._failures))
 
-    def _complain(self, error: str, failure: Failure) -> None:
+    def _unreachable(self, failure: Failure) -> None:
         """
-        Log why a connection failed its set-up: at once for a new reason,
-        then at most every C{_COMPLAIN_EVERY_SECONDS} while it repeats.
+        Say why connecting failed (Redis not running, a wrong host or port):
+        ClientService's own lines say only that it will retry.
+        """
+        if failure.check(CancelledError, ConnectingCancelledError):  # stopping, not Redis
+            return
+        error = failure.getErrorMessage().rstrip(".")
+        if self._first_time(error):
+            self.log.warn(
+                "{name}: cannot connect to Redis: {error}; retrying until it answers",
+                name=self._name,
+                error=error,
+            )
+
+    def _first_time(self, error: str) -> bool:
+        """
+        Whether to log C{error}: at once for a new reason, then at most
+        every C{_COMPLAIN_EVERY_SECONDS} while it repeats.
         """
         now = self._reactor.seconds()
         last, when = self._last_complaint
         if error == last and now - when < _COMPLAIN_EVERY_SECONDS:
-            return
+            return False
         self._last_complaint = (error, now)
+        return True
+
+    def _complain(self, error: str, failure: Failure) -> None:
+        """
+        Log why a connection failed its set-up (see L{_first_time}).
+        """
+        if not self._first_time(error):
+            return
         # No answer in time is an outage, as a lost connection is; an
         # error reply (a wrong password, an unknown database) is not.
         log = self.log.warn if failure.check(RedisDown) else self.log.error

@@ -23,8 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.python import usage
 
 from rendezvous_twisted import endpoints, logs, systemd, tls, wire
@@ -496,6 +497,8 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     def postOptions(self) -> None:
+        #: What the listeners were given as, for messages: None for the default.
+        self.listen_written: list[str | None] = list(self["listen"]) or [None]
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["listen"] = [endpoints.expand(d) for d in self["listen"]]
@@ -541,6 +544,7 @@ class Options(usage.Options):
             raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
         self._check_tls()
+        self._check_clashes()
         self._check_twistd()
 
     def _store_url(self) -> StoreURL | None:
@@ -613,8 +617,8 @@ class Options(usage.Options):
                         "(or privateKey= in ssl:)"
                     )
                 else:
-                    one, other = _ENDPOINT_EXAMPLES[option]
-                    hint = f"e.g. {self.spelled(option, one)} or {self.spelled(option, other)}"
+                    examples = e.examples or _ENDPOINT_EXAMPLES[option]
+                    hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
                 spelled = self.spelled(option, description)
                 raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
             files = tls.tls_files(description, default)
@@ -623,8 +627,9 @@ class Options(usage.Options):
             try:
                 tls.load_identity(files)
             except tls.CertificateError as e:
-                which = "tls-cert" if files == default else option
-                raise usage.UsageError(f"{self.name(which)}: {e}") from None
+                if files == default:
+                    raise usage.UsageError(f"{self._tls_options(files, str(e))}: {e}") from None
+                raise usage.UsageError(f"{self.name(option)}: {e}") from None
             used = used or files == default
         if default is not None and not used:
             raise usage.UsageError(
@@ -633,6 +638,57 @@ class Options(usage.Options):
                 f"{self.spelled('listen', 'ssl:8443')}"
             )
         self["tls-default"] = default
+
+    def _tls_options(self, files: tls.CertificateFiles, message: str) -> str:
+        """
+        The option(s) whose file a certificate error is about: C{--tls-key}
+        for the key's alone, C{--tls-cert} for the certificate's alone, both
+        for a key that does not match its certificate.
+        """
+        cert, key = str(files.certificate) in message, str(files.private_key) in message
+        if key and not cert:
+            return self.name("tls-key")
+        if cert and not key:
+            return self.name("tls-cert")
+        return f"{self.name('tls-cert')} and {self.name('tls-key')}"
+
+    def _check_clashes(self) -> None:
+        """
+        Refuse two listeners of this server on one TCP port (C{--listen 9000}
+        twice, C{--metrics 8080} beside the default C{--listen}): the second
+        would fail at start as if another process held the port.
+        """
+        listeners = [
+            (self._written("listen", written, description), description)
+            for written, description in zip(self.listen_written, self["listen"], strict=True)
+        ]
+        if self["metrics"]:
+            metrics = self.given.get("metrics", self["metrics"])
+            listeners.append((self.spelled("metrics", metrics), self["metrics"]))
+        seen: list[tuple[str, tuple[int, int, str]]] = []
+        for spelled, description in listeners:
+            address = endpoints.tcp_address(description)
+            if address is None:
+                continue
+            for earlier, other in seen:
+                if endpoints.same_address(address, other):
+                    if spelled == earlier:
+                        raise usage.UsageError(f"{spelled} is given twice")
+                    on = f" of {address[2] or other[2]}" if address[2] or other[2] else ""
+                    raise usage.UsageError(
+                        f"{spelled} and {earlier} both listen on port {address[1]}{on}: "
+                        "give each its own port"
+                    )
+            seen.append((spelled, address))
+
+    def _written(self, option: str, written: str | None, description: str) -> str:
+        """
+        A listener as the user wrote it (C{--listen 9000}), or the default
+        as such (C{--listen (default tcp:8080:interface=127.0.0.1)}).
+        """
+        if written is None:
+            return f"{self.name(option)} (default {description})"
+        return self.spelled(option, written)
 
     def _check_twistd(self) -> None:
         """
@@ -655,6 +711,32 @@ class Options(usage.Options):
             problem = _unwritable(Path(path))
             if problem:
                 raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
+        if self["log-format"] == "json":
+            self._check_json_logs(parent)
+
+    def _check_json_logs(self, parent: Any) -> None:
+        """
+        Refuse JSON logs that would reach nobody: they go to standard
+        output, which a daemonized twistd closes, and twistd's --logfile or
+        --syslog would be silently left unused.
+        """
+        json = self.spelled("log-format", "json")
+        where = None
+        if parent.get("logfile") not in (None, "", "-"):
+            where = f"--logfile {parent['logfile']}"
+        elif parent.get("syslog"):
+            where = "--syslog"
+        if where is not None:
+            raise usage.UsageError(
+                f"{json} writes to standard output, not to twistd's {where}: drop one of them "
+                "(journald and log collectors read standard output)"
+            )
+        if not parent.get("nodaemon"):
+            raise usage.UsageError(
+                f"{json} writes to standard output, which twistd closes when it daemonizes: "
+                "add -n before 'rendezvous' (twistd -n rendezvous ...), or log text to "
+                "twistd.log without it"
+            )
 
 
 def _unwritable(path: Path) -> str | None:
@@ -772,6 +854,13 @@ def options_from_environment(environ: Mapping[str, str], program: str | None = N
             if setting is None:
                 close = difflib.get_close_matches(variable, list(known), n=1)
                 guess = f"; did you mean {close[0]}?" if close else ""
+                word = variable.removeprefix(ENVIRONMENT_PREFIX).lower().replace("_", "-")
+                if word in _PORT_WORDS:
+                    listen = f"{ENVIRONMENT_PREFIX}LISTEN"
+                    guess = (
+                        f": give the port with {listen}, e.g. {listen}=9000 (on 127.0.0.1) "
+                        f"or {listen}=tcp:9000:interface=0.0.0.0"
+                    )
                 raise usage.UsageError(f"{variable}={value}: no such setting{guess}")
             if not setting.takes_value:
                 if value.lower() in ("1", "true", "yes"):
@@ -840,10 +929,13 @@ def makeService(
     lifecycle = Lifecycle()
     connections = store.service if isinstance(store, RedisStore) else None
     # HTTP/2 is spoken on TLS listeners when h2 is installed.
-    http2 = wire.H2_AVAILABLE and any(
+    any_tls = any(
         tls.tls_files(description, options["tls-default"]) is not None
         for description in options["listen"]
     )
+    http2 = wire.H2_AVAILABLE and any_tls
+    if any_tls and not wire.H2_AVAILABLE:
+        Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
     StoreService(store, config, reactor, site, lifecycle, connections, http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
@@ -894,6 +986,23 @@ def makeService(
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
+
+
+class Http2Off(Service):
+    """
+    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
+    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
+    served HTTP/1.1 without a word.
+    """
+
+    log = Logger()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.log.info(
+            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
+            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
+        )
 
 
 def _endpoint(

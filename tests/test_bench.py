@@ -265,9 +265,30 @@ def test_no_server_is_one_line() -> None:
     assert line.startswith(f"bench: no answer from http://127.0.0.1:{free} "), line
 
 
-@pytest.mark.parametrize("module", ["bench", "bench.profile"])
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        (
+            ["--url", "127.0.0.1:8080"],
+            "argument --url: '127.0.0.1:8080': the benchmark needs http://",
+        ),
+        (["--url", "https://127.0.0.1:8080"], "needs http://HOST:PORT"),
+        (["--url", "http://127.0.0.1"], "needs http://HOST:PORT"),
+        (["--url", "http://127.0.0.1:1", "--seconds", "-1"], "argument --seconds: '-1'"),
+        (["--all", "--repeat", "0"], "argument --repeat: '0' is not a positive whole number"),
+    ],
+)
+def test_a_bad_url_or_number_is_a_usage_error(arguments: list[str], said: str) -> None:
+    """A --url that is not http://HOST:PORT or a count that is not positive: usage, no traceback."""
+    done = bench(*arguments, "--scenario", "exchange")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert said in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.profile", "bench.h2flood"])
 def test_help_is_plain_text(module: str) -> None:
-    """python -m bench --help (and bench.profile's) holds no epytext markup."""
+    """python -m bench --help (and bench.profile's and bench.h2flood's) holds no epytext markup."""
     done = subprocess.run(
         [sys.executable, "-m", module, "--help"],
         cwd=REPO,
@@ -279,4 +300,4 @@ def test_help_is_plain_text(module: str) -> None:
     assert done.returncode == 0, done.stderr
     for markup in ("C{", "L{", "I{", "@param", "@return"):
         assert markup not in done.stdout, done.stdout
-    assert "--server-flags" in done.stdout or module == "bench.profile"
+    assert "--server-flags" in done.stdout or module != "bench"

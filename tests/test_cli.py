@@ -138,8 +138,36 @@ def test_an_unreachable_server_exits_4() -> None:
     # The port was free a moment ago: nobody listens there now.
     nobody = cli("create", "--server", f"http://127.0.0.1:{free}/")
     assert nobody.returncode == EXIT_UNREACHABLE
-    assert b"no answer from the server" in nobody.stderr
+    assert f"no answer from the server at http://127.0.0.1:{free}/".encode() in nobody.stderr
+    assert b"is it running?" in nobody.stderr
     assert nobody.stdout == b""
+
+
+#: Usage mistakes of the console script: (arguments, what the error names).
+USAGE_MISTAKES: list[tuple[list[str], list[str]]] = [
+    (["receive", "127.0.0.1:8080/abc"], ["argument url: '127.0.0.1:8080/abc'", "http://"]),
+    (["send", "--data", "x", "not-a-url"], ["argument url: 'not-a-url'", "URL create printed"]),
+    (["cancel", "ftp://127.0.0.1/abc"], ["argument url: 'ftp://127.0.0.1/abc'"]),
+    (["create", "--server", "127.0.0.1:8080"], ["argument --server: '127.0.0.1:8080'"]),
+    (["create", "--server", "http://127.0.0.1:port/"], ["argument --server"]),
+    (["receive", "--timeout", "-5", "http://127.0.0.1:1/x"], ["argument --timeout: '-5'"]),
+    (["receive", "--timeout", "nan", "http://127.0.0.1:1/x"], ["argument --timeout: 'nan'"]),
+    (["receive", "--timeout", "soon", "http://127.0.0.1:1/x"], ["argument --timeout: 'soon'"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"), USAGE_MISTAKES, ids=[" ".join(a) for a, _ in USAGE_MISTAKES]
+)
+def test_a_bad_url_or_timeout_is_a_usage_error(arguments: list[str], expected: list[str]) -> None:
+    """A URL that is not http(s) or a timeout that is not a positive number exits 2, named."""
+    result = cli(*arguments)
+    error = result.stderr.decode()
+    assert result.returncode == EXIT_USAGE, error
+    assert "Traceback" not in error and result.stdout == b""
+    assert len(error.splitlines()) <= 5, error
+    for text in expected:
+        assert text in error, error
 
 
 # In process, on a Clock.

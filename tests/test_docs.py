@@ -11,10 +11,11 @@ who runs it:
     <!-- run by CI: .ci/run -->
 
 C{tested by} names a test function that must exist; in this module it must be
-one of L{RUNNERS}, the tests that run every block naming them (the two
-generic ones, L{test_runs_against_a_server} and L{test_starts_and_serves},
-and a few for blocks that need more wiring: the README's start command,
-rendezvous-cli's two terminals, a homeserver's nginx, the Redis settings).
+one of L{RUNNERS}, the tests that run every block naming them (the three
+generic ones, L{test_runs_against_a_server}, L{test_starts_and_serves} and
+L{test_runs_alone}, and a few for blocks that need more wiring: the README's
+start command, rendezvous-cli's two terminals, a homeserver's nginx, the
+Redis settings).
 A marker may also name a test elsewhere that runs the same command.
 C{needs:} names what a test machine lacks, from L{NEEDS}. C{run by CI} is
 for the README's test command alone, which must be a line of C{.ci/run}. A
@@ -33,7 +34,10 @@ How the runners run a block:
     the commands of the nearest block above it marked for
     L{test_starts_and_serves} (README's start command when there is none),
     each C{twistd -n} line left running in the background until the block
-    is done, every other line run before it.
+    is done, every other line run before it.  A server's command names the
+    ports it listens on (C{--listen 8080}, C{--metrics 9090}, or an endpoint
+    C{tcp:8080:...}, C{ssl:8443:...}).  A block that needs no server (a
+    version, a mistake and what it is told) is run alone.
   - Lines of the form C{#   text} (a hash and three spaces) are output the
     reader should see: each must match some line of the block's output,
     where C{...} stands for anything.
@@ -85,6 +89,7 @@ NEEDS = frozenset(
 RUNNERS = (
     "test_runs_against_a_server",
     "test_starts_and_serves",
+    "test_runs_alone",
     "test_the_start_command_serves",
     "test_two_terminals_with_rendezvous_cli",
     "test_a_homeserver_proxy_carries_msc4108",
@@ -427,6 +432,19 @@ def logical_lines(text: str) -> list[str]:
     return commands
 
 
+#: A port a server's command names: an endpoint's (tcp:8080:..., ssl:8443:...)
+#: or a bare one (--listen 8080, --metrics 9090).
+_NAMED_PORT = re.compile(r"(?:tcp6?|ssl):(\d+)|--(?:listen|metrics)[= ](\d+)(?!\S)")
+
+
+def ports_named(command: str) -> list[int]:
+    """
+    The ports a server's command listens on, in the order it names them.
+    """
+    found = (endpoint or bare for endpoint, bare in _NAMED_PORT.findall(command))
+    return [int(port) for port in found if port != "0"]
+
+
 def _is_server(command: str) -> bool:
     return re.search(r"\btwistd\s+(-n|-ny|--nodaemon)\b", command) is not None
 
@@ -482,8 +500,8 @@ class Workspace:
             log = self.directory / f"server-{len(self.servers)}.log"
             server = Process(concrete, self.directory, self.env, log)
             self.servers.append(server)
-            own = [int(p) for p in re.findall(r"(?:tcp6?|ssl):(\d+)", concrete) if p != "0"]
-            assert own, f"{block.where}: name the port in {command!r} (--listen tcp:8080:...)"
+            own = ports_named(concrete)
+            assert own, f"{block.where}: name the port in {command!r} (--listen 8080)"
             for port in own:
                 self._wait_listening(server, port)
             if re.search(r"--store[= ](redis|rediss|unix)://", concrete):
@@ -629,6 +647,29 @@ def test_runs_against_a_server(
     expected = [workspace.substitute(line) for line in _expected_lines(block)]
     assert_printed(expected, process.text(), block)
     workspace.stop_servers()
+
+
+@pytest.mark.parametrize("block", claimed_by("test_runs_alone"), ids=_block_id)
+def test_runs_alone(block: Block, workspace: Workspace) -> None:
+    """
+    A block that needs no server (a version, a mistake and the error it gets) runs to its end,
+    exit code 0, and prints what its comments say it prints.
+    """
+    process = workspace.run(block.text)
+    expected = [workspace.substitute(line) for line in _expected_lines(block)]
+    assert_printed(expected, process.text(), block)
+
+
+def test_servers_name_their_ports_bare_or_as_endpoints() -> None:
+    """
+    The ports of a server's command are found whether written bare or as endpoints, in order,
+    and a port 0 or an option's other number is no port of it.
+    """
+    command = (
+        ".venv/bin/twistd -n rendezvous --listen 8080 --listen=ssl:8443:interface=::1 "
+        "--metrics 9090 --listen tcp:0 --ttl 60 --max-bytes=4096 --listen 8081x"
+    )
+    assert ports_named(command) == [8080, 8443, 9090]
 
 
 def _probe(port: int, tls: bool) -> http.client.HTTPResponse:

@@ -25,6 +25,7 @@ from hyperframe.frame import (  # noqa: E402
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    RstStreamFrame,
 )
 from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.error import ConnectionDone  # noqa: E402
@@ -190,6 +191,89 @@ def test_streams_past_the_cap_are_refused_for_retry() -> None:
         )
         == 2
     )
+
+
+def test_streams_past_the_cap_after_the_settings_are_refused_alone() -> None:
+    """
+    A client that saw the stream cap and opens more streams anyway gets each extra one reset
+    REFUSED_STREAM; the connection and its parked readers go on.
+    """
+    harness = Harness(max_streams_per_connection=2)
+    rendezvous_id, etag = create(harness)
+    peer = Peer(harness)
+    assert peer.client.remote_settings.max_concurrent_streams == 2
+    parked = request("GET", f"/{rendezvous_id}", ("if-none-match", etag.decode()))
+    first, second = peer.ask(parked), peer.ask(parked)
+    assert harness.store.parked_count == 2
+    # The client's h2 would not send past the cap: frames by hand, with its
+    # own HPACK encoder so that the server's table stays in step.
+    peer.reading = False
+    extra = b""
+    for stream in (first + 4, first + 6):
+        frame = HeadersFrame(stream)
+        frame.data = peer.client.encoder.encode(request("GET", "/"))
+        frame.flags.add("END_HEADERS")
+        frame.flags.add("END_STREAM")
+        extra += frame.serialize()
+    peer.send(extra)
+    frames = written_frames(peer)
+    resets = {f.stream_id: f.error_code for f in frames if isinstance(f, RstStreamFrame)}
+    assert resets == {
+        first + 4: h2.errors.ErrorCodes.REFUSED_STREAM,
+        first + 6: h2.errors.ErrorCodes.REFUSED_STREAM,
+    }
+    assert not any(isinstance(f, GoAwayFrame) for f in frames)
+    assert not peer.transport.disconnecting
+    assert harness.store.parked_count == 2
+    assert {first, second} <= set(peer.connection.streams)
+
+
+def test_a_header_list_inflated_past_the_limit_gets_431_on_its_stream() -> None:
+    """
+    A header block within max_header_bytes whose decoded list is over it (HPACK naming one
+    long field again) gets 431 JSON on its stream alone; the connection goes on.
+    """
+    harness = Harness(max_header_bytes=3000)
+    peer = Peer(harness)
+    long = ("x-pad", "a" * 1200)
+    assert peer.statuses[peer.ask(request("OPTIONS", "/", long))] == 204
+    with capturedLogs() as events:
+        stream = peer.ask(request("OPTIONS", "/", long, long, long))
+    assert peer.statuses[stream] == 431
+    assert json.loads(peer.bodies[stream])["errcode"] == "M_TOO_LARGE"
+    assert peer.goaway is None and not peer.transport.disconnecting
+    assert all(e["log_level"] < LogLevel.warn for e in events)
+    assert peer.statuses[peer.ask(request("OPTIONS", "/"))] == 204
+
+
+def test_a_header_list_inflated_far_past_the_limit_closes_the_connection() -> None:
+    """
+    A header list that HPACK inflates past twice max_header_bytes ends the connection with
+    GOAWAY, logged below warning.
+    """
+    harness = Harness(max_header_bytes=3000)
+    peer = Peer(harness)
+    long = ("x-pad", "a" * 1200)
+    assert peer.statuses[peer.ask(request("OPTIONS", "/", long))] == 204
+    with capturedLogs() as events:
+        peer.ask(request("OPTIONS", "/", *[long] * 6))
+    assert peer.goaway is not None
+    assert peer.transport.disconnecting
+    assert all(e["log_level"] < LogLevel.warn for e in events)
+
+
+def written_frames(peer: Peer) -> list[Frame]:
+    """
+    Every frame the server wrote since the client stopped reading.
+    """
+    data = peer.transport.value()
+    frames = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        data = data[9 + length :]
+        frames.append(frame)
+    return frames
 
 
 def raw_answer(peer: Peer) -> tuple[dict[int, dict[bytes, bytes]], dict[int, bytes], Any]:

@@ -209,6 +209,71 @@ async def test_a_set_up_that_is_never_answered_is_dropped_at_its_deadline() -> N
         await port.stopListening()
 
 
+@on_reactor
+async def test_a_redis_that_cannot_be_reached_is_named_with_the_reason() -> None:
+    """Connecting to a port where no Redis listens logs why, once per reason, not each retry."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.logger import formatEvent
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    retried: Deferred[None] = Deferred()
+    with capturedLogs() as events:
+        connection = RedisConnection(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", free),
+            reactor,
+            1.0,
+            lambda protocol: Deferred.fromCoroutine(_nothing()),
+            name="commands",
+        )
+        # Retries come every 50 ms at first: several of them within 0.5 s.
+        reactor.callLater(0.5, retried.callback, None)
+        connection.service.startService()
+        try:
+            await retried
+        finally:
+            # Stopping cancels an attempt under way: that is no failure to report.
+            await connection.service.stopService()
+    lines = [formatEvent(e) for e in events]
+    said = [line for line in lines if "cannot connect to Redis" in line]
+    assert len([line for line in lines if "Scheduling retry" in line]) > 2, lines
+    assert said == [
+        "commands: cannot connect to Redis: Connection was refused by other side: "
+        "111: Connection refused; retrying until it answers"
+    ], lines
+
+
+def test_stopping_while_connecting_is_not_called_unreachable() -> None:
+    """A connection attempt cancelled by the service stopping logs no 'cannot connect'."""
+    from twisted.internet.address import HostnameAddress
+    from twisted.internet.error import ConnectingCancelledError
+    from twisted.internet.interfaces import IStreamClientEndpoint
+    from twisted.internet.task import Clock
+    from twisted.logger import formatEvent
+    from zope.interface import implementer
+
+    @implementer(IStreamClientEndpoint)
+    class Hanging:
+        """Connects never; cancelled, fails as HostnameEndpoint does."""
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            address = HostnameAddress(b"127.0.0.1", 6379)
+            return Deferred(lambda d: d.errback(ConnectingCancelledError(address)))
+
+    clock = Clock()
+    with capturedLogs() as events:
+        connection = RedisConnection(
+            Hanging(), clock, 1.0, lambda protocol: Deferred.fromCoroutine(_nothing())
+        )
+        connection.service.startService()
+        connection.service.stopService()
+    lines = [formatEvent(e) for e in events]
+    assert not [line for line in lines if "cannot connect" in line], lines
+
+
 async def _nothing() -> None:
     return None
 

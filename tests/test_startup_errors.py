@@ -83,6 +83,13 @@ MISTAKES: list[tuple[list[str], list[str]]] = [
     (["--listen", "systemd:domain=CARRIER_PIGEON:index=0"], ["--listen systemd:", "domain="]),
     (["--listen", ""], ["--listen ''", "--listen 9000"]),
     (["--metrics", "9090x"], ["--metrics 9090x", "--metrics 9090"]),
+    (
+        ["--listen", "127.0.0.1:9000"],
+        ["--listen 127.0.0.1:9000", "--listen tcp:9000:interface=127.0.0.1"],
+    ),
+    (["--listen", "tls:8443"], ["--listen tls:8443", "--listen ssl:8443"]),
+    (["--listen", "9000", "--listen", "9000"], ["--listen 9000 is given twice"]),
+    (["--metrics", "8080"], ["--metrics 8080 and --listen (default", "its own port"]),
     (["--port", "9000"], ["--port", "--listen 9000"]),
     (["-p", "9000"], ["-p", "--listen 9000"]),
     (["9000"], ["'9000'", "--listen 9000"]),
@@ -167,6 +174,27 @@ def test_a_pidfile_twistd_cannot_write_is_a_short_error(tmp_path: Path) -> None:
     assert_short_error(code, output, "twistd's --pidfile /nonexistent/dir/twistd.pid")
 
 
+@pytest.mark.parametrize(
+    ("twistd_options", "expected"),
+    [
+        (["--pidfile="], "which twistd closes when it daemonizes: add -n before 'rendezvous'"),
+        (["-n", "--pidfile=", "--logfile=x.log"], "not to twistd's --logfile x.log: drop one"),
+        (["-n", "--pidfile=", "--syslog"], "not to twistd's --syslog: drop one"),
+    ],
+)
+def test_json_logs_that_would_reach_nobody_are_a_short_error(
+    tmp_path: Path, twistd_options: list[str], expected: str
+) -> None:
+    """--log-format json daemonized, or beside --logfile or --syslog, is refused before starting."""
+    code, output = run_twistd(
+        [*twistd_options, "rendezvous", "--listen", "0", "--log-format", "json"], tmp_path
+    )
+    assert_short_error(code, output, "twistd rendezvous: --log-format json writes to standard")
+    assert expected in output
+    # Nothing was daemonized, nor written where nobody looks.
+    assert not (tmp_path / "x.log").exists()
+
+
 def test_help_is_still_whole(tmp_path: Path) -> None:
     """`twistd rendezvous --help` prints the whole help, and succeeds."""
     code, output = run_twistd(["rendezvous", "--help"], tmp_path)
@@ -181,7 +209,14 @@ def test_help_is_still_whole(tmp_path: Path) -> None:
 ENVIRONMENT_MISTAKES: list[tuple[dict[str, str], list[str]]] = [
     ({"RENDEZVOUS_TTL": "abc"}, ["RENDEZVOUS_TTL=abc: not a number", "RENDEZVOUS_TTL=60"]),
     ({"RENDEZVOUS_TTLL": "5"}, ["RENDEZVOUS_TTLL=5", "did you mean RENDEZVOUS_TTL?"]),
-    ({"RENDEZVOUS_PORT": "9000"}, ["RENDEZVOUS_PORT=9000: no such setting"]),
+    (
+        {"RENDEZVOUS_PORT": "9000"},
+        ["RENDEZVOUS_PORT=9000: no such setting", "RENDEZVOUS_LISTEN=9000"],
+    ),
+    (
+        {"RENDEZVOUS_METRICS": "8080"},
+        ["RENDEZVOUS_METRICS=8080 and RENDEZVOUS_LISTEN (default", "its own port"],
+    ),
     ({"RENDEZVOUS_LISTEN": "8080x"}, ["RENDEZVOUS_LISTEN=8080x", "RENDEZVOUS_LISTEN=9000"]),
     (
         {"RENDEZVOUS_MAX_RENDEZVOUS": "31"},
@@ -251,16 +286,32 @@ def test_a_port_in_use_is_a_short_error(tmp_path: Path) -> None:
 
 
 def test_a_metrics_port_in_use_is_a_short_error(tmp_path: Path) -> None:
-    """A --metrics endpoint on the same port as --listen fails naming --metrics."""
+    """A --metrics port another process holds fails with one line naming --metrics."""
     taken = socket.socket()
     taken.bind((HOST, 0))
+    taken.listen(1)
     port = taken.getsockname()[1]
-    taken.close()
-    code, output = run_twistd(
-        ["-n", "--pidfile=", "rendezvous", "--listen", str(port), "--metrics", str(port)],
-        tmp_path,
+    try:
+        code, output = run_twistd(
+            ["-n", "--pidfile=", "rendezvous", "--listen", "0", "--metrics", str(port)],
+            tmp_path,
+        )
+    finally:
+        taken.close()
+    assert_failed_start(
+        code, output, f"cannot listen on --metrics tcp:{port}:interface={HOST}", "already in use"
     )
-    assert_failed_start(code, output, f"cannot listen on --metrics tcp:{port}:interface={HOST}")
+
+
+def test_metrics_on_the_port_of_listen_is_a_short_error(tmp_path: Path) -> None:
+    """--metrics on --listen's port is a usage error naming both, not 'another process'."""
+    code, output = run_twistd(
+        ["-n", "--pidfile=", "rendezvous", "--listen", "9000", "--metrics", "9000"], tmp_path
+    )
+    assert_short_error(
+        code, output, "--metrics 9000 and --listen 9000 both listen on port 9000 of 127.0.0.1"
+    )
+    assert "another process" not in output
 
 
 def test_json_logs_say_a_failed_start_in_json(tmp_path: Path) -> None:

@@ -685,6 +685,72 @@ def test_a_sound_endpoint_is_accepted(description: str) -> None:
     assert parsed([f"--listen={description}"])["listen"] == [description]
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "9000", "--listen", "9000"], "--listen 9000 is given twice"),
+        (
+            ["--metrics", "8080"],
+            "--metrics 8080 and --listen (default tcp:8080:interface=127.0.0.1) both listen "
+            "on port 8080 of 127.0.0.1: give each its own port",
+        ),
+        (
+            ["--listen", "8080", "--listen", "tcp:8080"],
+            "--listen tcp:8080 and --listen 8080 both listen on port 8080 of 127.0.0.1",
+        ),
+        (
+            ["--listen", "tcp6:8443:interface=\\:\\:", "--metrics", "tcp:8443:interface=\\:\\:1"],
+            "both listen on port 8443 of ::1",
+        ),
+        (
+            ["--listen", "ssl:8443:privateKey=/k.pem", "--listen", "tls:tcp:8443"],
+            "--listen tls:tcp:8443 and --listen ssl:8443:privateKey=/k.pem both listen on port",
+        ),
+    ],
+)
+def test_two_listeners_on_one_port_are_a_usage_error(argv: list[str], message: str) -> None:
+    """Two listeners of this server on one TCP port are refused, naming both as written."""
+    options = tap.Options()
+    # The clash is found by address alone: no certificate is read for it.
+    options._check_tls = lambda: None  # type: ignore[method-assign]
+    with pytest.raises(usage.UsageError) as caught:
+        options.parseOptions(argv)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--listen", "tcp:8080:interface=127.0.0.1", "--listen", "tcp:8080:interface=127.0.0.2"],
+        ["--listen", "tcp:8080:interface=127.0.0.1", "--listen", "tcp6:8080:interface=\\:\\:1"],
+        ["--listen", "tcp:0", "--listen", "tcp:0", "--metrics", "tcp:0"],
+        ["--listen", "8080", "--metrics", "9090"],
+        ["--listen", "unix:/tmp/rz.sock", "--metrics", "8080"],
+    ],
+)
+def test_listeners_that_can_share_a_port_are_accepted(argv: list[str]) -> None:
+    """Different interfaces, families or port 0 are no clash."""
+    parsed(argv)
+
+
+@pytest.mark.parametrize(
+    ("description", "meant"),
+    [
+        ("0.0.0.0:9000", "--listen tcp:9000:interface=0.0.0.0"),
+        (":9000", "--listen tcp:9000:interface=0.0.0.0"),
+        ("localhost:9000", "--listen tcp:9000:interface=localhost"),
+        ("tpc:9000", "--listen tcp:9000"),
+        ("sytemd:domain=INET:index=0", "--listen systemd:domain=INET:index=0"),
+        ("tls:8443", "--listen ssl:8443 or --listen tls:tcp:8443"),
+    ],
+)
+def test_a_likely_meaning_is_the_example(description: str, meant: str) -> None:
+    """A HOST:PORT, a misspelt kind or tls: before a bare port get the endpoint meant as example."""
+    with pytest.raises(usage.UsageError) as caught:
+        parsed(["--listen", description])
+    assert str(caught.value).endswith(f"; e.g. {meant}"), str(caught.value)
+
+
 def test_every_setting_is_derived_from_the_options() -> None:
     """settings() lists every option of Options, however declared, with its variable and default."""
     found = {s.option: s for s in tap.settings()}
@@ -755,8 +821,7 @@ def test_a_program_exits_with_two_lines_rather_than_raising() -> None:
     with pytest.raises(SystemExit) as caught:
         options.parseOptions(["--ttl", "abc"])
     assert str(caught.value) == (
-        "twistd rendezvous: --ttl abc: not a number, e.g. --ttl 60\n"
-        "see: twistd rendezvous --help"
+        "twistd rendezvous: --ttl abc: not a number, e.g. --ttl 60\nsee: twistd rendezvous --help"
     )
 
 

@@ -190,6 +190,87 @@ def test_options_refuse_tls_that_cannot_serve(tmp_path: Path, ca_a: CA) -> None:
             tap.Options().parseOptions(argv)
 
 
+@pytest.mark.parametrize(
+    ("breakage", "named"),
+    [
+        ("missing key", "--tls-key: cannot read"),
+        ("encrypted key", "--tls-key: "),
+        ("missing certificate", "--tls-cert: cannot read"),
+        ("key as certificate", "--tls-cert: "),
+        ("other key", "--tls-cert and --tls-key: "),
+    ],
+)
+def test_a_bad_tls_file_names_its_option(
+    tmp_path: Path, ca_a: CA, breakage: str, named: str
+) -> None:
+    """A usage error about --tls-key's file names --tls-key, not --tls-cert; a mismatch both."""
+    from cryptography.hazmat.primitives import serialization
+
+    ca_a.write_leaf(tmp_path)
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    if breakage == "missing key":
+        key.unlink()
+    elif breakage == "encrypted key":
+        _, other = ca_a.leaf()
+        key.write_bytes(
+            other.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+    elif breakage == "missing certificate":
+        cert.unlink()
+    elif breakage == "key as certificate":
+        cert.write_bytes(key.read_bytes())
+    else:
+        _, other = ca_a.leaf()
+        key.write_bytes(key_pem(other))
+    argv = ["--listen", "ssl:8443", "--tls-cert", str(cert), "--tls-key", str(key)]
+    with pytest.raises(usage.UsageError) as caught:
+        tap.Options().parseOptions(argv)
+    assert str(caught.value).startswith(named), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("h2_installed", "listen", "said"),
+    [(False, "ssl:0", True), (True, "ssl:0", False), (False, "tcp:0", False)],
+)
+def test_a_tls_server_without_h2_says_http2_is_off(
+    tmp_path: Path,
+    ca_a: CA,
+    monkeypatch: pytest.MonkeyPatch,
+    h2_installed: bool,
+    listen: str,
+    said: bool,
+) -> None:
+    """Without h2, a server with a TLS listener logs at start that HTTP/2 is off, and the fix."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from rendezvous_twisted import wire
+
+    monkeypatch.setattr(wire, "H2_AVAILABLE", h2_installed)
+    ca_a.write_leaf(tmp_path)
+    argv = ["--listen", listen]
+    if listen.startswith("ssl:"):
+        argv += [
+            "--tls-cert",
+            str(tmp_path / "fullchain.pem"),
+            "--tls-key",
+            str(tmp_path / "key.pem"),
+        ]
+    options = tap.Options()
+    options.parseOptions(argv)
+    service = tap.makeService(options, reactor=MemoryReactorClock())
+    with capturedLogs() as events:
+        service.startService()
+    service.stopService()
+    lines = [formatEvent(e) for e in events if "HTTP/2 is off" in formatEvent(e)]
+    assert len(lines) == (1 if said else 0), lines
+    if said:
+        assert "pip install 'rendezvous-twisted[http2]'" in lines[0]
+
+
 # Real listeners.
 
 
