@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
 from twisted.application.service import Application
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, formatEvent
@@ -26,7 +27,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted import logs
 from rendezvous_twisted.config import Config
-from rendezvous_twisted.metrics import Metrics
+from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.msc4108 import UNSTABLE_CREATE_PATH
 from rendezvous_twisted.service import OpenFileLimitService, StoreService, raise_open_file_limit
 from rendezvous_twisted.store import MemoryStore
@@ -205,9 +206,7 @@ def test_the_metrics_listener_answers_in_json_and_names_no_version() -> None:
     The metrics listener serves /metrics and /health; any other path is a JSON 404 and any
     other method a JSON 405 with Allow, none of them naming Twisted or its version.
     """
-    from treq.testing import StubTreq
 
-    from rendezvous_twisted.metrics import metrics_site
 
     # StubTreq copies treq's functions onto itself at run time: Any.
     client: Any = StubTreq(metrics_site(Metrics(), lambda: False).resource)  # type: ignore[no-untyped-call]
