@@ -230,6 +230,7 @@ def metrics_site(
     root.putChild(b"metrics", _MetricsPage(metrics))
     root.putChild(b"health", _Health(stopping, store_available, saturated))
     site = Site(root, reactor=reactor)
+    site.noisy = False
     # Scrapes every few seconds would drown the log.
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
