@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from twisted.web import http
 
+#: The Server header of every answer, on every listener.
+SERVER = b"rendezvous-twisted"
+
 #: What SPEC.md's "Every response" and "CORS" sections put on every answer.
 EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
     (b"Access-Control-Allow-Origin", b"*"),
@@ -27,7 +30,7 @@ EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
     # nothing.  Harmless on the other answers, so it goes on all of them.
     (b"Content-Security-Policy", b"sandbox; default-src 'none'"),
     # No version: it helps no client and tells an attacker what to try.
-    (b"Server", b"rendezvous-twisted"),
+    (b"Server", SERVER),
 )
 
 #: Added to the every-response headers on a CORS preflight.

@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminal(stdin: BinaryIO | None) -> bool:
+    """
+    Whether standard input is missing or a terminal: nothing to read a
+    payload from.
+    """
+    return stdin is None or stdin.isatty()
+
+
 def _payload(args: argparse.Namespace, stdin: BinaryIO | None) -> bytes:
     if args.data is not None:
         data: bytes = args.data.encode("utf-8")
@@ -203,7 +211,15 @@ async def run(
     Run one command; return its exit code.  Usage errors exit through
     argparse (code 2).
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "send" and args.data is None and _terminal(streams.stdin):
+        # Nothing would be read: an empty payload typed by mistake would
+        # overwrite what the other device is waiting for.
+        parser.error(
+            "send needs a payload: --data TEXT, or pipe it on standard input "
+            "(--data '' sends an empty one)"
+        )
     client = client or RendezvousClient(reactor)
     try:
         return await _command(args, client, streams, reactor.seconds())

@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from rendezvous_twisted.answers import JSON, SERVER, error_body
+
 #: The methods counted by name; anything else is counted as "other", so that
 #: a client cannot mint new time series by inventing methods.
 METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD"))
@@ -127,9 +129,50 @@ class _Sources(Collector):
             yield family
 
 
-class _MetricsPage(Resource):
+class _Page(Resource):
+    """
+    A page of the metrics listener: GET (and HEAD) only, and like every
+    answer of the server it names no version and may not be cached; any
+    other method is a JSON 405, not Twisted's HTML page.
+    """
+
     isLeaf = True
 
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"Server", SERVER)
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        if request.postpath:
+            # Under a page (/health/x): nothing.
+            return _not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return _refuse(request, 405, "M_UNRECOGNIZED", "only GET is served here")
+        page: bytes = super().render(request)  # type: ignore[no-untyped-call]
+        return page
+
+
+class _NotFound(_Page):
+    def render_GET(self, request: Any) -> bytes:
+        return _not_found(request)
+
+
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        return _NotFound()  # type: ignore[no-untyped-call]
+
+
+def _not_found(request: Any) -> bytes:
+    return _refuse(request, 404, "M_NOT_FOUND", "no such page: /metrics and /health are served")
+
+
+def _refuse(request: Any, code: int, errcode: str, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", JSON)
+    return error_body(errcode, message)
+
+
+class _MetricsPage(_Page):
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._metrics = metrics
@@ -140,9 +183,7 @@ class _MetricsPage(Resource):
         return page
 
 
-class _Health(Resource):
-    isLeaf = True
-
+class _Health(_Page):
     def __init__(
         self,
         stopping: Callable[[], bool],
@@ -156,7 +197,6 @@ class _Health(Resource):
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
         if self._stopping():
             request.setResponseCode(503)
             return b"stopping\n"
@@ -183,12 +223,14 @@ def metrics_site(
     format, C{/health} answering 200 while serving, and 503 once a stop
     began, while the store (Redis) cannot be reached, or while the server
     is saturated (refusing new connections at its connection cap, see
-    L{rendezvous_twisted.http1.Admission}); nothing else.
+    L{rendezvous_twisted.http1.Admission}); anything else is a JSON 404 or
+    405.
     """
-    root = Resource()
+    root = _Root()  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", _MetricsPage(metrics))
     root.putChild(b"health", _Health(stopping, store_available, saturated))
     site = Site(root, reactor=reactor)
+    site.noisy = False
     # Scrapes every few seconds would drown the log.
     site.log = lambda request: None  # type: ignore[method-assign]
     return site

@@ -13,9 +13,15 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -239,12 +245,26 @@ class ListenerService(StreamServerEndpointService):
     _raiseSynchronously = True
     #: How the user named this listener, for messages: C{--listen 9000}.
     label = "a listener"
+    #: The scheme and path of the URL it serves, for the line that says
+    #: where to connect once it listens.
+    scheme = "http"
+    path = ""
+    _log = Logger()
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()  # type: ignore[no-untyped-call]
         except (CannotListenError, OSError) as e:
             raise StartupError(cannot_listen(self.label, e)) from e
+        self.whenListening().addCallback(self._say_where)
+
+    def _say_where(self, port: IListeningPort | None) -> None:
+        if port is not None:
+            self._log.info(
+                "serving {where} ({label})",
+                where=where(port.getHost(), self.scheme, self.path),
+                label=self.label,
+            )
 
     def whenListening(self) -> Deferred[IListeningPort | None]:
         """
@@ -261,6 +281,29 @@ class ListenerService(StreamServerEndpointService):
 
         waiting.addCallback(listening)
         return result
+
+
+#: A listener on every address, reached here on loopback.
+_WILDCARDS = {
+    "0.0.0.0": ("127.0.0.1", " on every IPv4 address"),  # noqa: S104 - naming it, not binding
+    "::": ("::1", " on every address"),
+}
+
+
+def where(address: IAddress, scheme: str, path: str = "") -> str:
+    """
+    Where clients reach a listener at C{address}, for a newcomer to copy: a
+    URL, the loopback one for a listener on every address.
+    """
+    if isinstance(address, UNIXAddress):
+        name = address.name.decode() if isinstance(address.name, bytes) else address.name
+        return f"the UNIX socket {name}"
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        return str(address)
+    host, everywhere = _WILDCARDS.get(address.host, (address.host, ""))
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{address.port}/{path}{everywhere}"
 
 
 class HangupReloader(Service):

@@ -619,7 +619,7 @@ class Options(usage.Options):
                 else:
                     examples = e.examples or _ENDPOINT_EXAMPLES[option]
                     hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
-                spelled = self.spelled(option, description)
+                spelled = self.label(option, description)
                 raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
             files = tls.tls_files(description, default)
             if files is None:
@@ -658,13 +658,9 @@ class Options(usage.Options):
         twice, C{--metrics 8080} beside the default C{--listen}): the second
         would fail at start as if another process held the port.
         """
-        listeners = [
-            (self._written("listen", written, description), description)
-            for written, description in zip(self.listen_written, self["listen"], strict=True)
-        ]
+        listeners = [(self.label("listen", d), d) for d in self["listen"]]
         if self["metrics"]:
-            metrics = self.given.get("metrics", self["metrics"])
-            listeners.append((self.spelled("metrics", metrics), self["metrics"]))
+            listeners.append((self.label("metrics", self["metrics"]), self["metrics"]))
         seen: list[tuple[str, tuple[int, int, str]]] = []
         for spelled, description in listeners:
             address = endpoints.tcp_address(description)
@@ -681,14 +677,20 @@ class Options(usage.Options):
                     )
             seen.append((spelled, address))
 
-    def _written(self, option: str, written: str | None, description: str) -> str:
+    def label(self, option: str, description: str) -> str:
         """
-        A listener as the user wrote it (C{--listen 9000}), or the default
+        The listener C{description} (expanded: C{tcp:9000:interface=...})
+        of C{option} as the user wrote it (C{--listen 9000}), or the default
         as such (C{--listen (default tcp:8080:interface=127.0.0.1)}).
         """
-        if written is None:
-            return f"{self.name(option)} (default {description})"
-        return self.spelled(option, written)
+        if option == "metrics":
+            return self.spelled(option, self.given.get(option, description))
+        for written, expanded in zip(self.listen_written, self["listen"], strict=True):
+            if expanded == description:
+                if written is None:
+                    return f"{self.name(option)} (default {description})"
+                return self.spelled(option, written)
+        return self.spelled(option, description)
 
     def _check_twistd(self) -> None:
         """
@@ -945,7 +947,9 @@ def makeService(
     for description in options["listen"]:
         endpoint = _endpoint(options, "listen", description, reactor, contexts)
         listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
-        listener.label = options.spelled("listen", description)
+        listener.label = options.label("listen", description)
+        if tls.tls_files(description, options["tls-default"]) is not None:
+            listener.scheme = "https"
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]
         listeners.append(listener)
 
@@ -981,7 +985,10 @@ def makeService(
             ),
             lifecycle,
         )
-        late.label = options.spelled("metrics", options["metrics"])
+        late.label = options.label("metrics", options["metrics"])
+        late.path = "metrics"
+        if tls.tls_files(options["metrics"], None) is not None:
+            late.scheme = "https"
         late.setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
@@ -1018,7 +1025,7 @@ def _endpoint(
     try:
         return endpoints.listen_endpoint(reactor, description, contexts, default)
     except (endpoints.EndpointError, tls.CertificateError) as e:
-        message = f"{options.spelled(option, description)}: {e}"
+        message = f"{options.label(option, description)}: {e}"
         if options.program is None:
             raise StartupError(message) from e
         raise SystemExit(f"{options.program}: {message}") from None

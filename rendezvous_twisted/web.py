@@ -748,6 +748,9 @@ class RendezvousSite(Site):
     """
 
     requestFactory = RendezvousRequest
+    # No "Starting factory <...RendezvousSite object at 0x...>" lines: the
+    # listeners say where they serve (ListenerService).
+    noisy = False
     # Not "log": Site.log is the access log's method.
     _logger = Logger()
 

@@ -190,6 +190,29 @@ def run_in_harness(harness: Harness, argv: list[str], stderr: io.StringIO) -> tu
     return code, stdout.getvalue()
 
 
+class TerminalInput(io.BytesIO):
+    """A standard input that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_send_from_a_terminal_without_data_is_a_usage_error(capsys: Any) -> None:
+    """send with no --data and a terminal for standard input exits 2 and writes nothing."""
+    harness = Harness()
+    rendezvous_id, _ = harness.create()
+    streams = _Streams(TerminalInput(), io.BytesIO(), io.StringIO())
+    client = RendezvousClient(harness.clock, harness.client)
+    failures: list[Any] = []
+    Deferred.fromCoroutine(
+        run(harness.clock, ["send", f"{BASE}/{rendezvous_id}"], streams, client)
+    ).addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(SystemExit) and failure.value.code == EXIT_USAGE
+    assert "send needs a payload: --data TEXT" in capsys.readouterr().err
+    assert harness.call("GET", f"/{rendezvous_id}").body != b""
+
+
 def test_create_draws_a_qr_code_on_a_terminal_only() -> None:
     """create prints the URL alone on stdout, and the QR code only to a terminal's stderr."""
     harness = Harness()

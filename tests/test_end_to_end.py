@@ -254,6 +254,30 @@ def running(process: TwistdServer) -> Iterator[TwistdServer]:
         assert hidden not in process.output, f"{hidden!r} is in the log"
 
 
+def test_the_start_says_where_to_connect(tmp_path: Path) -> None:
+    """
+    Once listening, the server logs the URL of each listener, named as the user wrote it, the
+    loopback URL for one on every address, and the metrics page.
+    """
+    process = TwistdServer(
+        [
+            "rendezvous",
+            "--listen",
+            "0",
+            "--listen",
+            "tcp:0",
+            "--metrics",
+            f"tcp:0:interface={HOST}",
+        ],
+        tmp_path,
+    )
+    for _ in running(process):
+        process.wait_for(re.compile(rb"serving http://127\.0\.0\.1:\d+/ \(--listen 0\)"), 5)
+        everywhere = rb"serving http://127\.0\.0\.1:\d+/ on every IPv4 address \(--listen tcp:0\)"
+        process.wait_for(re.compile(everywhere), 5)
+        process.wait_for(re.compile(rb"serving http://127\.0\.0\.1:\d+/metrics \(--metrics "), 5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
     """

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
 from twisted.application.service import Application
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, formatEvent
@@ -26,7 +27,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted import logs
 from rendezvous_twisted.config import Config
-from rendezvous_twisted.metrics import Metrics
+from rendezvous_twisted.metrics import Metrics, metrics_site
 from rendezvous_twisted.msc4108 import UNSTABLE_CREATE_PATH
 from rendezvous_twisted.service import OpenFileLimitService, StoreService, raise_open_file_limit
 from rendezvous_twisted.store import MemoryStore
@@ -198,6 +199,50 @@ def test_json_format_becomes_the_applications_log_observer() -> None:
     text_app = Application("text")
     tap.makeService(parsed([])).setServiceParent(text_app)
     assert text_app.getComponent(ILogObserver, None) is None
+
+
+def test_the_metrics_listener_answers_in_json_and_names_no_version() -> None:
+    """
+    The metrics listener serves /metrics and /health; any other path is a JSON 404 and any
+    other method a JSON 405 with Allow, none of them naming Twisted or its version.
+    """
+
+
+    # StubTreq copies treq's functions onto itself at run time: Any.
+    client: Any = StubTreq(metrics_site(Metrics(), lambda: False).resource)  # type: ignore[no-untyped-call]
+
+    def call(method: str, path: str) -> tuple[int, Any, bytes]:
+        d = client.request(method, "http://metrics.test" + path)
+        response = fired_result(d)
+        body = fired_result(client.content(response))
+        return response.code, response.headers, body
+
+    code, headers, body = call("GET", "/health")
+    assert (code, body) == (200, b"serving\n")
+    assert headers.getRawHeaders(b"Server") == [b"rendezvous-twisted"]
+    code, headers, _ = call("GET", "/metrics")
+    assert code == 200 and headers.getRawHeaders(b"Server") == [b"rendezvous-twisted"]
+    for path in ("/", "/nope", "/health/x"):
+        code, headers, body = call("GET", path)
+        assert code == 404, path
+        assert headers.getRawHeaders(b"Content-Type") == [b"application/json"]
+        assert json.loads(body)["errcode"] == "M_NOT_FOUND"
+        assert headers.getRawHeaders(b"Server") == [b"rendezvous-twisted"]
+    code, headers, body = call("POST", "/health")
+    assert code == 405
+    assert headers.getRawHeaders(b"Allow") == [b"GET, HEAD"]
+    assert json.loads(body)["errcode"] == "M_UNRECOGNIZED"
+    assert b"TwistedWeb" not in b"".join(headers.getRawHeaders(b"Server") or [])
+
+
+def fired_result(d: Any) -> Any:
+    """The result of a Deferred that has fired (StubTreq answers at once)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    [result] = results
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
 
 
 def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
