@@ -180,8 +180,8 @@ class MethodNotAllowedError(HTTPError):
     code = 405
     errcode = "M_UNRECOGNIZED"
 
-    def __init__(self, allow: bytes) -> None:
-        super().__init__("method not allowed here")
+    def __init__(self, allow: bytes, message: str = "method not allowed here") -> None:
+        super().__init__(message)
         self.headers = ((b"Allow", allow),)
 
 
@@ -1326,7 +1326,11 @@ class RendezvousAPI:
     def _root(self, request: IRequest) -> Any:
         handler = self._root_methods.get(request.method)
         if handler is None:
-            raise MethodNotAllowedError(ALLOW_ROOT)
+            # Often a newcomer's first probe (curl http://host/): say what
+            # the root is for.
+            raise MethodNotAllowedError(
+                ALLOW_ROOT, "no page here: POST / creates a rendezvous (see docs/protocol.md)"
+            )
         return handler(request)
 
     @app.route("/<rendezvous_id>")

@@ -761,6 +761,13 @@ def test_wrong_method_is_405_with_allow(
         assert_json_error(answer, 405, "M_UNRECOGNIZED")
 
 
+def test_get_on_the_root_says_what_the_root_is_for(harness: Harness) -> None:
+    """GET / (a newcomer's first probe) gets a 405 whose message says POST / creates."""
+    answer = harness.call("GET", "/")
+    assert_json_error(answer, 405, "M_UNRECOGNIZED")
+    assert "POST / creates a rendezvous" in answer.json()["error"]
+
+
 def test_bad_requests_do_not_disturb_other_rendezvous(harness: Harness) -> None:
     """A stream of bad requests leaves another client's rendezvous and parked reader intact."""
     rendezvous_id, created = harness.create(b"precious")
