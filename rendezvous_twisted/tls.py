@@ -31,8 +31,11 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from rendezvous_twisted.answers import closing_answer
 
 #: TLS 1.2 suites: forward secret (ECDHE) and AEAD only.  TLS 1.3 suites are
 #: all AEAD and configured apart (OpenSSL's defaults are right).
@@ -280,9 +283,54 @@ class TLSServerEndpoint:
         self.context = context
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803
-        wrapped = TLSMemoryBIOFactory(self.context, False, protocolFactory)
+        tls = TLSMemoryBIOFactory(self.context, False, protocolFactory)
+        wrapped = _PlainHTTPAnswered(tls)  # type: ignore[no-untyped-call]
         listening: Deferred[IListeningPort] = self.inner.listen(wrapped)
         return listening
+
+
+
+
+class _PlainOrTLS(ProtocolWrapper):
+    """
+    A TLS connection's protocol, unless its first byte shows plain HTTP
+    (a method's first letter, where TLS starts with a handshake record):
+    that client gets a JSON 400 in plain HTTP saying to use https://, as
+    nginx does, rather than a TLS failure it would see as an empty reply.
+    """
+
+    _log = Logger()
+    _decided = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._decided:
+            self._decided = True
+            if data[:1].isalpha():
+                transport = self.transport
+                assert transport is not None
+                self._log.info(
+                    "answering plain HTTP on a TLS listener from {client} with 400",
+                    client=getattr(transport.getPeer(), "host", "-"),
+                )
+                transport.write(
+                    closing_answer(
+                        400, "M_BAD_REQUEST", "this port speaks HTTPS: use an https:// URL"
+                    )
+                )
+                transport.loseConnection()
+                return
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+
+class _PlainHTTPAnswered(WrappingFactory):
+    protocol = _PlainOrTLS
+    noisy = False
+
+    def logPrefix(self) -> str:
+        # The listener is logged as TLS's ("RendezvousSite (TLS) starting
+        # on 8443"): this wrapper changes nothing a reader of the log needs.
+        prefix: str = self.wrappedFactory.logPrefix()
+        return prefix
 
 
 # Endpoint descriptions.

@@ -574,3 +574,39 @@ def test_sighup_without_tls_does_not_kill_the_server(tmp_path: Path) -> None:
     finally:
         code = process.stop()
     assert code in CLEAN_EXIT, process.text()
+
+
+def test_plain_http_on_a_tls_listener_is_told_to_use_https(tmp_path: Path, ca_a: CA) -> None:
+    """
+    A plain HTTP request sent to a TLS listener gets a plain JSON 400 saying to use https://
+    (not a TLS failure, which clients show as an empty reply), and TLS goes on being served.
+    """
+    from .test_end_to_end import HOST, TwistdServer, running
+
+    ca_a.write_leaf(tmp_path)
+    process = TwistdServer(
+        [
+            "rendezvous",
+            "--listen",
+            f"ssl:0:interface={HOST}",
+            f"--tls-cert={tmp_path / 'fullchain.pem'}",
+            f"--tls-key={tmp_path / 'key.pem'}",
+        ],
+        tmp_path,
+        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
+    )
+    for _ in running(process):
+        with socket.create_connection((HOST, process.port), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = b""
+            while chunk := plain.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+        assert b"\r\nContent-Type: application/json\r\n" in head
+        assert b"use an https:// URL" in body
+        context = ssl.create_default_context(cadata=cert_pem(ca_a.root).decode("ascii"))
+        raw = socket.create_connection((HOST, process.port), timeout=5)
+        with context.wrap_socket(raw, server_hostname="localhost") as secure:
+            secure.sendall(b"OPTIONS / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert secure.recv(65536).startswith(b"HTTP/1.1 204 ")
