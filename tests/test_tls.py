@@ -156,16 +156,8 @@ def test_load_identity_refuses(tmp_path: Path, ca_a: CA, breakage: str, complain
     elif breakage == "no certificate":
         (tmp_path / "fullchain.pem").write_bytes(b"")
     else:
-        from cryptography.hazmat.primitives import serialization
-
         _, other = ca_a.leaf()
-        key.write_bytes(
-            other.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(b"secret"),
-            )
-        )
+        key.write_bytes(key_pem(other, password=b"secret"))
     with pytest.raises(tls.CertificateError, match=complaint) as raised:
         tls.load_identity(tls.CertificateFiles(tmp_path / "fullchain.pem", key))
     assert "PRIVATE KEY-----" not in str(raised.value)
@@ -204,21 +196,13 @@ def test_a_bad_tls_file_names_its_option(
     tmp_path: Path, ca_a: CA, breakage: str, named: str
 ) -> None:
     """A usage error about --tls-key's file names --tls-key, not --tls-cert; a mismatch both."""
-    from cryptography.hazmat.primitives import serialization
-
     ca_a.write_leaf(tmp_path)
     cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
     if breakage == "missing key":
         key.unlink()
     elif breakage == "encrypted key":
         _, other = ca_a.leaf()
-        key.write_bytes(
-            other.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(b"secret"),
-            )
-        )
+        key.write_bytes(key_pem(other, password=b"secret"))
     elif breakage == "missing certificate":
         cert.unlink()
     elif breakage == "key as certificate":
