@@ -53,7 +53,6 @@ import http.client
 import json
 import os
 import re
-import select
 import signal
 import socket
 import ssl
@@ -67,6 +66,7 @@ from pathlib import Path
 import pytest
 
 from .redis_server import RedisServer, free_port
+from .test_end_to_end import read_available
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -326,21 +326,10 @@ class Process:
                 pass
             self.output[:] = self.log.read_bytes()
             return
+        if self.eof:
+            return
         assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        wait = max(0.0, timeout)
-        for _ in range(100_000):
-            if self.eof:
-                return
-            readable, _, _ = select.select([fd], [], [], wait)
-            if not readable:
-                return
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.eof = True
-                return
-            self.output += chunk
-            wait = 0.0
+        self.eof = read_available(self.proc.stdout.fileno(), self.output, timeout)
 
     def text(self) -> str:
         if self.log is not None:

@@ -75,6 +75,25 @@ def secret(label: str) -> bytes:
 # The server process.
 
 
+def read_available(fd: int, output: bytearray, timeout: float) -> bool:
+    """
+    Wait up to C{timeout} seconds for C{fd} (a pipe from a process) to be
+    readable, then append to C{output} all it holds, without blocking
+    again; whether it reached the end (the process closed its end).
+    """
+    wait = max(0.0, timeout)
+    for _ in range(100_000):
+        readable, _, _ = select.select([fd], [], [], wait)
+        if not readable:
+            return False
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return True
+        output += chunk
+        wait = 0.0
+    return False
+
+
 class TwistdServer:
     """
     One C{twistd -n} process of the working tree, its port, and everything it
@@ -133,20 +152,7 @@ class TwistdServer:
         if self.eof:
             return
         assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        wait = max(0.0, timeout)
-        for _ in range(10_000):
-            if self.eof:
-                return
-            readable, _, _ = select.select([fd], [], [], wait)
-            if not readable:
-                return
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.eof = True
-                return
-            self.output += chunk
-            wait = 0.0
+        self.eof = read_available(self.proc.stdout.fileno(), self.output, timeout)
 
     def wait_for(self, pattern: re.Pattern[bytes], timeout: float, pos: int = 0) -> re.Match[bytes]:
         """
