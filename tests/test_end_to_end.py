@@ -75,6 +75,18 @@ def secret(label: str) -> bytes:
 # The server process.
 
 
+def twistd_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """
+    The environment a C{twistd} of the working tree runs in: this one,
+    without any C{RENDEZVOUS_*} variable (the .tac would read them), with
+    the working tree on C{PYTHONPATH}, then C{env}.
+    """
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
+    environ["PYTHONPATH"] = str(REPO)
+    environ.update(env or {})
+    return environ
+
+
 def read_available(fd: int, output: bytearray, timeout: float) -> bool:
     """
     Wait up to C{timeout} seconds for C{fd} (a pipe from a process) to be
@@ -110,14 +122,10 @@ class TwistdServer:
         pass_fds: Sequence[int] = (),
         wait: bool = True,
     ) -> None:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
-        environ["PYTHONPATH"] = str(REPO)
-        environ["PYTHONUNBUFFERED"] = "1"
-        environ.update(env or {})
         self.proc = subprocess.Popen(
             [*prefix, str(TWISTD), "-n", "--pidfile=", "--logfile=-", *args],
             cwd=cwd,
-            env=environ,
+            env=twistd_environment({"PYTHONUNBUFFERED": "1", **(env or {})}),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -11,17 +11,14 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from .certificates import CA
+from .test_end_to_end import HOST, REPO, TWISTD, twistd_environment
 
-REPO = Path(__file__).resolve().parent.parent
-TWISTD = Path(sys.executable).parent / "twistd"
-HOST = "127.0.0.1"
 #: At most this many lines for a usage error: the message and a pointer to the help.
 USAGE_LINES = 3
 
@@ -37,13 +34,10 @@ def run_twistd(
     if any) until it exits; its exit code and everything it printed
     (standard output and error together).
     """
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
-    environ["PYTHONPATH"] = str(REPO)
-    environ.update(env or {})
     result = subprocess.run(
         [*prefix, str(TWISTD), *args],
         cwd=cwd,
-        env=environ,
+        env=twistd_environment(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
