@@ -259,19 +259,24 @@ def assert_failed_start(code: int, output: str, *expected: str) -> None:
     assert len(lines) <= 8, output
 
 
-def test_a_port_in_use_is_a_short_error(tmp_path: Path) -> None:
-    """Listening on a port another process holds fails with one line naming --listen."""
+def _taken_port() -> socket.socket:
+    """
+    A socket listening on a loopback port, so that the server cannot.
+    """
     taken = socket.socket()
     taken.bind((HOST, 0))
     taken.listen(1)
-    port = taken.getsockname()[1]
-    try:
+    return taken
+
+
+def test_a_port_in_use_is_a_short_error(tmp_path: Path) -> None:
+    """Listening on a port another process holds fails with one line naming --listen."""
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
         code, output = run_twistd(
             ["-n", "--pidfile=twistd.pid", "rendezvous", f"--listen=tcp:{port}:interface={HOST}"],
             tmp_path,
         )
-    finally:
-        taken.close()
     assert_failed_start(
         code, output, f"cannot listen on --listen tcp:{port}:interface={HOST}", "already in use"
     )
@@ -281,17 +286,12 @@ def test_a_port_in_use_is_a_short_error(tmp_path: Path) -> None:
 
 def test_a_metrics_port_in_use_is_a_short_error(tmp_path: Path) -> None:
     """A --metrics port another process holds fails with one line naming --metrics."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    port = taken.getsockname()[1]
-    try:
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
         code, output = run_twistd(
             ["-n", "--pidfile=", "rendezvous", "--listen", "0", "--metrics", str(port)],
             tmp_path,
         )
-    finally:
-        taken.close()
     # Named as written: --metrics PORT, not the endpoint it stands for.
     assert_failed_start(code, output, f"cannot listen on --metrics {port}:", "already in use")
 
@@ -309,17 +309,12 @@ def test_metrics_on_the_port_of_listen_is_a_short_error(tmp_path: Path) -> None:
 
 def test_json_logs_say_a_failed_start_in_json(tmp_path: Path) -> None:
     """With --log-format json, the failed start is a JSON line at level critical."""
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    port = taken.getsockname()[1]
-    try:
+    with _taken_port() as taken:
+        port = taken.getsockname()[1]
         code, output = run_twistd(
             ["-n", "--pidfile=", "rendezvous", "--listen", str(port), "--log-format=json"],
             tmp_path,
         )
-    finally:
-        taken.close()
     assert_failed_start(code, output, '"level": "critical"', "already in use")
 
 
@@ -378,13 +373,6 @@ def test_a_tls_listener_with_good_files_starts(tmp_path: Path) -> None:
 
 
 # The same, in this process.
-
-
-def _taken_port() -> socket.socket:
-    taken = socket.socket()
-    taken.bind((HOST, 0))
-    taken.listen(1)
-    return taken
 
 
 def test_a_listen_failure_is_a_startup_error_naming_the_listener() -> None:
