@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import select
+import socket
+import ssl
 import string
 import time
 from collections.abc import Iterator
@@ -217,28 +219,39 @@ def answers_to(port: int, request: bytes, expect_answer: bool = False) -> bytes:
     it, or falls silent for L{QUIET_SECONDS} (once it has said something,
     when C{expect_answer}: until then, up to L{ANSWER_DEADLINE_SECONDS}).
     """
-    received = bytearray()
     with Conn(port) as conn:
         try:
             conn.send(request)
         except OSError:
-            return bytes(received)  # the server hung up mid-request
-        deadline = time.monotonic() + ANSWER_DEADLINE_SECONDS
-        for _ in range(10_000):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            return b""  # the server hung up mid-request
+        return read_until_quiet(conn.sock, expect_answer)
+
+
+def read_until_quiet(sock: socket.socket, expect_answer: bool = False) -> bytes:
+    """
+    Everything C{sock} receives before its peer closes it, or falls silent
+    for L{QUIET_SECONDS} (once it has said something, when
+    C{expect_answer}: until then, up to L{ANSWER_DEADLINE_SECONDS}).  Over
+    TLS, what is already decrypted is taken before waiting for more.
+    """
+    received = bytearray()
+    deadline = time.monotonic() + ANSWER_DEADLINE_SECONDS
+    for _ in range(10_000):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
             quiet = remaining if expect_answer and not received else QUIET_SECONDS
-            readable, _, _ = select.select([conn.sock], [], [], min(quiet, remaining))
+            readable, _, _ = select.select([sock], [], [], min(quiet, remaining))
             if not readable:
                 break
-            try:
-                chunk = conn.sock.recv(65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        try:
+            chunk = sock.recv(65536)
+        except OSError:  # ssl.SSLError too
+            break
+        if not chunk:
+            break
+        received += chunk
     return bytes(received)
 
 

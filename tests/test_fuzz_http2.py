@@ -11,11 +11,9 @@ the fuzzer never learns) must come out of it intact.
 from __future__ import annotations
 
 import re
-import select
 import socket
 import ssl
 import string
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,13 +41,10 @@ from hyperframe.frame import (
 from bench import h2flood
 
 from .test_end_to_end import CLEAN_EXIT, HOST, TwistdServer
+from .test_fuzz_http import read_until_quiet
 from .test_http2 import start_h2_server
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: How long a connection may stay silent before we stop waiting for more.
-QUIET_SECONDS = 0.05
-#: The most one example may take to be answered.
-ANSWER_DEADLINE_SECONDS = 3.0
 
 stream_ids = st.one_of(st.sampled_from([0, 1, 3, 5, 7, 9, 2, 4]), st.integers(0, 2**31 - 1))
 sizes = st.integers(0, 20000)
@@ -240,7 +235,6 @@ def converse(port: int, writes: list[bytes]) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
-    received = bytearray()
     raw = socket.create_connection((HOST, port), timeout=5)
     with context.wrap_socket(raw, server_hostname="localhost") as sock:
         assert sock.selected_alpn_protocol() == "h2"
@@ -249,23 +243,7 @@ def converse(port: int, writes: list[bytes]) -> bytes:
                 sock.sendall(piece)
         except OSError:
             pass  # the server closed mid-way
-        deadline = time.monotonic() + ANSWER_DEADLINE_SECONDS
-        for _ in range(10_000):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if not sock.pending():
-                readable, _, _ = select.select([sock], [], [], min(QUIET_SECONDS, remaining))
-                if not readable:
-                    break
-            try:
-                chunk = sock.recv(65536)
-            except (OSError, ssl.SSLError):
-                break
-            if not chunk:
-                break
-            received += chunk
-    return bytes(received)
+        return read_until_quiet(sock)
 
 
 @pytest.fixture(scope="module")
