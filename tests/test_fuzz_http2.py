@@ -40,7 +40,7 @@ from hyperframe.frame import (
 
 from bench import h2flood
 
-from .test_end_to_end import CLEAN_EXIT, HOST, TwistdServer
+from .test_end_to_end import HOST, TwistdServer, running
 from .test_fuzz_http import read_until_quiet
 from .test_http2 import start_h2_server
 
@@ -263,12 +263,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
         "--max-rendezvous-per-address=10000",
         "--max-connections-per-address=1000",
     )
-    try:
-        yield process
-    finally:
-        code = process.stop()
-    assert code in CLEAN_EXIT, process.text()
-    process.assert_no_trouble()
+    yield from running(process)
 
 
 @pytest.fixture(scope="module")
