@@ -88,6 +88,23 @@ def measured(count: int, make: Callable[[int], object]) -> float:
     return (after - before) / count
 
 
+def client_address(i: int) -> IPv4Address:
+    """
+    The C{i}th of many clients' addresses, each its own.
+    """
+    return IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
+
+
+def connected(site: Any, transport: StringTransport, data: bytes) -> tuple[Any, StringTransport]:
+    """
+    A connection of C{site} over C{transport}, from its peer, which has sent C{data}.
+    """
+    channel = site.buildProtocol(transport.getPeer())
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    return channel, transport
+
+
 def test_prices_bound_what_is_measured() -> None:
     """
     A rendezvous record, a parked reader and a rate bucket each cost less than the budget's price
@@ -124,15 +141,9 @@ def test_connection_price_bounds_a_parked_connection() -> None:
         b"Origin: https://app.element.io\r\nAccept: */*\r\n\r\n"
     ) % (version.rendezvous_id.encode("ascii"), version.etag)
 
-    def connection(i: int) -> tuple[Any, StringTransport]:
-        peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
-        channel = site.buildProtocol(peer)
-        transport = StringTransport(peerAddress=peer)
-        channel.makeConnection(transport)
-        channel.dataReceived(request)
-        return channel, transport
-
-    per_connection = measured(count, connection)
+    per_connection = measured(
+        count, lambda i: connected(site, StringTransport(peerAddress=client_address(i)), request)
+    )
     assert store.parked_count == count
     assert per_connection < budget.CONNECTION_OVERHEAD_BYTES
 
@@ -154,14 +165,11 @@ def test_connection_price_bounds_a_peer_that_pipelines_and_reads_nothing() -> No
     pipelined = request * (budget.SOCKET_READ_BYTES // len(request))
 
     def connection(i: int) -> object:
-        peer = IPv4Address("TCP", f"10.0.0.{i}", 1234)
-        channel = site.buildProtocol(peer)
         # A TCP transport's buffer: it pauses its producer past 64 KiB.
-        transport = BufferingTransport(peer, buffer_size=65536)
-        channel.makeConnection(transport)
-        channel.dataReceived(pipelined)
+        transport = BufferingTransport(client_address(i), buffer_size=65536)
+        opened = connected(site, transport, pipelined)
         assert transport.paused
-        return channel, transport
+        return opened
 
     per_connection = measured(count, connection)
     assert per_connection < budget.http11_connection_bytes(config)
@@ -180,15 +188,9 @@ def test_waiting_refusal_price_bounds_a_refused_connection() -> None:
     site.buildProtocol(admitted).makeConnection(StringTransport(peerAddress=admitted))
     head = b"GET / HTTP/1.1\r\nHost: rendezvous.example.org\r\nUser-Agent: " + b"y" * 2000
 
-    def connection(i: int) -> object:
-        peer = IPv4Address("TCP", f"10.0.{i // 250}.{i % 250}", 1234)
-        channel = site.buildProtocol(peer)
-        transport = StringTransport(peerAddress=peer)
-        channel.makeConnection(transport)
-        channel.dataReceived(head)
-        return channel, transport
-
-    per_connection = measured(count, connection)
+    per_connection = measured(
+        count, lambda i: connected(site, StringTransport(peerAddress=client_address(i)), head)
+    )
     assert site.admission.waiting_refusals == count
     assert per_connection < budget.WAITING_REFUSAL_BYTES
 
