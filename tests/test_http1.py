@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given
@@ -39,6 +39,8 @@ from .conftest import BufferingTransport, Harness, PeerTransport
 
 PEER = IPv4Address("TCP", "192.0.2.9", 4321)
 
+T = TypeVar("T", bound=StringTransport)
+
 
 class Server:
     """
@@ -51,8 +53,13 @@ class Server:
         self.site = self.harness.api.site(self.clock)
 
     def open(self, peer: IPv4Address = PEER) -> tuple[Any, StringTransport]:
-        protocol = self.site.buildProtocol(peer)
-        transport = StringTransport(peerAddress=peer)
+        return self.connect(StringTransport(peerAddress=peer))
+
+    def connect(self, transport: T) -> tuple[Any, T]:
+        """
+        A connection over C{transport}, from its peer.
+        """
+        protocol = self.site.buildProtocol(transport.getPeer())  # type: ignore[no-untyped-call]
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -673,9 +680,7 @@ def test_a_connection_cut_at_the_header_deadline_is_timed_out_once() -> None:
     after it: the idle timeout, still armed, does not time it out (and abort it) a second time.
     """
     server = Server(header_timeout_seconds=2, idle_timeout_seconds=5)
-    protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport(PEER)
-    protocol.makeConnection(transport)
+    _, transport = server.connect(CountingTransport(PEER))
     with capturedLogs() as events:
         server.clock.advance(2)
         answers(transport.value())[0].assert_json_error(408, "M_REQUEST_TIMEOUT")
@@ -696,9 +701,7 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     server = Server(max_connections_per_address=1, max_waiting_refusals=1)
     server.open()
     server.open()
-    protocol = server.site.buildProtocol(PEER)
-    transport = CountingTransport(PEER)
-    protocol.makeConnection(transport)
+    protocol, transport = server.connect(CountingTransport(PEER))
     answers(transport.value())[0].assert_json_error(429, "M_LIMIT_EXCEEDED")
     assert transport.disconnecting
     assert transport.aborts == 0
@@ -710,17 +713,25 @@ def test_a_refusal_answered_at_once_is_aborted_after_the_linger() -> None:
     assert mine == []
 
 
+def pipelined(server: Server, count: int) -> tuple[Any, BufferingTransport]:
+    """
+    A connection over a transport that pauses its producer as TCP's does,
+    whose peer has pipelined C{count} GETs of a new rendezvous of 1000
+    bytes, and read nothing yet.
+    """
+    rendezvous_id, _ = server.harness.create(b"p" * 1000)
+    protocol, transport = server.connect(BufferingTransport(PEER))
+    protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * count)
+    return protocol, transport
+
+
 def test_pipelined_answers_wait_for_a_peer_that_does_not_read() -> None:
     """
     Requests pipelined by a peer that does not read are answered only as the transport writes what
     it holds, never more than its buffer and one answer ahead; all are answered as the peer reads.
     """
     server = Server(max_bytes=1000, request_burst=1000)
-    rendezvous_id, _ = server.harness.create(b"p" * 1000)
-    protocol = server.site.buildProtocol(PEER)
-    transport = BufferingTransport(PEER)
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
+    _, transport = pipelined(server, 100)
     held = len(transport.value())
     assert transport.buffer_size < held < transport.buffer_size + 2000
     got = answers(transport.read())
@@ -740,12 +751,8 @@ def test_a_peer_that_pipelines_and_never_reads_is_cut_at_the_idle_timeout() -> N
     is closed, then aborted, and its other requests are never answered.
     """
     server = Server(max_bytes=1000, idle_timeout_seconds=5)
-    rendezvous_id, _ = server.harness.create(b"p" * 1000)
-    protocol = server.site.buildProtocol(PEER)
-    transport = BufferingTransport(PEER)
-    protocol.makeConnection(transport)
     with capturedLogs() as events:
-        protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 100)
+        _, transport = pipelined(server, 100)
         held = len(transport.value())
         assert len(answers(transport.value())) < 10
         server.clock.advance(4.9)
@@ -762,11 +769,7 @@ def test_a_graceful_stop_closes_a_connection_whose_answers_wait_to_be_read() -> 
     wait for the transport to write what it holds: nothing is being asked or answered on it.
     """
     server = Server(max_bytes=1000, request_burst=1000)
-    rendezvous_id, _ = server.harness.create(b"p" * 1000)
-    protocol = server.site.buildProtocol(PEER)
-    transport = BufferingTransport(PEER)
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % rendezvous_id.encode() * 10)
+    _, transport = pipelined(server, 10)
     assert transport.paused
     server.site.drain(server.clock, 5)
     assert transport.disconnecting
