@@ -67,6 +67,7 @@ import pytest
 
 from .redis_server import RedisServer, free_port
 from .test_end_to_end import read_available
+from .test_multinode import nginx_conf
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -780,31 +781,18 @@ def test_a_homeserver_proxy_carries_msc4108(workspace: Workspace) -> None:
         f"--listen tcp:8080:interface=127.0.0.1 --public-url {base}/ --trusted-proxy 127.0.0.1/32",
     )
     directory = workspace.directory
-    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (directory / name).mkdir()
-    conf = directory / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log info;
-events {{ worker_connections 64; }}
-http {{
+    conf = nginx_conf(
+        directory,
+        f"""
     access_log off;
-    client_body_temp_path {directory}/body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
     server {{
         listen 127.0.0.1:{homeserver};
         # The homeserver's own paths.
         location /_matrix {{ return 404 '{{"errcode": "M_UNRECOGNIZED"}}'; }}
 {workspace.substitute(block.text)}
     }}
-}}
-""")
+""",
+    )
     nginx = Process(
         f"exec {NGINX} -p {directory} -c {conf} -e {directory}/error.log",
         directory, workspace.env, directory / "nginx.out",

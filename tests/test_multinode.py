@@ -390,6 +390,35 @@ def render_contrib_config(text: str, upstreams: list[int], port: int) -> str:
     return text
 
 
+def nginx_conf(directory: Path, http: str) -> Path:
+    """
+    Write C{directory}/nginx.conf for Debian's nginx run in the foreground
+    by any user: one process, its PID file, its error log (C{error.log}) and
+    its temporary files in C{directory}, and C{http} in its http block.
+    Returns the file's path.
+    """
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (directory / name).mkdir()
+    conf = directory / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+{http}
+}}
+""")
+    return conf
+
+
 class Nginx:
     """
     Debian's nginx in the foreground, one process, its prefix, logs and
@@ -409,32 +438,16 @@ class Nginx:
             self.source = "the test's own config"
             site = _test_only_config(upstreams, self.port)
         (directory / "site.conf").write_text(site)
-        temporary = {
-            name: directory / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")
-        }
-        for path in temporary.values():
-            path.mkdir()
-        self.error_log = directory / "error.log"
-        conf = directory / "nginx.conf"
-        conf.write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {self.error_log} info;
-events {{ worker_connections 256; }}
-http {{
+        conf = nginx_conf(
+            directory,
+            f"""
     access_log {directory}/access.log;
-    client_body_temp_path {temporary["body"]};
-    proxy_temp_path {temporary["proxy"]};
-    fastcgi_temp_path {temporary["fastcgi"]};
-    uwsgi_temp_path {temporary["uwsgi"]};
-    scgi_temp_path {temporary["scgi"]};
     # Inherited by every location that sets no header of its own.
     add_header X-Upstream $upstream_addr always;
     include {directory}/site.conf;
-}}
-""")
+""",
+        )
+        self.error_log = directory / "error.log"
         self.proc = subprocess.Popen(
             [str(NGINX), "-p", str(directory), "-c", str(conf), "-e", str(self.error_log)],
             stdin=subprocess.DEVNULL,
