@@ -29,10 +29,8 @@ import datetime
 import json
 import os
 import select
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,22 +107,6 @@ def start_tls_server(directory: Path, *options: str) -> Server:
         *options,
     ]  # fmt: skip
     return Server("twistd rendezvous (TLS)", argv, None).ready()
-
-
-def stop(server: Server) -> str:
-    """
-    Stop C{server} gracefully and return all it printed (some failures, an
-    unhandled error in a Deferred, are only logged as it stops).
-    """
-    server.proc.send_signal(signal.SIGTERM)
-    try:
-        server.proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(timeout=5)
-    output = server.output()
-    server.stop()
-    return output
 
 
 def trouble(output: str) -> list[str]:
@@ -577,7 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = run(server, args)
         finally:
-            output = stop(server)
+            # All it printed: some failures (an unhandled error in a
+            # Deferred) are only logged as it stops.
+            output = server.stop(grace_seconds=15)
     report["server_trouble_lines"] = trouble(output)
     print(json.dumps(report))
     return 0

@@ -197,8 +197,7 @@ class Server:
             if port is not None:
                 return port
             time.sleep(0.02)
-        output = self.output()
-        self.stop()
+        output = self.stop()
         lost = " (standard output discarded: run it by hand to see it)" * self._discard_stdout
         raise RuntimeError(f"{self.name} did not start listening{lost}: {self.argv}\n{output}")
 
@@ -206,15 +205,24 @@ class Server:
         self._output.seek(0)
         return self._output.read().decode("utf-8", "replace")
 
-    def stop(self) -> None:
+    def stop(self, grace_seconds: float = 10.0) -> str:
+        """
+        Stop the server (SIGTERM, SIGKILL if it outlives C{grace_seconds})
+        and return all it printed, what it logged as it stopped included;
+        its output file is closed.  Safe to call twice.
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=grace_seconds)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+        if self._output.closed:
+            return ""
+        output = self.output()
         self._output.close()
+        return output
 
 
 def start_rendezvous(cpu: int | None, *limits: str) -> Server:
