@@ -614,20 +614,15 @@ def run(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             )
         for peer in held.peers:
             peer.close()
-    elif args.attack == "continuation":
-        flood = continuation_flood(port, args.megabytes)
-        after = rss(server)
-        report["honest_exchange"] = exchange(port, "127.0.0.2")
-        flood["peer"].close()
-        flood.pop("peer")
-        report.update(flood, rss_before=before, rss_after=after, rss_growth=after - before)
     else:
-        reset = rapid_reset(port, args.count)
+        if args.attack == "continuation":
+            attack = continuation_flood(port, args.megabytes)
+        else:
+            attack = rapid_reset(port, args.count)
         after = rss(server)
         report["honest_exchange"] = exchange(port, "127.0.0.2")
-        reset["peer"].close()
-        reset.pop("peer")
-        report.update(reset, rss_before=before, rss_after=after, rss_growth=after - before)
+        attack.pop("peer").close()
+        report.update(attack, rss_before=before, rss_after=after, rss_growth=after - before)
     return report
 
 
