@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("h2.connection", reason="the http2 extra is not installed")
 
 from bench import h2flood
+from bench.servers import Probe
 from rendezvous_twisted import budget, tap
 
 from .certificates import CA
@@ -49,9 +50,7 @@ def rss(process: TwistdServer) -> int:
     """
     The server's resident memory now, in bytes, from /proc.
     """
-    with open(f"/proc/{process.proc.pid}/statm", "rb") as f:
-        pages = int(f.read().split()[1])
-    return pages * 4096
+    return Probe(process.proc.pid).rss_bytes()
 
 
 def start(tmp_path: Path, *options: str) -> tuple[TwistdServer, CA]:
