@@ -46,8 +46,7 @@ pyproject.toml pins the Twisted and h2 versions this was tested with.
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import h2.config
@@ -879,25 +878,3 @@ class LimitedH2Connection(H2Connection):
     def _client(self) -> str:
         transport = self.transport
         return _peer_host(transport.getPeer() if transport is not None else None)
-
-
-def error_fields(
-    every_response: Sequence[tuple[bytes, bytes]],
-    content_type: bytes,
-    body: bytes,
-    extra: Sequence[tuple[bytes, bytes]],
-) -> list[tuple[bytes, bytes]]:
-    """
-    The header fields of an answer built here: the every-response headers,
-    its type and length, and C{extra}.
-    """
-    return [
-        *every_response,
-        (b"Content-Type", content_type),
-        (b"Content-Length", b"%d" % len(body)),
-        *extra,
-    ]
-
-
-def json_error(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
-    return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
