@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import h2.config
@@ -166,38 +167,19 @@ def connection_window(max_bytes: int) -> int:
     return max(DEFAULT_WINDOW, max_bytes + 1)
 
 
+@dataclass(frozen=True, slots=True)
 class Limits:
     """
     The limits of one HTTP/2 connection, from the server's configuration.
     """
 
-    __slots__ = (
-        "body_timeout_seconds",
-        "header_timeout_seconds",
-        "idle_timeout_seconds",
-        "max_body_bytes",
-        "max_header_bytes",
-        "max_headers",
-        "max_streams",
-    )
-
-    def __init__(
-        self,
-        max_streams: int,
-        max_header_bytes: int,
-        max_body_bytes: int,
-        header_timeout_seconds: float,
-        body_timeout_seconds: float,
-        idle_timeout_seconds: float,
-        max_headers: int = 64,
-    ) -> None:
-        self.max_streams = max_streams
-        self.max_headers = max_headers
-        self.max_header_bytes = max_header_bytes
-        self.max_body_bytes = max_body_bytes
-        self.header_timeout_seconds = header_timeout_seconds
-        self.body_timeout_seconds = body_timeout_seconds
-        self.idle_timeout_seconds = idle_timeout_seconds
+    max_streams: int
+    max_header_bytes: int
+    max_body_bytes: int
+    header_timeout_seconds: float
+    body_timeout_seconds: float
+    idle_timeout_seconds: float
+    max_headers: int
 
 
 class _StateMachine(h2.connection.H2Connection):
