@@ -349,15 +349,11 @@ class RendezvousRequest(Request):
             self.method = stream.command or self.method
             self.uri = self.path = stream.path or b"/"
             self.clientproto = b"HTTP/2"
-        body = error_body(errcode, message)
+        answer = Refusal(code, errcode, message)
         self.setResponseCode(code)
-        for name, value in (
-            *EVERY_RESPONSE,
-            (b"Content-Type", JSON),
-            (b"Content-Length", b"%d" % len(body)),
-        ):
+        for name, value in answer.response_headers():
             self.responseHeaders.setRawHeaders(name, [value])
-        self.write(body)  # type: ignore[no-untyped-call]
+        self.write(answer.body())  # type: ignore[no-untyped-call]
         self.finish()  # type: ignore[no-untyped-call]
 
 
