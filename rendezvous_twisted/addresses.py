@@ -13,6 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from twisted.internet.address import IPv4Address as TCP4Address
+from twisted.internet.address import IPv6Address as TCP6Address
+from twisted.internet.interfaces import IAddress
+
 from rendezvous_twisted.config import Config, parse_network
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,6 +31,16 @@ PROXY_HEADERS = (X_FORWARDED_FOR, FORWARDED)
 # rightmost entries (the ones our own proxies wrote), so that a client
 # cannot make us parse a megabyte of commas.
 _MAX_HOPS = 32
+
+
+def peer_host(address: IAddress | None) -> str | None:
+    """
+    The IP address of a connection's peer as Twisted reports it, None for
+    a peer that has none (a UNIX socket).
+    """
+    if isinstance(address, (TCP4Address, TCP6Address)):
+        return address.host
+    return None
 
 
 def parse_address(text: str | bytes) -> IPAddress | None:

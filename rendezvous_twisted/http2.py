@@ -58,10 +58,12 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, SettingsFrame
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
+
+from rendezvous_twisted.addresses import peer_host
 
 #: Every private name (and h2 internal) this module relies on, checked by
 #: tests/test_http2_fence.py: (owner, attribute).
@@ -185,10 +187,6 @@ class Limits:
 class _StateMachine(h2.connection.H2Connection):
     # h2's connection, remembering fewer closed streams (see above).
     MAX_CLOSED_STREAMS = MAX_CLOSED_STREAMS
-
-
-def _peer_host(address: IAddress | None) -> str:
-    return str(getattr(address, "host", None) or "-")
 
 
 class LimitedH2Connection(H2Connection):
@@ -859,4 +857,4 @@ class LimitedH2Connection(H2Connection):
 
     def _client(self) -> str:
         transport = self.transport
-        return _peer_host(transport.getPeer() if transport is not None else None)
+        return peer_host(transport.getPeer() if transport is not None else None) or "-"

@@ -35,6 +35,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from rendezvous_twisted.addresses import peer_host
 from rendezvous_twisted.answers import closing_answer
 
 #: TLS 1.2 suites: forward secret (ECDHE) and AEAD only.  TLS 1.3 suites are
@@ -310,7 +311,7 @@ class _PlainOrTLS(ProtocolWrapper):
                 assert transport is not None
                 self._log.info(
                     "answering plain HTTP on a TLS listener from {client} with 400",
-                    client=getattr(transport.getPeer(), "host", "-"),
+                    client=peer_host(transport.getPeer()) or "-",
                 )
                 transport.write(
                     closing_answer(

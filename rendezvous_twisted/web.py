@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from rendezvous_twisted import access, conditions, http1, msc4108, wire
-from rendezvous_twisted.addresses import Client, ClientResolver
+from rendezvous_twisted.addresses import Client, ClientResolver, peer_host
 
 # Named here too (they were defined here before answers.py held them).
 from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
@@ -113,7 +113,7 @@ def client_address(request: IRequest) -> str | None:
     resolved = getattr(request, "client", None)
     if isinstance(resolved, Client) and resolved.address is not None:
         return str(resolved.address)
-    return _peer_host(request.getClientAddress())
+    return peer_host(request.getClientAddress())
 
 
 @lru_cache(maxsize=1024)
@@ -357,15 +357,6 @@ class RendezvousRequest(Request):
         self.finish()  # type: ignore[no-untyped-call]
 
 
-def _peer_host(address: IAddress) -> str | None:
-    """
-    The IP address of a peer, None for a peer that has none (a UNIX socket).
-    """
-    if isinstance(address, (IPv4Address, IPv6Address)):
-        return address.host
-    return None
-
-
 class RendezvousChannel(http.HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering the requests it cannot parse
@@ -581,7 +572,7 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         self._log.info(
             "closing a connection from {client}: its answers not read in {seconds}s",
-            client=_peer_host(self.transport.getPeer()) or "-",
+            client=peer_host(self.transport.getPeer()) or "-",
             seconds=seconds,
         )
         self.site.metrics.refused("slow")
@@ -612,7 +603,7 @@ class RendezvousChannel(http.HTTPChannel):
             return
         self._log.info(
             "closing a connection from {client}: request {what} not complete in {seconds}s",
-            client=_peer_host(self.transport.getPeer()) or "-",
+            client=peer_host(self.transport.getPeer()) or "-",
             what=what,
             seconds=seconds,
         )
@@ -636,7 +627,7 @@ class RendezvousChannel(http.HTTPChannel):
         assert self.transport is not None
         self._log.info(
             "answering an unparseable request from {client} with 400",
-            client=_peer_host(self.transport.getPeer()) or "-",
+            client=peer_host(self.transport.getPeer()) or "-",
         )
         self.site.metrics.refused("malformed")
         self.transport.write(
@@ -827,7 +818,7 @@ class RendezvousSite(Site):
         IP address count only against the global cap: each carries many
         clients.
         """
-        client = self.clients.peer(_peer_host(peer))
+        client = self.clients.peer(peer_host(peer))
         key = None
         if client.address is not None and not self.clients.trusted(client.address):
             key = client.key
@@ -838,7 +829,7 @@ class RendezvousSite(Site):
             self.metrics.refused("connections")
             self._logger.info(
                 "refusing a connection from {client}: {why}",
-                client=_peer_host(peer) or "-",
+                client=peer_host(peer) or "-",
                 why=refusal.message,
             )
             return refusal
@@ -1653,7 +1644,7 @@ class RendezvousAPI:
             return known
         headers = request.requestHeaders
         client = self._clients.resolve(
-            _peer_host(request.getClientAddress()),
+            peer_host(request.getClientAddress()),
             headers.getRawHeaders(self._config.proxy_header.encode("ascii")),
             headers.getRawHeaders(b"X-Forwarded-Proto"),
         )
