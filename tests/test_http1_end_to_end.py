@@ -282,37 +282,6 @@ def test_a_silent_refused_connection_is_answered_at_the_header_deadline(tmp_path
     server.assert_no_trouble()
 
 
-def test_http2_requests_keep_their_authority_as_host(tmp_path: Path) -> None:
-    """
-    Over HTTP/2, a request carrying :authority and an equal Host header (two Host lines to
-    Twisted) is served, and OPTIONS * is answered by us.
-    """
-    from .test_http2 import H2Client, start_h2_server
-
-    process, ca = start_h2_server(tmp_path)
-    try:
-        client = H2Client(process.port, ca)
-        try:
-            assert client.alpn == "h2"
-            payload = secret("h2-host")
-            process.secrets.append(payload)
-            stream = client.request("POST", "/", {"host": "localhost"}, payload)
-            status, headers, body = client.response(stream)
-            assert status == 200, body
-            process.secrets.append(body)
-            assert headers["location"].startswith("https://localhost/")
-            star = client.request("OPTIONS", "*")
-            status, headers, _ = client.response(star)
-            assert status == 204
-            assert headers["allow"] == "GET, PUT, POST, DELETE, OPTIONS"
-            assert headers["server"] == "rendezvous-twisted"
-        finally:
-            client.close()
-    finally:
-        process.stop()
-    process.assert_no_trouble()
-
-
 def test_a_refused_tls_client_reads_its_refusal_every_time(tmp_path: Path) -> None:
     """
     A TLS client speaking HTTP/1.1, refused at the cap, that sends its head and its body apart (as

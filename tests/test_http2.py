@@ -2,8 +2,9 @@
 HTTP/2 over TLS (ALPN "h2", with the C{http2} extra installed), tested with
 the C{h2} library as the client against a real C{twistd rendezvous}:
 long-polling on one multiplexed connection, a 413 that leaves the connection
-usable, a graceful stop answering a parked HTTP/2 reader 304, the header
-deadline of HTTP/2 connections, and their release from the connection caps.
+usable, a graceful stop answering a parked HTTP/2 reader 304, a Host header
+beside an equal :authority and OPTIONS *, the header deadline of HTTP/2
+connections, and their release from the connection caps.
 """
 
 from __future__ import annotations
@@ -297,6 +298,35 @@ def open_connections(metrics_port: int) -> float:
     match = re.search(r"^rendezvous_http_connections (\S+)$", text, re.MULTILINE)
     assert match is not None, text
     return float(match.group(1))
+
+
+def test_http2_requests_keep_their_authority_as_host(tmp_path: Path) -> None:
+    """
+    Over HTTP/2, a request carrying :authority and an equal Host header (two Host lines to
+    Twisted) is served, and OPTIONS * is answered by us.
+    """
+    process, ca = start_h2_server(tmp_path)
+    try:
+        client = H2Client(process.port, ca)
+        try:
+            assert client.alpn == "h2"
+            payload = secret("h2-host")
+            process.secrets.append(payload)
+            stream = client.request("POST", "/", {"host": "localhost"}, payload)
+            status, headers, body = client.response(stream)
+            assert status == 200, body
+            process.secrets.append(body)
+            assert headers["location"].startswith("https://localhost/")
+            star = client.request("OPTIONS", "*")
+            status, headers, _ = client.response(star)
+            assert status == 204
+            assert headers["allow"] == "GET, PUT, POST, DELETE, OPTIONS"
+            assert headers["server"] == "rendezvous-twisted"
+        finally:
+            client.close()
+    finally:
+        process.stop()
+    process.assert_no_trouble()
 
 
 def test_http2_long_poll_outlives_the_header_deadline(tmp_path: Path) -> None:
