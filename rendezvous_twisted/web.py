@@ -72,10 +72,10 @@ ALLOW_SERVER = b"GET, PUT, POST, DELETE, OPTIONS"
 # Ids are minted by secrets.token_urlsafe(16): 22 URL-safe characters.  A
 # little slack costs nothing; anything else can never name a rendezvous.
 _ID = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
-# A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
-# literal, and an optional port.  Anything else falls back to our own address.
 # The control characters (RFC 5234 CTL) but horizontal tab.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A Host header fit to build a URL from: a name or IPv4 address, or an IPv6
+# literal, and an optional port.  Anything else falls back to our own address.
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 
 
