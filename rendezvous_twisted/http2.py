@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
 from rendezvous_twisted.addresses import peer_host
+from rendezvous_twisted.answers import Refusal
 
 #: Every private name (and h2 internal) this module relies on, checked by
 #: tests/test_http2_fence.py: (owner, attribute).
@@ -120,25 +121,6 @@ _END_HEADERS = 0x4
 _PREFACE_LENGTH = 24
 
 
-class Refusal(Protocol):
-    """
-    What a connection refused at the caps is answered: its first stream
-    gets this status with the JSON error body, then GOAWAY.
-    """
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def errcode(self) -> str: ...
-
-    @property
-    def message(self) -> str: ...
-
-    @property
-    def headers(self) -> Sequence[tuple[bytes, bytes]]: ...
-
-
 class H2Site(Protocol):
     """
     What an HTTP/2 connection needs of its site.
@@ -192,7 +174,9 @@ class _StateMachine(h2.connection.H2Connection):
 class LimitedH2Connection(H2Connection):
     """
     Twisted's HTTP/2 connection with the limits above.  Made by
-    L{rendezvous_twisted.wire} when TLS negotiated "h2".
+    L{rendezvous_twisted.wire} when TLS negotiated "h2".  Given a
+    C{refusal} (the connection was refused at the caps), its first stream
+    is answered with it, then GOAWAY.
     """
 
     _log = Logger()
