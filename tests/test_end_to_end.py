@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from .certificates import CA
+
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
 HOST = "127.0.0.1"
@@ -249,6 +251,31 @@ class TwistdServer:
 
 def start_plugin_server(cwd: Path, *limits: str) -> TwistdServer:
     return TwistdServer(["rendezvous", "--listen", LISTEN, *limits], cwd)
+
+
+#: The start line of a TLS listener, and its port.
+_TLS_PORT_LINE = re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)")
+
+
+def start_tls_server(cwd: Path, ca: CA, *options: str) -> TwistdServer:
+    """
+    C{twistd rendezvous} on one TLS listener on the loopback, serving a
+    certificate of C{ca} for localhost (written in C{cwd}/tls), with
+    C{options}.
+    """
+    ca.write_leaf(cwd / "tls")
+    return TwistdServer(
+        [
+            "rendezvous",
+            "--listen",
+            f"ssl:0:interface={HOST}",
+            f"--tls-cert={cwd / 'tls' / 'fullchain.pem'}",
+            f"--tls-key={cwd / 'tls' / 'key.pem'}",
+            *options,
+        ],
+        cwd,
+        port_line=_TLS_PORT_LINE,
+    )
 
 
 def running(process: TwistdServer) -> Iterator[TwistdServer]:

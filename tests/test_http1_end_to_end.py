@@ -29,6 +29,7 @@ from .test_end_to_end import (
     running,
     secret,
     start_plugin_server,
+    start_tls_server,
 )
 
 #: The metrics listener's start line ("RendezvousSite starting on" is the API's).
@@ -292,19 +293,8 @@ def test_a_refused_tls_client_reads_its_refusal_every_time(tmp_path: Path) -> No
     from .certificates import CA, cert_pem
 
     ca = CA.make("refusals")
-    ca.write_leaf(tmp_path / "tls")
-    server = TwistdServer(
-        [
-            "rendezvous",
-            "--listen",
-            f"ssl:0:interface={HOST}",
-            f"--tls-cert={tmp_path / 'tls' / 'fullchain.pem'}",
-            f"--tls-key={tmp_path / 'tls' / 'key.pem'}",
-            "--max-connections=1",
-            "--max-connections-per-address=1",
-        ],
-        tmp_path,
-        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
+    server = start_tls_server(
+        tmp_path, ca, "--max-connections=1", "--max-connections-per-address=1"
     )
     context = ssl.create_default_context(cadata=cert_pem(ca.root).decode("ascii"))
     context.set_alpn_protocols(["http/1.1"])

@@ -34,6 +34,7 @@ from .test_end_to_end import (  # noqa: E402
     PARKED_PROOF_SECONDS,
     TwistdServer,
     secret,
+    start_tls_server,
 )
 
 Headers = dict[str, str]
@@ -189,21 +190,7 @@ class H2Client:
 
 def start_h2_server(tmp_path: Path, *extra: str) -> tuple[TwistdServer, CA]:
     ca = CA.make("h2")
-    ca.write_leaf(tmp_path / "tls")
-    process = TwistdServer(
-        [
-            "rendezvous",
-            "--listen",
-            f"ssl:0:interface={HOST}",
-            f"--tls-cert={tmp_path / 'tls' / 'fullchain.pem'}",
-            f"--tls-key={tmp_path / 'tls' / 'key.pem'}",
-            "--max-bytes=100",
-            *extra,
-        ],
-        tmp_path,
-        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
-    )
-    return process, ca
+    return start_tls_server(tmp_path, ca, "--max-bytes=100", *extra), ca
 
 
 @pytest.fixture

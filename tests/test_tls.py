@@ -565,20 +565,9 @@ def test_plain_http_on_a_tls_listener_is_told_to_use_https(tmp_path: Path, ca_a:
     A plain HTTP request sent to a TLS listener gets a plain JSON 400 saying to use https://
     (not a TLS failure, which clients show as an empty reply), and TLS goes on being served.
     """
-    from .test_end_to_end import HOST, TwistdServer, running
+    from .test_end_to_end import HOST, running, start_tls_server
 
-    ca_a.write_leaf(tmp_path)
-    process = TwistdServer(
-        [
-            "rendezvous",
-            "--listen",
-            f"ssl:0:interface={HOST}",
-            f"--tls-cert={tmp_path / 'fullchain.pem'}",
-            f"--tls-key={tmp_path / 'key.pem'}",
-        ],
-        tmp_path,
-        port_line=re.compile(rb"RendezvousSite \(TLS\) starting on (\d+)"),
-    )
+    process = start_tls_server(tmp_path, ca_a)
     for _ in running(process):
         with socket.create_connection((HOST, process.port), timeout=5) as plain:
             plain.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
