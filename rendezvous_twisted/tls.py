@@ -31,8 +31,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from rendezvous_twisted.addresses import peer_host
@@ -284,20 +283,18 @@ class TLSServerEndpoint:
         self.context = context
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803
-        tls = TLSMemoryBIOFactory(self.context, False, protocolFactory)
-        wrapped = _PlainHTTPAnswered(tls)  # type: ignore[no-untyped-call]
+        wrapped = _TLSFactory(self.context, False, protocolFactory)
         listening: Deferred[IListeningPort] = self.inner.listen(wrapped)
         return listening
 
 
-
-
-class _PlainOrTLS(ProtocolWrapper):
+class _TLSOrPlain(TLSMemoryBIOProtocol):
     """
-    A TLS connection's protocol, unless its first byte shows plain HTTP
-    (a method's first letter, where TLS starts with a handshake record):
-    that client gets a JSON 400 in plain HTTP saying to use https://, as
-    nginx does, rather than a TLS failure it would see as an empty reply.
+    Twisted's TLS protocol, unless a connection's first byte shows plain
+    HTTP (a method's first letter, where TLS starts with a handshake
+    record): that client gets a JSON 400 in plain HTTP saying to use
+    https://, as nginx does, rather than a TLS failure it would see as an
+    empty reply.
     """
 
     _log = Logger()
@@ -323,15 +320,8 @@ class _PlainOrTLS(ProtocolWrapper):
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
 
-class _PlainHTTPAnswered(WrappingFactory):
-    protocol = _PlainOrTLS
-    noisy = False
-
-    def logPrefix(self) -> str:
-        # The listener is logged as TLS's ("RendezvousSite (TLS) starting
-        # on 8443"): this wrapper changes nothing a reader of the log needs.
-        prefix: str = self.wrappedFactory.logPrefix()
-        return prefix
+class _TLSFactory(TLSMemoryBIOFactory):
+    protocol = _TLSOrPlain
 
 
 # Endpoint descriptions.
