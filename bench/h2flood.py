@@ -16,7 +16,7 @@ answered.
 limits holds every connection at its limits (every stream it may open, each
 with a header block of --max-header-bytes and a body one byte short of
 --max-bytes, still coming) and prints the memory per connection beside the
-budget's price for one (rendezvous_twisted.budget).  Extra server options
+budget's price for one (rendezvous_twisted.core.budget).  Extra server options
 follow --:
 
     python -m bench.h2flood limits -- --max-streams-per-connection=4
@@ -529,7 +529,8 @@ def budget_per_connection(options: Sequence[str]) -> int:
     """
     The budget's price of one connection at the limits C{options} set.
     """
-    from rendezvous_twisted import budget, tap
+    from rendezvous_twisted import tap
+    from rendezvous_twisted.core import budget
 
     parsed = tap.Options()
     parsed.parseOptions(["--listen=tcp:0", *options])

@@ -28,18 +28,21 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 
-from rendezvous_twisted import endpoints, logs, systemd, tls, wire
-from rendezvous_twisted.config import (
+from rendezvous_twisted.core.config import (
     DEFAULT_LISTEN,
     Config,
     ConfigError,
     is_positive,
     parse_network,
 )
-from rendezvous_twisted.logs import RendezvousRoot
-from rendezvous_twisted.metrics import Metrics, metrics_site
-from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
-from rendezvous_twisted.service import (
+from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.http import wire
+from rendezvous_twisted.http.web import RendezvousAPI, RendezvousSite
+from rendezvous_twisted.ops import endpoints, logs, systemd, tls
+from rendezvous_twisted.ops.logs import RendezvousRoot
+from rendezvous_twisted.ops.metrics import metrics_site
+from rendezvous_twisted.ops.service import (
     HangupReloader,
     LateListenerService,
     Lifecycle,
@@ -49,9 +52,8 @@ from rendezvous_twisted.service import (
     StoppingService,
     StoreService,
 )
-from rendezvous_twisted.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.version import version_line
-from rendezvous_twisted.web import RendezvousAPI, RendezvousSite
 from rendezvous_twisted.words import quantity
 
 _DEFAULTS = Config()

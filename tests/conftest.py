@@ -19,9 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.store import MemoryStore, RendezvousStore
-from rendezvous_twisted.web import RendezvousAPI
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.http.web import RendezvousAPI
 
 # A real redis-server for the tests that need one: redis_server (shared),
 # redis_url (emptied per test), own_redis (private, for the fault tests).

@@ -76,7 +76,7 @@ def _encode(args: tuple[bytes | str | int, ...]) -> bytes:
 def _reply(sock: socket.socket) -> RespValue:
     """
     One reply from a blocking socket, parsed by hiredis: the harness never
-    depends on the client under test (rendezvous_twisted.resp).
+    depends on the client under test (rendezvous_twisted.redis.resp).
     """
     reader = hiredis.Reader(replyError=RedisError)
     reply = reader.gets()

@@ -24,7 +24,9 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.scripts._twistd_unix import ServerOptions
 
-from rendezvous_twisted import access, logs, tap
+from rendezvous_twisted import tap
+from rendezvous_twisted.http import access
+from rendezvous_twisted.ops import logs
 
 #: Access events as the server emits them, with awkward values: a method
 #: with braces and escapes, a duration that rounds, a huge length.

@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.addresses}: client addresses through trusted
+Tests for L{rendezvous_twisted.http.clients}: client addresses through trusted
 proxies, limit keys, and the network policy.
 """
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rendezvous_twisted.addresses import ClientResolver, parse_address
-from rendezvous_twisted.config import Config
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.http.clients import ClientResolver, parse_address
 
 
 def resolver(**config: Any) -> ClientResolver:

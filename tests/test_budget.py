@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.budget}: the worst-case memory is the caps
+Tests for L{rendezvous_twisted.core.budget}: the worst-case memory is the caps
 times honest prices, and it is logged when the service starts.
 """
 
@@ -16,13 +16,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from rendezvous_twisted import budget
-from rendezvous_twisted.conditions import ANY
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.ratelimit import RateLimiter
-from rendezvous_twisted.service import StoreService
-from rendezvous_twisted.store import MemoryStore
-from rendezvous_twisted.web import RendezvousAPI
+from rendezvous_twisted.core import budget
+from rendezvous_twisted.core.conditions import ANY
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.ratelimit import RateLimiter
+from rendezvous_twisted.core.store import MemoryStore
+from rendezvous_twisted.http.web import RendezvousAPI
+from rendezvous_twisted.ops.service import StoreService
 
 from .conftest import BufferingTransport, fired
 
@@ -257,7 +257,7 @@ def test_http2_connections_are_priced_at_their_limits() -> None:
 
 def test_the_budget_window_is_the_connections() -> None:
     """The budget's body window per HTTP/2 connection is the one the connection advertises."""
-    http2 = pytest.importorskip("rendezvous_twisted.http2")
+    http2 = pytest.importorskip("rendezvous_twisted.http.http2")
     for max_bytes in (1, 10240, 65534, 65535, 10**6):
         config = Config(max_bytes=max_bytes)
         assert budget.h2_window(config) == http2.connection_window(max_bytes)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 from twisted.internet.defer import Deferred
 
-from rendezvous_twisted.cli import (
+from rendezvous_twisted.client.cli import (
     EXIT_REFUSED,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
@@ -32,7 +32,7 @@ from rendezvous_twisted.cli import (
     qr_code,
     run,
 )
-from rendezvous_twisted.client import RendezvousClient
+from rendezvous_twisted.client.rendezvous import RendezvousClient
 
 from .conftest import BASE, Harness, fired
 from .test_end_to_end import TwistdServer, running, secret, start_plugin_server

@@ -1,5 +1,5 @@
 """
-The Python client (L{rendezvous_twisted.client}): against the real server
+The Python client (L{rendezvous_twisted.client.rendezvous}): against the real server
 over loopback sockets on the real reactor, and, for its timing rules, against
 the in-memory server on a Clock (the reactor and HTTP client it is given).
 """
@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.web.http import stringToDatetime
 
-from rendezvous_twisted.client import (
+from rendezvous_twisted.client.rendezvous import (
     FALLBACK_POLL_INTERVAL_SECONDS,
     GoneWhileWaitingError,
     NotFoundError,
@@ -27,10 +27,10 @@ from rendezvous_twisted.client import (
     RendezvousClient,
     ServerError,
 )
-from rendezvous_twisted.conditions import Condition
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.store import MemoryStore, Wakeup
-from rendezvous_twisted.web import RendezvousAPI
+from rendezvous_twisted.core.conditions import Condition
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import MemoryStore, Wakeup
+from rendezvous_twisted.http.web import RendezvousAPI
 
 from .conftest import BASE, Harness, answered, fired
 

@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.conditions}: RFC 9110 If-Match / If-None-Match
+Tests for L{rendezvous_twisted.core.conditions}: RFC 9110 If-Match / If-None-Match
 parsing, and strong versus weak comparison.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rendezvous_twisted.conditions import ANY, NOTHING, Condition, parse
+from rendezvous_twisted.core.conditions import ANY, NOTHING, Condition, parse
 
 #: RFC 9110 etagc: %x21 / %x23-7E / obs-text (%x80-FF).
 ETAGC = bytes([0x21, *range(0x23, 0x7F), *range(0x80, 0x100)])

@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.config.Config}: SPEC.md's defaults and the
+Tests for L{rendezvous_twisted.core.config.Config}: SPEC.md's defaults and the
 invariants checked on construction.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rendezvous_twisted.config import DEFAULT_LISTEN, Config
+from rendezvous_twisted.core.config import DEFAULT_LISTEN, Config
 
 #: Every limit that must be a positive, finite number.
 LIMITS = [

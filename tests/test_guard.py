@@ -17,8 +17,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
-from rendezvous_twisted.http1 import LINGER_SECONDS
-from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
+from rendezvous_twisted.http.http1 import LINGER_SECONDS
+from rendezvous_twisted.protocols.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
 
 from .conftest import Harness, fired
 from .test_web import assert_json_error, raw_answer

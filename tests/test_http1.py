@@ -1,5 +1,5 @@
 """
-The edges of HTTP/1.1 that twisted.web leaves to us (rendezvous_twisted.http1),
+The edges of HTTP/1.1 that twisted.web leaves to us (rendezvous_twisted.http.http1),
 driven byte by byte through the real channel over a StringTransport, with
 its deadlines on a Clock: Content-Type bytes Twisted's form parser choked
 on, Host, request-target forms, chunk sizes, connections refused at the caps,
@@ -23,9 +23,9 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from rendezvous_twisted import http1
-from rendezvous_twisted.answers import EVERY_RESPONSE, Refusal
-from rendezvous_twisted.http1 import (
+from rendezvous_twisted.http import http1
+from rendezvous_twisted.http.answers import EVERY_RESPONSE, Refusal
+from rendezvous_twisted.http.http1 import (
     LINGER_SECONDS,
     ChunkedAnnouncements,
     Target,
@@ -33,7 +33,7 @@ from rendezvous_twisted.http1 import (
     check_host,
     parse_target,
 )
-from rendezvous_twisted.metrics import metrics_site
+from rendezvous_twisted.ops.metrics import metrics_site
 
 from .conftest import BufferingTransport, Harness, PeerTransport
 

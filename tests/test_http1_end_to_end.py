@@ -1,5 +1,5 @@
 """
-The HTTP/1.1 edges of rendezvous_twisted.http1 against a real C{twistd
+The HTTP/1.1 edges of rendezvous_twisted.http.http1 against a real C{twistd
 rendezvous} over loopback, where the client is an ordinary one (Python's
 http.client) or raw bytes: what only showed there (a traceback and no
 answer, a broken pipe at the connection cap) and what a balancer sees

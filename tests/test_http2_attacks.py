@@ -20,7 +20,8 @@ pytest.importorskip("h2.connection", reason="the http2 extra is not installed")
 
 from bench import h2flood
 from bench.servers import Probe
-from rendezvous_twisted import budget, tap
+from rendezvous_twisted import tap
+from rendezvous_twisted.core import budget
 
 from .certificates import CA
 from .test_end_to_end import CLEAN_EXIT, TwistdServer

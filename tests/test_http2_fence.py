@@ -1,9 +1,9 @@
 """
 The fence around C{twisted.web._http2} and h2's internals: every private
-name L{rendezvous_twisted.http2} relies on still exists, and the code of
+name L{rendezvous_twisted.http.http2} relies on still exists, and the code of
 every Twisted and h2 method it overrides or calls is the code it was written
 against.  When Twisted or h2 changes one of them, these fail loudly, naming
-it: read the new code against rendezvous_twisted/http2.py, adapt the
+it: read the new code against rendezvous_twisted/http/http2.py, adapt the
 module, update the digest here and the version pins in pyproject.toml.
 """
 
@@ -21,7 +21,7 @@ _http2 = pytest.importorskip("twisted.web._http2", reason="the http2 extra is no
 import h2.connection  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from rendezvous_twisted import http2  # noqa: E402
+from rendezvous_twisted.http import http2  # noqa: E402
 
 #: A digest of each method's source, as tested (Twisted 26.10.0, h2 4.4.1).
 SOURCES: dict[str, str] = {
@@ -65,7 +65,7 @@ def test_what_we_override_or_call_is_unchanged(name: str) -> None:
     source = inspect.getsource(_method(name))
     digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
     assert digest == SOURCES[name], (
-        f"{name} changed (Twisted or h2 was upgraded): review rendezvous_twisted/http2.py "
+        f"{name} changed (Twisted or h2 was upgraded): review rendezvous_twisted/http/http2.py "
         f"against its new code, then update its digest here and the pins in pyproject.toml"
     )
 

@@ -1,5 +1,5 @@
 """
-The limits of HTTP/2 connections (L{rendezvous_twisted.http2}), in memory:
+The limits of HTTP/2 connections (L{rendezvous_twisted.http.http2}), in memory:
 the site's protocol over a StringTransport that says ALPN picked "h2",
 driven by the h2 library as the client (and by frames built by hand), with
 every deadline on a Clock.
@@ -33,9 +33,9 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.logger import LogLevel, capturedLogs, formatEvent  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
-from rendezvous_twisted import http2  # noqa: E402
-from rendezvous_twisted.conditions import ANY  # noqa: E402
-from rendezvous_twisted.http1 import LINGER_SECONDS  # noqa: E402
+from rendezvous_twisted.core.conditions import ANY  # noqa: E402
+from rendezvous_twisted.http import http2  # noqa: E402
+from rendezvous_twisted.http.http1 import LINGER_SECONDS  # noqa: E402
 
 from .conftest import Harness, fired  # noqa: E402
 

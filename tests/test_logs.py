@@ -19,7 +19,8 @@ from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, formatE
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 
-from rendezvous_twisted import access, logs
+from rendezvous_twisted.http import access
+from rendezvous_twisted.ops import logs
 
 from .certificates import CA
 from .test_end_to_end import HOST, LISTEN, TwistdServer, secret
@@ -202,7 +203,7 @@ from rendezvous_twisted.tap import environment_service
 
 
 class Failing(Service):
-    log = Logger(namespace="rendezvous_twisted.web.RendezvousAPI")
+    log = Logger(namespace="rendezvous_twisted.http.web.RendezvousAPI")
 
     def startService(self):
         super().startService()
@@ -271,7 +272,7 @@ def test_every_kind_of_event_is_one_flat_json_line(tmp_path: Path) -> None:
         assert not any(key.startswith("log_") for key in line), line
         assert "unpersistable" not in json.dumps(line), line
     started = one(r"^rendezvous-twisted \S+ \(Twisted \S+, Python \S+\) starting$")
-    assert started["logger"] == "rendezvous_twisted.logs.RendezvousRoot"
+    assert started["logger"] == "rendezvous_twisted.ops.logs.RendezvousRoot"
     limits = one(r"^rendezvous store started: TTL 60")
     assert limits["max_bytes"] == 100
     warning = one(r"^the process may open 1024 files")
@@ -287,7 +288,7 @@ def test_every_kind_of_event_is_one_flat_json_line(tmp_path: Path) -> None:
     error = one(r"^unexpected error answering b'GET'$")
     assert error["level"] == "critical"
     assert "KeyError: 'missing'" in error["exception"]
-    assert one(r"^stopped gracefully$")["logger"] == "rendezvous_twisted.service.StoreService"
+    assert one(r"^stopped gracefully$")["logger"] == "rendezvous_twisted.ops.service.StoreService"
     assert one(r"^draining: ")["level"] == "info"
     for hidden in process.secrets:
         assert hidden not in process.output

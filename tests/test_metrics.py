@@ -25,13 +25,14 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
-from rendezvous_twisted import logs
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.metrics import Metrics, metrics_site
-from rendezvous_twisted.msc4108 import UNSTABLE_CREATE_PATH
-from rendezvous_twisted.service import OpenFileLimitService, StoreService, raise_open_file_limit
-from rendezvous_twisted.store import MemoryStore
-from rendezvous_twisted.web import HTTPError, RendezvousAPI, redact
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.store import MemoryStore
+from rendezvous_twisted.http.web import HTTPError, RendezvousAPI, redact
+from rendezvous_twisted.ops import logs
+from rendezvous_twisted.ops.metrics import metrics_site
+from rendezvous_twisted.ops.service import OpenFileLimitService, StoreService, raise_open_file_limit
+from rendezvous_twisted.protocols.msc4108 import UNSTABLE_CREATE_PATH
 
 from .conftest import Harness
 from .test_end_to_end import (

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from rendezvous_twisted.config import MSC4108_DEFAULT_SESSION_PREFIX, Config
-from rendezvous_twisted.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
+from rendezvous_twisted.core.config import MSC4108_DEFAULT_SESSION_PREFIX, Config
+from rendezvous_twisted.protocols.msc4108 import STABLE_CREATE_PATH, UNSTABLE_CREATE_PATH
 
 from .conftest import BASE, EPOCH, Answer, Harness, answered, fired
 from .test_web import (

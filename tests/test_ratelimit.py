@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.ratelimit}: token buckets on a Clock.
+Tests for L{rendezvous_twisted.core.ratelimit}: token buckets on a Clock.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from rendezvous_twisted.ratelimit import RateLimiter
+from rendezvous_twisted.core.ratelimit import RateLimiter
 
 
 def limiter(

@@ -17,11 +17,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from rendezvous_twisted import budget
-from rendezvous_twisted.conditions import ANY
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.redis_store import RedisStore, StoreURL, parse_store_url
-from rendezvous_twisted.store import NotFound, StoreUnavailable
+from rendezvous_twisted.core import budget
+from rendezvous_twisted.core.conditions import ANY
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import NotFound, StoreUnavailable
+from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
 from tests.conftest import BASE, Answer, Harness, fired, on_reactor
 from tests.redis_server import RedisServer
 
@@ -347,7 +347,7 @@ def test_failed_set_ups_back_off_although_tcp_connected() -> None:
     """Each set-up that fails in a row waits longer before the next try, up to about 2 s."""
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
-    from rendezvous_twisted.resp import RedisConnection
+    from rendezvous_twisted.redis.resp import RedisConnection
 
     clock = Clock()
     connection = RedisConnection(

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import capturedLogs
 
-from rendezvous_twisted.resp import (
+from rendezvous_twisted.redis.resp import (
     RedisConnection,
     RedisDown,
     RedisProtocol,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from werkzeug.exceptions import HTTPException
 
-from rendezvous_twisted.web import RendezvousAPI, _check_host, _Routes
+from rendezvous_twisted.http.web import RendezvousAPI, _check_host, _Routes
 
 SEGMENTS = [
     b"",

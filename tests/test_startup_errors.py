@@ -381,7 +381,7 @@ def test_a_listen_failure_is_a_startup_error_naming_the_listener() -> None:
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.internet.protocol import Factory
 
-    from rendezvous_twisted.service import ListenerService, StartupError
+    from rendezvous_twisted.ops.service import ListenerService, StartupError
 
     with _taken_port() as taken:
         port = taken.getsockname()[1]
@@ -407,8 +407,8 @@ def test_a_program_logs_the_failed_start_and_exits() -> None:
     from twisted.internet.protocol import Factory
     from twisted.logger import capturedLogs, formatEvent
 
-    from rendezvous_twisted.logs import RendezvousRoot
-    from rendezvous_twisted.service import ListenerService, StartFailed, StartupError
+    from rendezvous_twisted.ops.logs import RendezvousRoot
+    from rendezvous_twisted.ops.service import ListenerService, StartFailed, StartupError
 
     with _taken_port() as taken:
         port = taken.getsockname()[1]

@@ -22,11 +22,10 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
-from rendezvous_twisted import conditions
-from rendezvous_twisted.conditions import ANY, NOTHING, Condition
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.redis_store import RedisStore, parse_store_url
-from rendezvous_twisted.store import (
+from rendezvous_twisted.core import conditions
+from rendezvous_twisted.core.conditions import ANY, NOTHING, Condition
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import (
     Full,
     MemoryStore,
     NotFound,
@@ -37,6 +36,7 @@ from rendezvous_twisted.store import (
     Wakeup,
     new_etag,
 )
+from rendezvous_twisted.redis.store import RedisStore, parse_store_url
 
 from .conftest import EPOCH, answered, on_reactor, reactor_fixture
 

@@ -29,10 +29,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from rendezvous_twisted import conditions
-from rendezvous_twisted.conditions import ANY, Condition
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.store import (
+from rendezvous_twisted.core import conditions
+from rendezvous_twisted.core.conditions import ANY, Condition
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import (
     Full,
     MemoryStore,
     NotFound,

@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.systemd} and the unit files: sd_notify over a
+Tests for L{rendezvous_twisted.ops.systemd} and the unit files: sd_notify over a
 real datagram socket, the watchdog, and a real twistd process started as
 systemd starts it (an inherited listening socket as fd 3, C{LISTEN_*}
 variables, C{$NOTIFY_SOCKET}).
@@ -27,9 +27,10 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
-from rendezvous_twisted import systemd, tap
-from rendezvous_twisted.service import Lifecycle, StoreService
-from rendezvous_twisted.systemd import Notifier, SystemdService, watchdog_interval_seconds
+from rendezvous_twisted import tap
+from rendezvous_twisted.ops import systemd
+from rendezvous_twisted.ops.service import Lifecycle, StoreService
+from rendezvous_twisted.ops.systemd import Notifier, SystemdService, watchdog_interval_seconds
 
 from .certificates import CA, cert_pem
 from .test_end_to_end import CLEAN_EXIT, HOST, Conn, TwistdServer, create, secret

@@ -29,12 +29,12 @@ from twisted.python.failure import Failure
 
 import twisted.plugins
 from rendezvous_twisted import tap
-from rendezvous_twisted.conditions import parse
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.redis_store import RedisStore, parse_store_url
-from rendezvous_twisted.service import StoreService
-from rendezvous_twisted.store import MemoryStore, NotFound, Version
-from rendezvous_twisted.web import RendezvousSite
+from rendezvous_twisted.core.conditions import parse
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import MemoryStore, NotFound, Version
+from rendezvous_twisted.http.web import RendezvousSite
+from rendezvous_twisted.ops.service import StoreService
+from rendezvous_twisted.redis.store import RedisStore, parse_store_url
 
 from .conftest import answered, fired
 

@@ -1,5 +1,5 @@
 """
-Tests for L{rendezvous_twisted.tls}: endpoint descriptions, certificate
+Tests for L{rendezvous_twisted.ops.tls}: endpoint descriptions, certificate
 loading, and real TLS listeners on the real reactor, talked to by treq with
 service-identity checking the host name, across a certificate reload.
 """
@@ -30,8 +30,9 @@ from twisted.python import usage
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import provider
 
-from rendezvous_twisted import tap, tls
-from rendezvous_twisted.service import HangupReloader, ListenerService
+from rendezvous_twisted import tap
+from rendezvous_twisted.ops import tls
+from rendezvous_twisted.ops.service import HangupReloader, ListenerService
 
 from .certificates import CA, cert_pem, key_pem
 from .conftest import on_reactor, reactor_fixture
@@ -231,7 +232,7 @@ def test_a_tls_server_without_h2_says_http2_is_off(
     """Without h2, a server with a TLS listener logs at start that HTTP/2 is off, and the fix."""
     from twisted.internet.testing import MemoryReactorClock
 
-    from rendezvous_twisted import wire
+    from rendezvous_twisted.http import wire
 
     monkeypatch.setattr(wire, "H2_AVAILABLE", h2_installed)
     ca_a.write_leaf(tmp_path)

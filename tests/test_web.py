@@ -16,8 +16,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
-from rendezvous_twisted.answers import EVERY_RESPONSE, PREFLIGHT
-from rendezvous_twisted.web import prefer_wait, redact
+from rendezvous_twisted.http.answers import EVERY_RESPONSE, PREFLIGHT
+from rendezvous_twisted.http.web import prefer_wait, redact
 
 from .conftest import BASE, EPOCH, Answer, Harness, answered, fired
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 try:
-    from rendezvous_twisted import http2
+    from rendezvous_twisted.http import http2
 except ImportError:  # pragma: no cover - without the http2 extra
     http2 = None  # type: ignore[assignment]
 

@@ -1,8 +1,9 @@
 """
 The access log's event: one per answered request, in the namespace
-C{rendezvous_twisted.access}, with the fields client, method, path (ids
-redacted by the caller), protocol, status, length and duration_ms, and a
-format shaped like the common log format.
+C{rendezvous_twisted.access} (kept when this module moved: collectors
+filter on it), with the fields client, method, path (ids redacted by the
+caller), protocol, status, length and duration_ms, and a format shaped like
+the common log format.
 
 Besides emitting it, this module renders its text without
 C{string.Formatter} (L{render}), for the text observer of L{logs}, which

@@ -35,16 +35,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rendezvous_twisted.conditions import ANY, Condition
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.resp import (
-    RedisConnection,
-    RedisDown,
-    RedisProtocol,
-    RedisReplyError,
-    detached,
-)
-from rendezvous_twisted.store import (
+from rendezvous_twisted.core.conditions import ANY, Condition
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import (
     Full,
     NotFound,
     PreconditionFailed,
@@ -56,6 +49,13 @@ from rendezvous_twisted.store import (
     new_etag,
     parking_refusal,
     retry_after,
+)
+from rendezvous_twisted.redis.resp import (
+    RedisConnection,
+    RedisDown,
+    RedisProtocol,
+    RedisReplyError,
+    detached,
 )
 
 DEFAULT_PREFIX = "rendezvous:"

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from rendezvous_twisted.service import Lifecycle
+from rendezvous_twisted.ops.service import Lifecycle
 
 #: How often STATUS= is refreshed while serving, in seconds.
 STATUS_INTERVAL_SECONDS = 10.0

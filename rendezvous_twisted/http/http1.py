@@ -7,7 +7,7 @@ bytes come, and which connections the caps admit (and how a refused one
 waits for its request before it is answered).
 
 Nothing here writes to a transport or knows a Klein route: the channel and
-the request classes of L{rendezvous_twisted.web} call these, and answer.
+the request classes of L{rendezvous_twisted.http.web} call these, and answer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from twisted.web.http_headers import Headers
 
-from rendezvous_twisted.answers import Refusal
+from rendezvous_twisted.http.answers import Refusal
 
 #: The one request target that is not a path: OPTIONS about the server as a
 #: whole (RFC 9112 3.2.4).

@@ -63,8 +63,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection
 
-from rendezvous_twisted.addresses import peer_host
-from rendezvous_twisted.answers import Refusal
+from rendezvous_twisted.http.answers import Refusal
+from rendezvous_twisted.http.clients import peer_host
 
 #: Every private name (and h2 internal) this module relies on, checked by
 #: tests/test_http2_fence.py: (owner, attribute).
@@ -174,7 +174,7 @@ class _StateMachine(h2.connection.H2Connection):
 class LimitedH2Connection(H2Connection):
     """
     Twisted's HTTP/2 connection with the limits above.  Made by
-    L{rendezvous_twisted.wire} when TLS negotiated "h2".  Given a
+    L{rendezvous_twisted.http.wire} when TLS negotiated "h2".  Given a
     C{refusal} (the connection was refused at the caps), its first stream
     is answered with it, then GOAWAY.
     """

@@ -25,10 +25,10 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from rendezvous_twisted.budget import redis_memory, worst_case_memory
-from rendezvous_twisted.config import Config
-from rendezvous_twisted.store import RendezvousStore
-from rendezvous_twisted.web import RendezvousSite
+from rendezvous_twisted.core.budget import redis_memory, worst_case_memory
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import RendezvousStore
+from rendezvous_twisted.http.web import RendezvousSite
 from rendezvous_twisted.words import quantity
 
 

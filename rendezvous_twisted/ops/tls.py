@@ -34,8 +34,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from rendezvous_twisted.addresses import peer_host
-from rendezvous_twisted.answers import closing_answer
+from rendezvous_twisted.http.answers import closing_answer
+from rendezvous_twisted.http.clients import peer_host
 
 #: TLS 1.2 suites: forward secret (ECDHE) and AEAD only.  TLS 1.3 suites are
 #: all AEAD and configured apart (OpenSSL's defaults are right).

@@ -31,8 +31,8 @@ from twisted.logger import (
     formatTime,
 )
 
-from rendezvous_twisted import access
-from rendezvous_twisted.service import StartFailed, StartupError
+from rendezvous_twisted.http import access
+from rendezvous_twisted.ops.service import StartFailed, StartupError
 from rendezvous_twisted.version import version_line
 
 #: The values of --log-format.

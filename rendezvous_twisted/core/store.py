@@ -19,8 +19,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from rendezvous_twisted.conditions import ANY, Condition
-from rendezvous_twisted.config import Config
+from rendezvous_twisted.core.conditions import ANY, Condition
+from rendezvous_twisted.core.config import Config
 
 
 class RandomTags:

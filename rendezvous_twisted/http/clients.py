@@ -17,7 +17,7 @@ from twisted.internet.address import IPv4Address as TCP4Address
 from twisted.internet.address import IPv6Address as TCP6Address
 from twisted.internet.interfaces import IAddress
 
-from rendezvous_twisted.config import Config, parse_network
+from rendezvous_twisted.core.config import Config, parse_network
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rendezvous_twisted.config import Config
+from rendezvous_twisted.core.config import Config
 
 #: One rendezvous without its payload and content type: record, version,
 #: id, ETag, expiry timer and the per-address index (measured ~1.3 KiB).
@@ -48,7 +48,7 @@ WAITING_REFUSAL_BYTES = 4096
 #: One socket read, which is all a waiting refusal holds of what it is sent.
 SOCKET_READ_BYTES = 65536
 
-# HTTP/2 (TLS with ALPN "h2"; rendezvous_twisted/http2.py bounds each term).
+# HTTP/2 (TLS with ALPN "h2"; rendezvous_twisted/http/http2.py bounds each term).
 #: One HTTP/2 connection with no stream open: the switch, the HTTP/1.1
 #: channel it started with, Twisted's connection, h2's state machine with
 #: its HPACK tables and closed-stream memory (measured ~22 KiB).
@@ -112,7 +112,7 @@ def _mib(size: int) -> str:
 def h2_window(config: Config) -> int:
     """
     The body bytes one HTTP/2 connection may hold at once: its receive
-    window (L{rendezvous_twisted.http2.connection_window}).
+    window (L{rendezvous_twisted.http.http2.connection_window}).
     """
     return max(H2_DEFAULT_WINDOW, config.max_bytes + 1)
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from rendezvous_twisted.conditions import Condition
-from rendezvous_twisted.store import PreconditionFailed
+from rendezvous_twisted.core.conditions import Condition
+from rendezvous_twisted.core.store import PreconditionFailed
 
 #: Create, as Synapse and today's clients call it.
 UNSTABLE_CREATE_PATH = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous"

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import react
 
-from rendezvous_twisted.client import (
+from rendezvous_twisted.client.rendezvous import (
     OCTET_STREAM,
     PreconditionFailedError,
     ReceiveTimeout,

@@ -33,21 +33,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from rendezvous_twisted import access, conditions, http1, msc4108, wire
-from rendezvous_twisted.addresses import Client, ClientResolver, peer_host
-
-# Named here too (they were defined here before answers.py held them).
-from rendezvous_twisted.answers import EVERY_RESPONSE as EVERY_RESPONSE
-from rendezvous_twisted.answers import JSON as JSON
-from rendezvous_twisted.answers import PREFLIGHT as PREFLIGHT
-from rendezvous_twisted.answers import Refusal, phrase
-from rendezvous_twisted.answers import closing_answer as _closing_answer
-from rendezvous_twisted.answers import error_body as error_body
-from rendezvous_twisted.conditions import ANY
-from rendezvous_twisted.config import MSC4108_MAX_BYTES, Config
-from rendezvous_twisted.metrics import Metrics
-from rendezvous_twisted.ratelimit import RateLimiter
-from rendezvous_twisted.store import (
+from rendezvous_twisted.core import conditions
+from rendezvous_twisted.core.conditions import ANY
+from rendezvous_twisted.core.config import MSC4108_MAX_BYTES, Config
+from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.ratelimit import RateLimiter
+from rendezvous_twisted.core.store import (
     Full,
     NotFound,
     PreconditionFailed,
@@ -58,6 +49,17 @@ from rendezvous_twisted.store import (
     Version,
     Wakeup,
 )
+from rendezvous_twisted.http import access, http1, wire
+
+# Named here too (they were defined here before answers.py held them).
+from rendezvous_twisted.http.answers import EVERY_RESPONSE as EVERY_RESPONSE
+from rendezvous_twisted.http.answers import JSON as JSON
+from rendezvous_twisted.http.answers import PREFLIGHT as PREFLIGHT
+from rendezvous_twisted.http.answers import Refusal, phrase
+from rendezvous_twisted.http.answers import closing_answer as _closing_answer
+from rendezvous_twisted.http.answers import error_body as error_body
+from rendezvous_twisted.http.clients import Client, ClientResolver, peer_host
+from rendezvous_twisted.protocols import msc4108
 from rendezvous_twisted.words import quantity
 
 OCTET_STREAM = b"application/octet-stream"

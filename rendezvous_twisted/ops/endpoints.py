@@ -6,7 +6,7 @@ usage error rather than a traceback when the listener starts.
 A description is a bare port (C{9000}, on the loopback interface), or a
 Twisted endpoint string (C{tcp:9000:interface=0.0.0.0}, C{unix:/run/x.sock},
 C{systemd:domain=INET:name=https}, an endpoint plugin's), or one of ours
-(C{ssl:...}, C{tls:ENDPOINT}; see L{rendezvous_twisted.tls}).  Twisted's own
+(C{ssl:...}, C{tls:ENDPOINT}; see L{rendezvous_twisted.ops.tls}).  Twisted's own
 descriptions are checked by Twisted's public parser,
 L{twisted.internet.endpoints.serverFromString}, which builds an endpoint
 without listening.
@@ -26,7 +26,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import getPlugins
 
-from rendezvous_twisted import tls
+from rendezvous_twisted.ops import tls
 
 #: The interface a bare port listens on: a newcomer's server is not on the
 #: network until they say so.

@@ -1,0 +1,27 @@
+"""
+A Twisted client for the rendezvous protocol (L{RendezvousClient}, on treq),
+and C{rendezvous-cli} (L{rendezvous_twisted.client.cli}).  It speaks HTTP
+to any rendezvous server and imports nothing of the server's.
+"""
+
+from rendezvous_twisted.client.rendezvous import (
+    GoneWhileWaitingError,
+    Message,
+    NotFoundError,
+    PreconditionFailedError,
+    ReceiveTimeout,
+    Rendezvous,
+    RendezvousClient,
+    ServerError,
+)
+
+__all__ = [
+    "GoneWhileWaitingError",
+    "Message",
+    "NotFoundError",
+    "PreconditionFailedError",
+    "ReceiveTimeout",
+    "Rendezvous",
+    "RendezvousClient",
+    "ServerError",
+]

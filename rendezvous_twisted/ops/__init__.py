@@ -1,0 +1,3 @@
+"""
+Running the server: start-up services and graceful stop, systemd, TLS, metrics, logs and listeners.
+"""

@@ -1,0 +1,3 @@
+"""
+The Redis store and its RESP client.
+"""
