@@ -38,7 +38,8 @@ from rendezvous_twisted.core.config import (
 from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.http import wire
-from rendezvous_twisted.http.web import RendezvousAPI, RendezvousSite
+from rendezvous_twisted.http.guard import Guard
+from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.ops import endpoints, logs, systemd, tls
 from rendezvous_twisted.ops.logs import RendezvousRoot
 from rendezvous_twisted.ops.metrics import metrics_site
@@ -52,6 +53,7 @@ from rendezvous_twisted.ops.service import (
     StoppingService,
     StoreService,
 )
+from rendezvous_twisted.protocols import RendezvousAPI
 from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
@@ -917,8 +919,15 @@ def makeService(
         redis = RedisStore(config, reactor, reactor, options["store-url"])
         store = redis
     metrics = Metrics()
-    api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
-    site = api.site(reactor)
+    guard = Guard(config, reactor, metrics)
+    api = RendezvousAPI(store, config, reactor, guard)
+    site = RendezvousSite(
+        api.resource(),
+        guard,
+        reactor,
+        access_log=not options["no-access-log"],
+        public_paths=api.public_paths,
+    )
 
     json_logs = options["log-format"] == "json"
     log_observer = logs.observer("json") if json_logs else None

@@ -20,8 +20,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
-from rendezvous_twisted.http.web import RendezvousAPI
+from rendezvous_twisted.http.guard import Guard
+from rendezvous_twisted.http.site import RendezvousSite
+from rendezvous_twisted.protocols import RendezvousAPI
 
 # A real redis-server for the tests that need one: redis_server (shared),
 # redis_url (emptied per test), own_redis (private, for the fault tests).
@@ -36,6 +39,23 @@ EPOCH = 1704067200.0
 
 
 P = ParamSpec("P")
+
+
+def make_site(
+    store: RendezvousStore,
+    config: Config,
+    reactor: Any,
+    metrics: Metrics | None = None,
+    access_log: bool = True,
+) -> RendezvousSite:
+    """
+    The site of both protocols over C{store}, as makeService composes it,
+    with time on C{reactor}.
+    """
+    api = RendezvousAPI(store, config, reactor, Guard(config, reactor, metrics or Metrics()))
+    return RendezvousSite(
+        api.resource(), api.guard, reactor, access_log, public_paths=api.public_paths
+    )
 
 
 def on_reactor(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, Any]:
@@ -134,8 +154,16 @@ class Harness:
         # our channel and request classes (body limits, JSON 400s) are in
         # the path too.
         agent = self.client._agent
-        agent._serverFactory = site = self.api.site(agent._memoryReactor)
+        agent._serverFactory = site = self.site(agent._memoryReactor)
         site.doStart()  # type: ignore[no-untyped-call]  # as a listening port would
+
+    def site(self, reactor: Any = None) -> RendezvousSite:
+        """
+        A site serving this harness' API (its guard, limits and metrics), its
+        connections' time on C{reactor}.
+        """
+        api = self.api
+        return RendezvousSite(api.resource(), api.guard, reactor, public_paths=api.public_paths)
 
     def send(
         self,

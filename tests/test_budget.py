@@ -21,10 +21,9 @@ from rendezvous_twisted.core.conditions import ANY
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.ratelimit import RateLimiter
 from rendezvous_twisted.core.store import MemoryStore
-from rendezvous_twisted.http.web import RendezvousAPI
 from rendezvous_twisted.ops.service import StoreService
 
-from .conftest import BufferingTransport, fired
+from .conftest import BufferingTransport, fired, make_site
 
 
 def test_budget_at_the_defaults() -> None:
@@ -133,7 +132,7 @@ def test_connection_price_bounds_a_parked_connection() -> None:
     reactor = MemoryReactorClock()
     config = Config(max_parked_per_rendezvous=count, max_parked=count, request_burst=count * 2)
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config, reactor).site(reactor)
+    site = make_site(store, config, reactor)
     version = fired(store.create(b"x", b"text/plain", "owner"))
     request = (
         b"GET /%s HTTP/1.1\r\nHost: rendezvous.example.org\r\nIf-None-Match: %s\r\n"
@@ -157,7 +156,7 @@ def test_connection_price_bounds_a_peer_that_pipelines_and_reads_nothing() -> No
     reactor = MemoryReactorClock()
     config = Config(request_burst=100000, max_connections_per_address=count)
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config, reactor).site(reactor)
+    site = make_site(store, config, reactor)
     version = fired(store.create(b"p" * config.max_bytes, b"text/plain", "owner"))
     request = b"GET /%s HTTP/1.1\r\nHost: rendezvous.example.org\r\n\r\n" % (
         version.rendezvous_id.encode("ascii")
@@ -183,7 +182,7 @@ def test_waiting_refusal_price_bounds_a_refused_connection() -> None:
     count = 300
     reactor = MemoryReactorClock()
     config = Config(max_connections=1, max_connections_per_address=1, max_waiting_refusals=count)
-    site = RendezvousAPI(MemoryStore(config, reactor), config, reactor).site(reactor)
+    site = make_site(MemoryStore(config, reactor), config, reactor)
     admitted = IPv4Address("TCP", "10.9.9.9", 1)
     site.buildProtocol(admitted).makeConnection(StringTransport(peerAddress=admitted))
     head = b"GET / HTTP/1.1\r\nHost: rendezvous.example.org\r\nUser-Agent: " + b"y" * 2000
@@ -284,7 +283,7 @@ def h2_connections(
         max_header_bytes=max(16384, header_bytes + 1024),
     )
     store = MemoryStore(config, reactor)
-    site = RendezvousAPI(store, config, reactor).site(reactor)
+    site = make_site(store, config, reactor)
     version = fired(store.create(b"x", b"text/plain", "owner"))
     padding = [(f"x-h{k}", "v" * (header_bytes // 60 - 40)) for k in range(60)] * bool(header_bytes)
     browser = [

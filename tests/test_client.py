@@ -30,9 +30,8 @@ from rendezvous_twisted.client.rendezvous import (
 from rendezvous_twisted.core.conditions import Condition
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import MemoryStore, Wakeup
-from rendezvous_twisted.http.web import RendezvousAPI
 
-from .conftest import BASE, Harness, answered, fired
+from .conftest import BASE, Harness, answered, fired, make_site
 
 P = ParamSpec("P")
 
@@ -90,7 +89,7 @@ async def live_server(**config: Any) -> AsyncIterator[LiveServer]:
     reactor = real_reactor()
     settings = Config(**config)
     store = SignallingStore(settings, reactor)
-    site = RendezvousAPI(store, settings, reactor).site(reactor)
+    site = make_site(store, settings, reactor)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:
         yield LiveServer(store, port)

@@ -128,7 +128,7 @@ def test_access_log_names_the_forwarded_client() -> None:
 def connect(
     harness: Harness, clock: Clock, peer: IPv4Address = PEER
 ) -> tuple[Any, StringTransport]:
-    site = harness.api.site(clock)
+    site = harness.site(clock)
     return open_on(site, peer)
 
 
@@ -230,7 +230,7 @@ def test_parked_requests_are_in_flight_until_answered_or_abandoned() -> None:
     """
     harness = Harness(poll_timeout_seconds=30)
     clock = Clock()
-    site = harness.api.site(clock)
+    site = harness.site(clock)
     parked = []
     for port in (1, 2):
         rendezvous_id, created = harness.create()
@@ -319,7 +319,7 @@ def test_connection_cap_per_address_is_429_and_frees_on_close() -> None:
     """
     harness = Harness(max_connections_per_address=2)
     clock = Clock()
-    site = harness.api.site(clock)
+    site = harness.site(clock)
     first, _ = open_on(site)
     open_on(site)
     refused_channel, refused = open_on(site)
@@ -350,7 +350,7 @@ def test_refusals_on_the_connection_are_counted_and_logged() -> None:
     """
     harness = Harness(max_connections_per_address=1, header_timeout_seconds=1)
     clock = Clock()
-    site = harness.api.site(clock)
+    site = harness.site(clock)
     open_on(site)  # holds the address's one connection; it times out too
     with capturedLogs() as events:
         refused_channel, refused = open_on(site)
@@ -382,7 +382,7 @@ def test_trusted_proxies_are_only_under_the_global_connection_cap() -> None:
     harness = Harness(
         trusted_proxies=("192.0.2.0/24",), max_connections=4, max_connections_per_address=1
     )
-    site = harness.api.site(Clock())
+    site = harness.site(Clock())
     for _ in range(3):
         assert not open_on(site)[1].disconnecting
     assert not open_on(site, IPv4Address("TCP", "198.51.100.1", 1))[1].disconnecting
@@ -397,7 +397,7 @@ def test_refused_connection_is_not_counted_and_reads_nothing() -> None:
     leaves the counts as they were.
     """
     harness = Harness(max_connections_per_address=1)
-    site = harness.api.site(Clock())
+    site = harness.site(Clock())
     open_on(site)
     refused_channel, transport = open_on(site)
     refused_channel.dataReceived(
@@ -416,7 +416,7 @@ def test_clients_behind_a_unix_socket_proxy_have_their_own_budgets() -> None:
     has its own create budget, and its connections are under no per-address cap.
     """
     harness = Harness(create_burst=1, max_connections_per_address=1)
-    site = harness.api.site(Clock())
+    site = harness.site(Clock())
     peer = UNIXAddress(b"/run/rendezvous.sock")
 
     def post(client: bytes) -> bytes:

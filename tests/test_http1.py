@@ -50,7 +50,7 @@ class Server:
     def __init__(self, **config: Any) -> None:
         self.harness = Harness(**config)
         self.clock = Clock()
-        self.site = self.harness.api.site(self.clock)
+        self.site = self.harness.site(self.clock)
 
     def open(self, peer: IPv4Address = PEER) -> tuple[Any, StringTransport]:
         return self.connect(StringTransport(peerAddress=peer))

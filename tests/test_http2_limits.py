@@ -62,7 +62,7 @@ class Peer:
     def __init__(self, harness: Harness, peer: IPv4Address = PEER, ack: bool = True) -> None:
         self.harness = harness
         self.clock = harness.clock
-        self.site = harness.api.site(harness.clock)
+        self.site = harness.site(harness.clock)
         self.protocol: Any = self.site.buildProtocol(peer)
         self.transport = StringTransport(peerAddress=peer)
         self.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]

@@ -28,13 +28,14 @@ from twisted.web.test.requesthelper import DummyRequest
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.core.store import MemoryStore
-from rendezvous_twisted.http.web import HTTPError, RendezvousAPI, redact
+from rendezvous_twisted.http.answers import HTTPError
+from rendezvous_twisted.http.site import redact
 from rendezvous_twisted.ops import logs
 from rendezvous_twisted.ops.metrics import metrics_site
 from rendezvous_twisted.ops.service import OpenFileLimitService, StoreService, raise_open_file_limit
 from rendezvous_twisted.protocols.msc4108 import UNSTABLE_CREATE_PATH
 
-from .conftest import Harness
+from .conftest import Harness, make_site
 from .test_end_to_end import (
     CLEAN_EXIT,
     HOST,
@@ -97,8 +98,7 @@ def test_no_access_log() -> None:
     """With the access log off, requests are still counted but not logged."""
     harness = Harness()
     metrics = Metrics()
-    api = RendezvousAPI(harness.store, harness.config, harness.clock, metrics, access_log=False)
-    site = api.site()
+    site = make_site(harness.store, harness.config, harness.clock, metrics, access_log=False)
     with capturedLogs() as events:
         request = DummyRequest([b""])
         request.method = b"GET"

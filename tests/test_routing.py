@@ -1,63 +1,55 @@
 """
-The routes that the resource finds without werkzeug (the root and one-segment
-paths, the hot path) are exactly those werkzeug's own match finds.
+The Klein app the protocols compose: every route is declared with its methods,
+and the guard refuses the Hosts that werkzeug's routing would fail on.
 """
 
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
 from werkzeug.exceptions import HTTPException
 
-from rendezvous_twisted.http.web import RendezvousAPI, _check_host, _Routes
-
-SEGMENTS = [
-    b"",
-    b"abcdefghijklmnopqrstuv",
-    b"x",
-    b"a.b",
-    b"..",
-    b"%41",
-    b"a b",
-    b"caf\xc3\xa9",
-    b"a;b=c",
-    b"a?b",
-    b"-_~",
-]
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.store import MemoryStore
+from rendezvous_twisted.http.guard import _check_host
+from rendezvous_twisted.protocols import RendezvousAPI
 
 
-def _werkzeug(path: str) -> tuple[str, dict[str, str]] | None:
-    adapter = RendezvousAPI.app.url_map.bind("localhost", "/", path_info=path)
-    try:
-        rule, arguments = adapter.match(return_rule=True)
-    except HTTPException:
-        return None
-    return str(rule.endpoint), dict(arguments)
+def _api(config: Config | None = None) -> RendezvousAPI:
+    config = config or Config()
+    clock = Clock()
+    return RendezvousAPI(MemoryStore(config, clock), config, clock)
 
 
-@pytest.mark.parametrize("segment", SEGMENTS)
-def test_one_segment_routes_as_werkzeug_does(segment: bytes) -> None:
-    """A root or one-segment path is routed to the endpoint and arguments werkzeug matches."""
-    found = _Routes(RendezvousAPI.app).lookup([segment])
-    assert found is not None
-    endpoint, segment_count, arguments = found
-    assert (endpoint, arguments) == _werkzeug("/" + segment.decode("utf-8"))
-    assert segment_count == (0 if segment == b"" else 1)
+def test_every_route_is_declared_with_its_methods() -> None:
+    """Each rule of the app names its methods: werkzeug, not the handlers, answers a wrong one."""
+    rules = list(_api().app.url_map.iter_rules())
+    assert rules
+    for rule in rules:
+        assert rule.methods, rule
+        assert rule.methods <= {"GET", "HEAD", "PUT", "POST", "DELETE"}, rule
 
 
-@pytest.mark.parametrize("segments", [[b"a", b"b"], [b"a/b"], [b"a", b""]])
-def test_other_paths_are_left_to_werkzeug(segments: list[bytes]) -> None:
-    """Deeper paths, and a segment holding an unquoted slash, are routed by werkzeug."""
-    assert _Routes(RendezvousAPI.app).lookup(segments) is None
+def test_session_routes_follow_the_configured_prefix() -> None:
+    """MSC4108's session routes are declared under the configured prefix, and only there."""
+    rules = {
+        rule.rule for rule in _api(Config(msc4108_session_prefix="/s/")).app.url_map.iter_rules()
+    }
+    assert "/s/<session_id>" in rules
+    assert not any(
+        rule.startswith("/_matrix/client/unstable/org.matrix.msc4108/rendezvous/") for rule in rules
+    )
 
 
 def test_hosts_refused_as_werkzeug_refuses_them() -> None:
     """The Host check refuses what Klein (UTF-8) and werkzeug's bind (IDNA) would refuse."""
+    url_map = _api().app.url_map
     for good in [b"example.org", b"EXAMPLE.org", b"[::1]", b"127.0.0.1", b"b\xc3\xbccher.example"]:
         _check_host(good)
-        RendezvousAPI.app.url_map.bind(good.decode("utf-8"))
+        url_map.bind(good.decode("utf-8"))
     for bad in [b"\xff\xfe", b"a" * 64 + b".example", b"a..b"]:
         with pytest.raises(UnicodeError):
             _check_host(bad)
     for bad_name in ["a" * 64 + ".example", "a..b"]:
         with pytest.raises(HTTPException):
-            RendezvousAPI.app.url_map.bind(bad_name)
+            url_map.bind(bad_name)

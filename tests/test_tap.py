@@ -32,7 +32,7 @@ from rendezvous_twisted import tap
 from rendezvous_twisted.core.conditions import parse
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import MemoryStore, NotFound, Version
-from rendezvous_twisted.http.web import RendezvousSite
+from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.ops.service import StoreService
 from rendezvous_twisted.redis.store import RedisStore, parse_store_url
 

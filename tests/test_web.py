@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from rendezvous_twisted.http.answers import EVERY_RESPONSE, PREFLIGHT
-from rendezvous_twisted.http.web import prefer_wait, redact
+from rendezvous_twisted.http.site import redact
+from rendezvous_twisted.protocols.common import prefer_wait
 
 from .conftest import BASE, EPOCH, Answer, Harness, answered, fired
 
@@ -856,7 +857,7 @@ def test_json_errors_are_small_and_well_formed(harness: Harness) -> None:
 
 def connect(**config: Any) -> tuple[Harness, Any, StringTransport]:
     harness = Harness(**config)
-    site = harness.api.site(MemoryReactorClock())
+    site = harness.site(MemoryReactorClock())
     channel = site.buildProtocol(IPv4Address("TCP", "192.0.2.9", 4321))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
     channel.makeConnection(transport)
@@ -970,7 +971,7 @@ def test_a_connection_accepted_once_the_drain_began_is_closed_unanswered() -> No
     """A connection accepted as the listeners stopped is closed, not kept till the deadline."""
     harness = Harness()
     clock = MemoryReactorClock()
-    site = harness.api.site(clock)
+    site = harness.site(clock)
     peer = IPv4Address("TCP", "192.0.2.9", 4321)
     assert site.buildProtocol(peer) is not None
     site.drain(clock, 5)

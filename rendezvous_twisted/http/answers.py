@@ -1,8 +1,11 @@
 """
 What every answer carries, in one place: SPEC.md's every-response headers,
-the JSON error body, and the refusals written on a connection below the
-resource (where there is no request to answer through), as one value that
-either HTTP version can put on the wire.
+the JSON error body, the one helper that sets an answer's status and
+headers (L{respond}), the refusals that belong to HTTP (L{HTTPError} and its
+kinds), the one mapping of the store's domain errors to status, JSON body
+and headers (L{ErrorAnswers}), and the refusals written on a connection
+below the resource (where there is no request to answer through), as one
+value that either HTTP version can put on the wire (L{Refusal}).
 """
 
 from __future__ import annotations
@@ -10,8 +13,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
+
+from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.store import (
+    Full,
+    NotFound,
+    PreconditionFailed,
+    StoreUnavailable,
+    TooLarge,
+    Version,
+)
 
 #: The Server header of every answer, on every listener.
 SERVER = b"rendezvous-twisted"
@@ -131,3 +149,221 @@ class Refusal:
         ends the connection.
         """
         return closing_answer(self.status, self.errcode, self.message, self.headers)
+
+
+#: Statuses whose answer has no body and so no Content-Length (RFC 9110 8.6).
+NO_BODY = frozenset((204, 304))
+
+
+@lru_cache(maxsize=1024)
+def _date_of_second(second: int) -> bytes:
+    date: bytes = http.datetimeToString(second)
+    return date
+
+
+def http_date(seconds: float) -> bytes:
+    """
+    The HTTP-date of C{seconds} since the epoch.
+    """
+    # An HTTP-date names a whole second, and the few seconds that answers
+    # name (now, and the expiry and last write of live rendezvous) repeat
+    # across many requests: format each once.
+    return _date_of_second(int(seconds))
+
+
+# What respond() sets on every answer, each value list made once.
+_EVERY_RESPONSE_FIELDS = tuple((name, [value]) for name, value in EVERY_RESPONSE)
+
+
+def respond(
+    request: IRequest,
+    code: int,
+    body: bytes,
+    content_type: bytes,
+    version: Version | None = None,
+) -> bytes:
+    """
+    Set the status and every header SPEC.md asks of this answer: those of
+    every answer, C{Content-Type}, C{Content-Length} (none on 204 and 304)
+    and, given the L{Version} answered about, its C{ETag}, C{Expires} and
+    C{Last-Modified}.  Return C{body}, for the caller to write.  The one
+    header helper of the answers made through a request.
+    """
+    # Twisted knows no phrase for 429 ("Unknown Status") and an older one
+    # for 413.
+    request.setResponseCode(code, phrase(code))
+    set_header = request.responseHeaders.setRawHeaders
+    for name, values in _EVERY_RESPONSE_FIELDS:
+        set_header(name, values)
+    # Set explicitly: Twisted and Klein would otherwise send text/html.
+    set_header(b"Content-Type", [content_type])
+    if code in NO_BODY:
+        request.responseHeaders.removeHeader(b"Content-Length")
+    else:
+        # An explicit length: Twisted would otherwise frame HTTP/1.1
+        # answers as chunked.
+        set_header(b"Content-Length", [b"%d" % len(body)])
+    if version is not None:
+        set_header(b"ETag", [version.etag])
+        set_header(b"Expires", [http_date(version.expires)])
+        set_header(b"Last-Modified", [http_date(version.last_modified)])
+    return body
+
+
+def written(request: IRequest, body: bytes) -> object:
+    """
+    Write and finish an answer, for a resource's C{render}: Twisted, given
+    the bytes instead, would add a Content-Length even to a 204.
+    """
+    request.write(body)
+    request.finish()
+    return NOT_DONE_YET
+
+
+class HTTPError(Exception):
+    """
+    A refusal that belongs to HTTP rather than to the store: its status,
+    Matrix error code, any headers and extra JSON fields of its own, and
+    the L{Version} whose ETag it carries, if any.
+    """
+
+    code = 400
+    errcode = "M_BAD_REQUEST"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    extra: Mapping[str, str] | None = None
+    version: Version | None = None
+
+
+class BadRequestError(HTTPError):
+    def __init__(self, errcode: str, message: str) -> None:
+        super().__init__(message)
+        self.errcode = errcode
+
+
+class ForbiddenError(HTTPError):
+    code = 403
+    errcode = "M_FORBIDDEN"
+
+
+class UnknownPathError(HTTPError):
+    code = 404
+    errcode = "M_UNRECOGNIZED"
+
+    def __init__(self) -> None:
+        super().__init__("no such endpoint")
+
+
+class PayloadTooLargeError(HTTPError):
+    code = 413
+    errcode = "M_TOO_LARGE"
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the payload is over {max_bytes} bytes")
+
+
+class RateLimitedError(HTTPError):
+    code = 429
+    errcode = "M_LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.headers = ((b"Retry-After", b"%d" % retry_after_seconds),)
+
+
+class MethodNotAllowedError(HTTPError):
+    code = 405
+    errcode = "M_UNRECOGNIZED"
+
+    def __init__(self, allow: bytes, message: str = "method not allowed here") -> None:
+        super().__init__(message)
+        self.headers = ((b"Allow", allow),)
+
+
+#: The methods an Allow header names, in the order it names them.
+_METHOD_ORDER = (b"GET", b"PUT", b"POST", b"DELETE", b"OPTIONS")
+
+
+def allow(methods: object) -> bytes:
+    """
+    An C{Allow} value for the route methods C{methods} (str or bytes): the
+    ones served, in one order, and OPTIONS (answered for any path).  HEAD,
+    which werkzeug adds beside every GET, is never served.
+    """
+    named = {m.encode("ascii") if isinstance(m, str) else m for m in methods}  # type: ignore[attr-defined]
+    named.add(b"OPTIONS")
+    return b", ".join(m for m in _METHOD_ORDER if m in named)
+
+
+def _refusal_reason(error: BaseException, code: int) -> str | None:
+    """
+    The metrics' name for a refusal by a limit, or None for other answers.
+    Any 429 that is not the store being full is a rate limit, whatever
+    refuses it.
+    """
+    if code == 413:
+        return "too_large"
+    if code == 429:
+        return "full" if isinstance(error, Full) else "rate_limited"
+    return None
+
+
+class ErrorAnswers:
+    """
+    The one place where a refusal becomes a status, a JSON body and its
+    headers: the store's domain errors and every L{HTTPError}.  Refusals by
+    a limit are counted in C{metrics}.
+    """
+
+    log = Logger()
+
+    def __init__(self, metrics: Metrics, max_bytes: int) -> None:
+        """
+        @param max_bytes: the store's payload limit, named by its 413.
+        """
+        self.metrics = metrics
+        self._max_bytes = max_bytes
+
+    def refuse(self, request: IRequest, error: BaseException) -> bytes:
+        """
+        Answer a refusal: set status and headers, return the JSON body.
+        """
+        version: Version | None = None
+        extra: Mapping[str, str] | None = None
+        headers = request.responseHeaders
+        if isinstance(error, HTTPError):
+            code, errcode, message = error.code, error.errcode, str(error)
+            extra, version = error.extra, error.version
+            for name, value in error.headers:
+                headers.setRawHeaders(name, [value])
+        elif isinstance(error, NotFound):
+            code, errcode, message = 404, "M_NOT_FOUND", "no such rendezvous"
+        elif isinstance(error, PreconditionFailed):
+            code, errcode, message = 412, "M_CONCURRENT_WRITE", "If-Match matches no current ETag"
+            version = error.current
+        elif isinstance(error, TooLarge):
+            code, errcode = 413, "M_TOO_LARGE"
+            message = f"the payload is over {self._max_bytes} bytes"
+        elif isinstance(error, Full):
+            code, errcode, message = 429, "M_LIMIT_EXCEEDED", str(error)
+            headers.setRawHeaders(b"Retry-After", [b"%d" % error.retry_after_seconds])
+        elif isinstance(error, StoreUnavailable):
+            # The client may try again at once: another node or a Redis
+            # that is back may answer.
+            code, errcode = 503, "M_UNKNOWN"
+            message = "the rendezvous store is unavailable; try again shortly"
+            headers.setRawHeaders(b"Retry-After", [b"1"])
+        else:  # an error this map does not know
+            return self.internal_error(request, Failure(error))
+        reason = _refusal_reason(error, code)
+        if reason is not None:
+            self.metrics.refused(reason)
+        return respond(request, code, error_body(errcode, message, extra), JSON, version)
+
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Log an error nothing expected, and answer it 500.
+        """
+        self.log.failure("unexpected error answering {method}", failure, method=request.method)
+        return respond(
+            request, 500, error_body("M_UNKNOWN", "internal error; it has been logged"), JSON
+        )

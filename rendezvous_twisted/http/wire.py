@@ -1,6 +1,7 @@
 """
 One connection's protocol: HTTP/1.1, or HTTP/2 when TLS negotiated "h2"
-with ALPN.
+with ALPN; and the site's connection (L{SiteConnection}), admitted or
+refused at the caps as it is made, and counted until it is lost.
 
 Twisted's own switch (C{twisted.web.http._GenericHTTPChannelProtocol}) is
 private, and reaching into it took more private names (its channel, its
@@ -12,12 +13,17 @@ C{registerProducer}, and the channel's C{setTimeout}.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IAddress, IProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
+
+from rendezvous_twisted.http.answers import Refusal
+from rendezvous_twisted.http.channel import RendezvousChannel
 
 try:
     from rendezvous_twisted.http import http2
@@ -27,7 +33,15 @@ except ImportError:  # pragma: no cover - without the http2 extra
 #: Whether HTTP/2 can be served (h2 and priority are importable).
 H2_AVAILABLE = http2 is not None
 
-__all__ = ["H2_AVAILABLE", "SwitchingProtocol", "connectionDone", "http2"]
+__all__ = [
+    "H2_AVAILABLE",
+    "Admitted",
+    "ConnectionSite",
+    "SiteConnection",
+    "SwitchingProtocol",
+    "connectionDone",
+    "http2",
+]
 
 
 class SwitchingProtocol(Protocol):
@@ -148,3 +162,148 @@ class SwitchingProtocol(Protocol):
 
 
 _CHANNEL_ATTRIBUTES = frozenset(("factory", "site", "requestFactory", "timeOut", "callLater"))
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """
+    A connection admitted at the caps, counted under C{key} (None for
+    trusted proxies and peers without an IP address) until released.
+    """
+
+    key: str | None
+
+
+class ConnectionSite(TypingProtocol):
+    """
+    What a connection needs of its site.
+    """
+
+    def admit(self, peer: IAddress) -> Admitted | Refusal:
+        """
+        Count a new connection from C{peer}, or say how it is refused.
+        """
+
+    def release(self, key: str | None) -> None:
+        """
+        Forget a connection that L{admit} counted under C{key}.
+        """
+
+    def wait_refused(self) -> bool:
+        """
+        Whether a refused connection may wait for its request before it is
+        answered (L{done_waiting} must follow), rather than be answered at once.
+        """
+
+    def done_waiting(self) -> None:
+        """
+        A refused connection that waited is gone.
+        """
+
+    def make_h2(self, refusal: Refusal | None) -> Any:
+        """
+        The HTTP/2 connection to switch to.
+        """
+
+    def connection_lost(self, connection: SiteConnection) -> None:
+        """
+        A connection is gone.
+        """
+
+
+class SiteConnection(SwitchingProtocol):
+    """
+    One connection: HTTP/1.1 through L{RendezvousChannel}, or HTTP/2 (when
+    TLS negotiated "h2") through L{http2.LimitedH2Connection}, which bounds
+    its streams, header blocks, bodies and deadlines.  It lives as long as
+    its connection, across the switch, so it is what the site counts
+    against the connection caps (admitted when made, released when lost)
+    and what tells the site when its connection is gone, so that a graceful
+    stop knows what is still open.
+
+    A connection refused at the caps is answered with its L{Refusal} once
+    it has asked: over HTTP/1.1 by its channel, after the request's head;
+    over HTTP/2 on its first stream, then GOAWAY, within the header
+    deadline.
+    """
+
+    #: Whether this connection was admitted and is counted by the site.
+    _admitted = False
+    #: The key it is counted under per address; None for trusted proxies
+    #: and peers without an IP address.
+    _connection_key: str | None = None
+    #: Whether it was refused and counted among those waiting for their
+    #: request (L{http1.Admission.wait}) until it is lost.
+    _waiting = False
+    #: A refused TLS connection's refusal, for its first HTTP/2 stream should
+    #: it speak HTTP/2.
+    _refusal: Refusal | None = None
+
+    http11: RendezvousChannel
+    site: ConnectionSite
+
+    def makeConnection(self, transport: Any) -> None:
+        site = self.site
+        admission = site.admit(transport.getPeer())
+        refusal = None
+        if isinstance(admission, Admitted):
+            self._admitted = True
+            self._connection_key = admission.key
+        else:
+            refusal = admission
+        super().makeConnection(transport)
+        if refusal is not None:
+            self._waiting = site.wait_refused()
+            if self._waiting and H2_AVAILABLE and hasattr(transport, "negotiatedProtocol"):
+                # TLS: which protocol it speaks is known with its first
+                # bytes.  Until then the HTTP/1.1 channel waits, within its
+                # header deadline.
+                self._refusal = refusal
+            self.http11.refuse(refusal, self._waiting)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._admitted and self.http2 is None:
+            waiting = self.http11._refusal
+            pending = waiting is not None and not waiting.answered
+            if self._refusal is not None and pending and self.negotiated() == b"h2":
+                # Its first stream gets the refusal (see make_h2).
+                super().dataReceived(data)
+                return
+            # The HTTP/1.1 channel waits for the request's head and answers;
+            # nothing it sends is ever served.
+            self._refusal = None
+            self.http11.dataReceived(data)
+            return
+        super().dataReceived(data)
+
+    def switching(self) -> None:
+        # The HTTP/1.1 channel is put away, never to see connectionLost:
+        # its deadline would write an HTTP/1.1 408 into HTTP/2.
+        self.http11._disarm()
+
+    def make_h2(self) -> Any:
+        refusal, self._refusal = self._refusal, None
+        return self.site.make_h2(refusal)
+
+    def close_idle(self) -> None:
+        waiting = self.http11._refusal if self.http2 is None else None
+        if waiting is not None and not waiting.answered:
+            # Refused, and still waiting for its request: answered, not dropped.
+            self.http11.answer_refusal()
+            return
+        super().close_idle()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            site = self.site
+            if self._admitted:
+                self._admitted = False
+                site.release(self._connection_key)
+            if self._waiting:
+                self._waiting = False
+                site.done_waiting()
+            site.connection_lost(self)
+
+

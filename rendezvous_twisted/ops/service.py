@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from rendezvous_twisted.core.budget import redis_memory, worst_case_memory
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import RendezvousStore
-from rendezvous_twisted.http.web import RendezvousSite
+from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.words import quantity
 
 

@@ -1,3 +1,105 @@
 """
-One Klein module per protocol generation, each mapping its routes to the store contract.
+One Klein module per protocol generation, each mapping its routes to the
+store contract; L{RendezvousAPI} composes them into one Klein app, whose
+errors are answered here, through Klein's C{handle_errors}, by the one error
+mapping of L{rendezvous_twisted.http.answers}.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as NoRoute
+
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.store import RendezvousError, RendezvousStore
+from rendezvous_twisted.http.answers import (
+    ErrorAnswers,
+    HTTPError,
+    MethodNotAllowedError,
+    UnknownPathError,
+    allow,
+)
+from rendezvous_twisted.http.guard import Guard
+from rendezvous_twisted.protocols import msc3886, msc4108
+
+
+class RendezvousAPI:
+    """
+    Both generations (L{msc3886}, L{msc4108}) over one store, on one Klein
+    app.  Every refusal is a L{RendezvousError} or an L{HTTPError}, answered
+    by L{ErrorAnswers}; a wrong method is a JSON 405 with Allow, an unknown
+    path a JSON 404.
+    """
+
+    def __init__(
+        self,
+        store: RendezvousStore,
+        config: Config,
+        clock: IReactorTime,
+        guard: Guard | None = None,
+    ) -> None:
+        """
+        @param clock: keeps time for the rate limits (of a guard made here)
+            and times wake latency for the metrics.
+        @param guard: who a client is and what it may do; one of its own,
+            counting in fresh metrics, when None.
+        """
+        self.guard = guard if guard is not None else Guard(config, clock, Metrics())
+        self.metrics = self.guard.metrics
+        self.errors = ErrorAnswers(self.metrics, store.max_bytes)
+        self.app = app = Klein()
+        # Werkzeug would answer "//x" with a 308 to "/x"; a path with an
+        # empty segment is a 404 here instead (see http.guard).
+        app.url_map.merge_slashes = False
+        msc3886.MSC3886(app, store, config, clock, self.guard)
+        msc4108.MSC4108(app, store, config, clock, self.guard)
+        hints: dict[bytes, str] = dict(msc3886.METHOD_HINTS)
+        self._method_hints: Mapping[bytes, str] = hints
+        #: The paths that hold no secret, which the access log shows as they are.
+        self.public_paths = frozenset(
+            (b"/", *(path.encode("ascii") for path in msc4108.CREATE_PATHS))
+        )
+        app.handle_errors(MethodNotAllowed)(self._wrong_method)
+        app.handle_errors(NoRoute)(self._no_route)
+        app.handle_errors(RendezvousError, HTTPError)(self._refused)
+        app.handle_errors(Exception)(self._unexpected)
+
+    def resource(self) -> IResource:
+        """
+        The Klein app's resource (serve it behind L{guard}: see
+        L{rendezvous_twisted.http.site.RendezvousSite}).
+        """
+        return self.app.resource()
+
+    def refuse(self, request: IRequest, error: BaseException) -> bytes:
+        """
+        Answer a refusal: status, JSON error body and any headers it needs.
+        """
+        return self.errors.refuse(request, error)
+
+    def _wrong_method(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, MethodNotAllowed)
+        hint = self._method_hints.get(request.path)
+        refusal = MethodNotAllowedError(allow(error.valid_methods or ()))
+        if hint is not None:
+            refusal = MethodNotAllowedError(allow(error.valid_methods or ()), hint)
+        return self.errors.refuse(request, refusal)
+
+    def _no_route(self, request: IRequest, failure: Failure) -> bytes:
+        return self.errors.refuse(request, UnknownPathError())
+
+    def _refused(self, request: IRequest, failure: Failure) -> bytes:
+        assert failure.value is not None
+        return self.errors.refuse(request, failure.value)
+
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        return self.errors.internal_error(request, failure)
