@@ -11,13 +11,16 @@ value that either HTTP version can put on the wire (L{Refusal}).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
@@ -69,9 +72,15 @@ def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = Non
     return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
 
-#: Reason phrases where Twisted has none (429) or RFC 9110's differs (413,
-#: "Payload Too Large" before RFC 9110).
-_PHRASES = {413: b"Content Too Large", 429: b"Too Many Requests"}
+#: Reason phrases: Twisted's, but where it has none (429) or RFC 9110's
+#: differs (413, "Payload Too Large" before RFC 9110).  Read once: a name
+#: read from twisted.web.http at run time goes through the deprecation proxy
+#: of that module (2.5 us, once per answer).
+_PHRASES: dict[int, bytes] = {
+    **RESPONSES,
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+}
 
 
 def phrase(status: int) -> bytes:
@@ -79,8 +88,7 @@ def phrase(status: int) -> bytes:
     The reason phrase of C{status} on an HTTP/1.1 status line: RFC 9110's,
     the same on every answer.
     """
-    known: bytes = _PHRASES.get(status) or http.RESPONSES.get(status, b"Refused")
-    return known
+    return _PHRASES.get(status, b"Refused")
 
 
 def closing_answer(
@@ -98,7 +106,7 @@ def closing_answer(
     head = [b"HTTP/1.1 %d %s" % (status, phrase(status))]
     for name, value in (
         *EVERY_RESPONSE,
-        (b"Date", http.datetimeToString()),
+        (b"Date", datetimeToString()),
         (b"Content-Type", JSON),
         (b"Content-Length", b"%d" % len(body)),
         (b"Connection", b"close"),
@@ -157,7 +165,7 @@ NO_BODY = frozenset((204, 304))
 
 @lru_cache(maxsize=1024)
 def _date_of_second(second: int) -> bytes:
-    date: bytes = http.datetimeToString(second)
+    date: bytes = datetimeToString(second)
     return date
 
 
@@ -171,8 +179,65 @@ def http_date(seconds: float) -> bytes:
     return _date_of_second(int(seconds))
 
 
-# What respond() sets on every answer, each value list made once.
-_EVERY_RESPONSE_FIELDS = tuple((name, [value]) for name, value in EVERY_RESPONSE)
+# The every-response headers as Headers holds them: each value list made
+# once, and shared (read, never changed).
+_EVERY_RESPONSE_FIELDS: tuple[tuple[bytes, Sequence[bytes]], ...] = tuple(
+    (name, [value]) for name, value in EVERY_RESPONSE
+)
+_EVERY_RESPONSE_BY_NAME = {name.lower(): values for name, values in _EVERY_RESPONSE_FIELDS}
+
+class ResponseHeaders(Headers):
+    """
+    The response headers of a L{RendezvousRequest}: they can carry the
+    headers of every answer as one prepared batch (L{add_every_response}),
+    rather than set one by one on each answer, where each C{setRawHeaders}
+    canonicalises its name and sanitises its value (seven of them were some
+    40 calls per answer).  The batch is written first, by
+    L{getAllRawHeaders} (what both HTTP versions write an answer's head
+    from), and read back by L{getRawHeaders} and L{hasHeader}.  Nothing
+    else sets those headers on an answer that carries the batch.
+    """
+
+    __slots__ = ("_every",)
+
+    def __init__(self, rawHeaders: Mapping[bytes, Sequence[bytes]] | None = None) -> None:
+        super().__init__(rawHeaders)
+        self._every = False
+
+    def add_every_response(self) -> None:
+        """
+        Carry the headers of every answer (L{EVERY_RESPONSE}).
+        """
+        self._every = True
+
+    def copy(self) -> ResponseHeaders:
+        copied = ResponseHeaders(dict(super().getAllRawHeaders()))
+        copied._every = self._every
+        return copied
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, Sequence[bytes]]]:
+        own = super().getAllRawHeaders()
+        if self._every:
+            return chain(_EVERY_RESPONSE_FIELDS, own)
+        return own
+
+    def hasHeader(self, name: Any) -> bool:
+        return bool(super().hasHeader(name)) or (self._every and _batched(name) is not None)
+
+    def getRawHeaders(self, name: Any, default: Any = None) -> Any:
+        values = super().getRawHeaders(name, None)
+        if values is None and self._every:
+            batched = _batched(name)
+            if batched is not None:
+                if isinstance(name, str):
+                    return [value.decode("utf-8") for value in batched]
+                return batched
+        return default if values is None else values
+
+
+def _batched(name: str | bytes) -> Sequence[bytes] | None:
+    raw = name.encode("iso-8859-1") if isinstance(name, str) else name
+    return _EVERY_RESPONSE_BY_NAME.get(raw.lower())
 
 
 def respond(
@@ -192,13 +257,17 @@ def respond(
     # Twisted knows no phrase for 429 ("Unknown Status") and an older one
     # for 413.
     request.setResponseCode(code, phrase(code))
-    set_header = request.responseHeaders.setRawHeaders
-    for name, values in _EVERY_RESPONSE_FIELDS:
-        set_header(name, values)
+    headers = request.responseHeaders
+    set_header = headers.setRawHeaders
+    if isinstance(headers, ResponseHeaders):
+        headers.add_every_response()
+    else:
+        for name, values in _EVERY_RESPONSE_FIELDS:
+            set_header(name, values)
     # Set explicitly: Twisted and Klein would otherwise send text/html.
     set_header(b"Content-Type", [content_type])
     if code in NO_BODY:
-        request.responseHeaders.removeHeader(b"Content-Length")
+        headers.removeHeader(b"Content-Length")
     else:
         # An explicit length: Twisted would otherwise frame HTTP/1.1
         # answers as chunked.

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, INegotiated, IReactorTime,
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import HTTPChannel
 
 from rendezvous_twisted.http import http1
 from rendezvous_twisted.http.answers import Refusal, closing_answer
@@ -26,7 +27,7 @@ from rendezvous_twisted.http.clients import peer_host
 from rendezvous_twisted.http.request import RendezvousRequest, RequestSite
 
 
-class RendezvousChannel(http.HTTPChannel):
+class RendezvousChannel(HTTPChannel):
     """
     Twisted's HTTP/1.1 channel, answering the requests it cannot parse
     (malformed request line, header or framing) with a JSON 400 like every
@@ -55,6 +56,7 @@ class RendezvousChannel(http.HTTPChannel):
         "_chunks",
         "_deadline",
         "_refusal",
+        "_secure",
         "_transport_full",
         "_unread",
         "maxHeaders",
@@ -84,10 +86,20 @@ class RendezvousChannel(http.HTTPChannel):
         self._refusal = None
         self._transport_full = False
         self._unread = None
+        self._secure: bool | None = None
         # A slot hides its bases' class default: start from that default.
-        self.totalHeadersSize = http.HTTPChannel.totalHeadersSize
-        self.maxHeaders = http.HTTPChannel.maxHeaders
-        self.MAX_LENGTH = http.HTTPChannel.MAX_LENGTH
+        self.totalHeadersSize = HTTPChannel.totalHeadersSize
+        self.maxHeaders = HTTPChannel.maxHeaders
+        self.MAX_LENGTH = HTTPChannel.MAX_LENGTH
+
+    def isSecure(self) -> bool:
+        # Asked twice per request by Klein, and answered by Twisted with an
+        # adapter look-up on the transport each time; the transport is the
+        # connection's for its whole life.
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = bool(super().isSecure())  # type: ignore[no-untyped-call]
+        return secure
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would just hang up; say why, like every refusal.

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from io import BytesIO
 from typing import Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.http import http1
-from rendezvous_twisted.http.answers import Refusal, closing_answer
+from rendezvous_twisted.http.answers import Refusal, ResponseHeaders, closing_answer
 from rendezvous_twisted.http.clients import Client, peer_host
 
 
@@ -101,15 +102,15 @@ class RendezvousRequest(Request):
     # A slot, not one more name in the instance dict: with it a request
     # would outgrow the key table its class shares (see RendezvousChannel).
     # Unset until the headers are in.
-    __slots__ = ("_in_flight", "sender")
+    __slots__ = ("_in_flight",)
     #: The site that counts this request in flight, until it ends.
     _in_flight: RequestSite | None
+
+    _logger = Logger()
     #: Who sent it, once the guard has resolved it (for limits, the access
     #: log and the Location scheme).  (Not Twisted's C{client}, its peer's
     #: address.)
-    sender: Client | None
-
-    _logger = Logger()
+    sender: Client | None = None
     _refused = False
     #: When the request's headers were in, on the site's reactor.
     started: float | None = None
@@ -119,7 +120,8 @@ class RendezvousRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.sender = None
+        # Its answer's headers: those of every answer as one prepared batch.
+        self.responseHeaders = ResponseHeaders()
 
     @property
     def _max_bytes(self) -> int:
@@ -183,22 +185,28 @@ class RendezvousRequest(Request):
         super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
     def process(self) -> None:
+        # Twisted's server.Request.process, but for what changes nothing
+        # here, once per request: its Server header (every answer sets its
+        # own), the look-up of a resource (the site's is a leaf) and of an
+        # encoder (it has none).  And "OPTIONS *", which Twisted answers
+        # itself (and any other method with a "*" target), in its own words
+        # and without the headers of every answer, goes to the resource like
+        # any other request.
         if self._refused:
             return
-        if self.path != http1.ASTERISK:
-            super().process()  # type: ignore[no-untyped-call]
-            return
-        # Twisted answers "OPTIONS *" (and refuses any other method with a
-        # "*" target) itself, in its own words and without the headers of
-        # every answer: send it to the resource like any other request.
         channel: Any = self.channel
         site = site_of(channel)
         self.site = channel.site
-        self.prepath, self.postpath = [], []
-        self.setHeader(b"Date", http.datetimeToString())  # type: ignore[no-untyped-call]
+        self.setHeader(b"Date", datetimeToString())  # type: ignore[no-untyped-call]
+        self.prepath = []
+        self.sitepath: list[bytes] = []
+        if self.path == http1.ASTERISK:
+            self.postpath = []
+        else:
+            self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         try:
             self.render(site.resource)  # type: ignore[no-untyped-call]
-        except Exception:
+        except BaseException:
             self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
     def _refuse_oversize(self) -> None:
@@ -219,7 +227,7 @@ class RendezvousRequest(Request):
         # Twisted would otherwise invite the body with "100 Continue".
         self.requestHeaders.removeHeader(b"Expect")
         message = f"the payload is over {self._max_bytes} bytes"
-        if not isinstance(self.channel, http.HTTPChannel):
+        if not isinstance(self.channel, HTTPChannel):
             # HTTP/2: answer on this stream alone, once the connection has
             # registered it (this runs while the stream is being made); the
             # connection and its other streams go on.
