@@ -200,8 +200,8 @@ class ResponseHeaders(Headers):
 
     __slots__ = ("_every",)
 
-    def __init__(self, rawHeaders: Mapping[bytes, Sequence[bytes]] | None = None) -> None:
-        super().__init__(rawHeaders)
+    def __init__(self, raw_headers: Mapping[bytes, Sequence[bytes]] | None = None) -> None:
+        super().__init__(raw_headers)
         self._every = False
 
     def add_every_response(self) -> None:
