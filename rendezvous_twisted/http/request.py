@@ -31,6 +31,19 @@ from rendezvous_twisted.http import http1
 from rendezvous_twisted.http.answers import Refusal, ResponseHeaders, closing_answer
 from rendezvous_twisted.http.clients import Client, peer_host
 
+#: The private Twisted names this module uses, each where twisted.web has no
+#: public way (pinned by tests/test_http1_fence.py): (owner, name).
+PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
+    # Overridden: where an answered request ends (connectionLost where its
+    # connection is lost first), for the in-flight count of a graceful stop.
+    ("twisted.web.http.Request", "_cleanup"),
+    # Read: whether the client hung up (an HTTP/2 refusal must not answer).
+    ("twisted.web.http.Request", "_disconnected"),
+    # Read: the method of a request refused 413 before its body (and so
+    # its method) is in.
+    ("twisted.web.http.HTTPChannel", "_command"),
+)
+
 
 class RequestSite(Protocol):
     """
