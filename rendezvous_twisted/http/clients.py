@@ -174,6 +174,8 @@ class ClientResolver:
         Whether C{client} is in a C{deny} network.  A client of unknown
         address is never denied: no network names it.
         """
+        if not self._deny:
+            return False
         return client.address is not None and _within(client.address, self._deny)
 
     def may_create(self, client: Client) -> bool:
@@ -194,6 +196,14 @@ class ClientResolver:
         """
         address = parse_address(host) if host is not None else None
         return Client(address, self.key(address))
+
+    def untrusted_peer(self, host: str) -> Client | None:
+        """
+        The client that is the peer at C{host} (its headers then name
+        nobody), or None when that peer is a trusted proxy and its headers
+        must be read (L{resolve}).
+        """
+        return self._untrusted_peer(host)
 
     def resolve(
         self,

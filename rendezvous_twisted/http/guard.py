@@ -115,12 +115,17 @@ class Guard:
         known = request.sender if isinstance(request, RendezvousRequest) else None
         if known is not None:
             return known
-        headers = request.requestHeaders
-        client = self.clients.resolve(
-            peer_host(request.getClientAddress()),
-            headers.getRawHeaders(self._proxy_header),
-            headers.getRawHeaders(b"X-Forwarded-Proto"),
-        )
+        peer = peer_host(request.getClientAddress())
+        client = self.clients.untrusted_peer(peer) if peer is not None else None
+        if client is None:
+            # A trusted proxy, or a peer without an IP address: its headers
+            # name the client.
+            headers = request.requestHeaders
+            client = self.clients.resolve(
+                peer,
+                headers.getRawHeaders(self._proxy_header),
+                headers.getRawHeaders(b"X-Forwarded-Proto"),
+            )
         if isinstance(request, RendezvousRequest):
             request.sender = client
         return client

@@ -6,8 +6,9 @@ hands over in the same form), what a chunked body announces before its
 bytes come, and which connections the caps admit (and how a refused one
 waits for its request before it is answered).
 
-Nothing here writes to a transport or knows a Klein route: the channel and
-the request classes of L{rendezvous_twisted.http.web} call these, and answer.
+Nothing here writes to a transport or knows a Klein route: the channel
+(L{rendezvous_twisted.http.channel}) and the request
+(L{rendezvous_twisted.http.request}) call these, and answer.
 """
 
 from __future__ import annotations

@@ -61,8 +61,7 @@ class RendezvousAPI:
         app.url_map.merge_slashes = False
         msc3886.MSC3886(app, store, config, clock, self.guard)
         msc4108.MSC4108(app, store, config, clock, self.guard)
-        hints: dict[bytes, str] = dict(msc3886.METHOD_HINTS)
-        self._method_hints: Mapping[bytes, str] = hints
+        self._method_hints: Mapping[bytes, str] = msc3886.METHOD_HINTS
         #: The paths that hold no secret, which the access log shows as they are.
         self.public_paths = frozenset(
             (b"/", *(path.encode("ascii") for path in msc4108.CREATE_PATHS))
@@ -88,11 +87,11 @@ class RendezvousAPI:
     def _wrong_method(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, MethodNotAllowed)
-        hint = self._method_hints.get(request.path)
-        refusal = MethodNotAllowedError(allow(error.valid_methods or ()))
-        if hint is not None:
-            refusal = MethodNotAllowedError(allow(error.valid_methods or ()), hint)
-        return self.errors.refuse(request, refusal)
+        # werkzeug lists the methods of every rule of the path (and HEAD,
+        # beside every GET, which allow() leaves out).
+        allowed = allow(error.valid_methods or ())
+        hint = self._method_hints.get(request.path, "method not allowed here")
+        return self.errors.refuse(request, MethodNotAllowedError(allowed, hint))
 
     def _no_route(self, request: IRequest, failure: Failure) -> bytes:
         return self.errors.refuse(request, UnknownPathError())
