@@ -35,8 +35,9 @@ from rendezvous_twisted.core.config import (
     is_positive,
     parse_network,
 )
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http import wire
 from rendezvous_twisted.http.web import RendezvousAPI, RendezvousSite
 from rendezvous_twisted.ops import endpoints, logs, systemd, tls
@@ -52,7 +53,8 @@ from rendezvous_twisted.ops.service import (
     StoppingService,
     StoreService,
 )
-from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import StoreURL, parse_store_url
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
 

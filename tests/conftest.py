@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from rendezvous_twisted.core.config import Config
-from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.core.memory import MemoryStore
+from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http.web import RendezvousAPI
 
 # A real redis-server for the tests that need one: redis_server (shared),

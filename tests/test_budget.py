@@ -19,8 +19,8 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from rendezvous_twisted.core import budget
 from rendezvous_twisted.core.conditions import ANY
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.ratelimit import RateLimiter
-from rendezvous_twisted.core.store import MemoryStore
 from rendezvous_twisted.http.web import RendezvousAPI
 from rendezvous_twisted.ops.service import StoreService
 

@@ -26,8 +26,8 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, forma
 from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import MemoryStore
 from rendezvous_twisted.http.web import HTTPError, RendezvousAPI, redact
 from rendezvous_twisted.ops import logs
 from rendezvous_twisted.ops.metrics import metrics_site

@@ -25,9 +25,9 @@ from twisted.internet.task import Clock, deferLater
 from rendezvous_twisted.core import conditions
 from rendezvous_twisted.core.conditions import ANY, NOTHING, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.store import (
     Full,
-    MemoryStore,
     NotFound,
     PreconditionFailed,
     RendezvousStore,
@@ -36,7 +36,8 @@ from rendezvous_twisted.core.store import (
     Wakeup,
     new_etag,
 )
-from rendezvous_twisted.redis.store import RedisStore, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import parse_store_url
 
 from .conftest import EPOCH, answered, on_reactor, reactor_fixture
 

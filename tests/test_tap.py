@@ -31,10 +31,12 @@ import twisted.plugins
 from rendezvous_twisted import tap
 from rendezvous_twisted.core.conditions import parse
 from rendezvous_twisted.core.config import Config
-from rendezvous_twisted.core.store import MemoryStore, NotFound, Version
+from rendezvous_twisted.core.memory import MemoryStore
+from rendezvous_twisted.core.store import NotFound, Version
 from rendezvous_twisted.http.web import RendezvousSite
 from rendezvous_twisted.ops.service import StoreService
-from rendezvous_twisted.redis.store import RedisStore, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import parse_store_url
 
 from .conftest import answered, fired
 
