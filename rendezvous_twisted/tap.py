@@ -35,14 +35,12 @@ from rendezvous_twisted.core.config import (
     is_positive,
     parse_network,
 )
-from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http import wire
-from rendezvous_twisted.http.web import RendezvousAPI, RendezvousSite
+from rendezvous_twisted.http.web import RendezvousAPI
 from rendezvous_twisted.ops import endpoints, logs, systemd, tls
 from rendezvous_twisted.ops.logs import RendezvousRoot
-from rendezvous_twisted.ops.metrics import metrics_site
+from rendezvous_twisted.ops.metrics import metrics_site, watch
 from rendezvous_twisted.ops.service import (
     HangupReloader,
     LateListenerService,
@@ -53,8 +51,8 @@ from rendezvous_twisted.ops.service import (
     StoppingService,
     StoreService,
 )
-from rendezvous_twisted.redis.store import RedisStore
 from rendezvous_twisted.redis.url import StoreURL, parse_store_url
+from rendezvous_twisted.stores import open_store
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
 
@@ -912,12 +910,7 @@ def makeService(
 
         reactor = global_reactor
     config: Config = options["config"]
-    store: RendezvousStore
-    if options["store-url"] is None:
-        store = MemoryStore(config, reactor)
-    else:
-        redis = RedisStore(config, reactor, reactor, options["store-url"])
-        store = redis
+    store = open_store(config, reactor, options["store-url"])
     metrics = Metrics()
     api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
     site = api.site(reactor)
@@ -933,7 +926,6 @@ def makeService(
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
-    connections = store.service if isinstance(store, RedisStore) else None
     # HTTP/2 is spoken on TLS listeners when h2 is installed.
     any_tls = any(
         tls.tls_files(description, options["tls-default"]) is not None
@@ -942,7 +934,7 @@ def makeService(
     http2 = wire.H2_AVAILABLE and any_tls
     if any_tls and not wire.H2_AVAILABLE:
         Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
-    StoreService(store, config, reactor, site, lifecycle, connections, http2).setServiceParent(root)  # type: ignore[no-untyped-call]
+    StoreService(store, config, reactor, site, lifecycle, http2=http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
     # kill the process, and a "systemctl reload" must never do that.
@@ -976,7 +968,7 @@ def makeService(
         systemd.watchdog_interval_seconds(environ, os.getpid()),
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
     if options["metrics"]:
-        _watch(metrics, store, site, contexts)
+        watch(metrics, store, site, contexts)
         endpoint = _endpoint(options, "metrics", options["metrics"], reactor, contexts)
         late = LateListenerService(
             endpoint,
@@ -1034,86 +1026,3 @@ def _endpoint(
             raise StartupError(message) from e
         raise SystemExit(f"{options.program}: {message}") from None
 
-
-def _watch(
-    metrics: Metrics, store: RendezvousStore, site: RendezvousSite, contexts: tls.ContextRegistry
-) -> None:
-    """
-    Export the counts that the store, the site and the TLS contexts keep.
-    """
-    metrics.watch(
-        "rendezvous_created", "Rendezvous created.", "counter", lambda: store.created_total
-    )
-    metrics.watch(
-        "rendezvous_deleted",
-        "Rendezvous deleted by a client.",
-        "counter",
-        lambda: store.deleted_total,
-    )
-    metrics.watch(
-        "rendezvous_expired",
-        "Rendezvous that reached their expiry.",
-        "counter",
-        lambda: store.expired_total,
-    )
-    metrics.watch(
-        "rendezvous_live",
-        "Rendezvous held now (expired ones not reclaimed yet included).",
-        "gauge",
-        lambda: store.rendezvous_count,
-    )
-    metrics.watch(
-        "rendezvous_parked_readers",
-        "Long-poll GETs parked now.",
-        "gauge",
-        lambda: store.parked_count,
-    )
-    if isinstance(store, RedisStore):
-        metrics.watch(
-            "rendezvous_store_available",
-            "1 while both connections to Redis are up, else 0.",
-            "gauge",
-            lambda: int(store.available),
-        )
-    metrics.watch(
-        "rendezvous_http_connections",
-        "Open HTTP connections.",
-        "gauge",
-        lambda: site.connection_count,
-    )
-    metrics.watch(
-        "rendezvous_http_connections_max",
-        "The connection cap (--max-connections): past it new connections get 503.",
-        "gauge",
-        lambda: site.admission.max_connections,
-    )
-    metrics.watch(
-        "rendezvous_http_saturated",
-        "1 from when the open connections reach the cap until they fall a tenth below it "
-        "(/health answers 503 saturated meanwhile), else 0.",
-        "gauge",
-        lambda: int(site.saturated),
-    )
-    metrics.watch(
-        "rendezvous_http_refusals_waiting",
-        "Connections refused at a connection cap, waiting for their request to be answered.",
-        "gauge",
-        lambda: site.admission.waiting_refusals,
-    )
-    metrics.watch(
-        "rendezvous_http_requests_in_flight",
-        "Requests being received or answered.",
-        "gauge",
-        lambda: site.in_flight,
-    )
-
-    def reloads() -> dict[str, int]:
-        total = {"success": 0, "failure": 0}
-        for context in contexts.contexts:
-            for outcome, count in context.reloads.items():
-                total[outcome] += count
-        return total
-
-    metrics.watch(
-        "rendezvous_tls_reloads", "TLS certificate reloads, by outcome.", "counter", reloads
-    )

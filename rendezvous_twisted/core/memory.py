@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import secrets
 
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from rendezvous_twisted.core.budget import MemoryBudget
 from rendezvous_twisted.core.conditions import ANY, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Reading
 from rendezvous_twisted.core.store import (
     Full,
     NotFound,
@@ -26,6 +29,7 @@ from rendezvous_twisted.core.store import (
     new_etag,
     parking_refusal,
     retry_after,
+    store_readings,
 )
 
 
@@ -85,8 +89,23 @@ class MemoryStore:
         self.created_total = 0
         self.deleted_total = 0
         self.expired_total = 0
+        #: Nothing to connect to: its lifecycle does nothing.
+        self.service: IService = Service()
 
     # Introspection, for tests, metrics and logs.
+
+    def readings(self) -> list[Reading]:
+        """
+        The metrics every store exports; always available, it exports no
+        availability.
+        """
+        return store_readings(self)
+
+    def memory_elsewhere(self) -> tuple[str, MemoryBudget] | None:
+        """
+        None: the rendezvous live in this process.
+        """
+        return None
 
     @property
     def rendezvous_count(self) -> int:

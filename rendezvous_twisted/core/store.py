@@ -1,26 +1,30 @@
 """
-The store contract: what every store of rendezvous does
+The store contract: what every store of rendezvous does and tells
 (L{RendezvousStore}), its domain errors, and what the stores share (ETags,
 L{Version}, the parking rule).
 
 Nothing here knows of HTTP.  Operations return Deferreds and fail with the
 domain errors below, so that a store kept elsewhere (Redis,
 L{rendezvous_twisted.redis.store}) stands in for the one in this process'
-memory (L{rendezvous_twisted.core.memory}) behind the same contract.
+memory (L{rendezvous_twisted.core.memory}) behind the same contract; only
+L{rendezvous_twisted.stores.open_store} knows which one it made.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
+from rendezvous_twisted.core.budget import MemoryBudget
 from rendezvous_twisted.core.conditions import Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Reading
 
 
 class RandomTags:
@@ -146,20 +150,31 @@ class Wakeup(NamedTuple):
 
 class RendezvousStore(Protocol):
     """
-    What the web layer needs of a store.  Every operation returns a
-    Deferred; the failures are the L{RendezvousError} subclasses named.
+    Everything the server needs of a store: the operations the protocols
+    call, and what the graceful stop, metrics, the health check and the
+    start's log need to know, so that nothing asks which store it holds.
+    Every operation returns a Deferred; the failures are the
+    L{RendezvousError} subclasses named.
     """
 
+    #: Largest payload, in bytes (the config's C{max_bytes}).
     max_bytes: int
-    #: Rendezvous created, deleted and expired since start, for metrics.
+    #: Rendezvous created, deleted by a client and expired since start, by
+    #: this process.
     created_total: int
     deleted_total: int
     expired_total: int
+    #: The store's lifecycle: started before the server serves (a Redis
+    #: store connects, and keeps reconnecting), stopped only once the
+    #: requests in flight were answered (a Redis store disconnects).  A
+    #: store with nothing to start has a service that does nothing.
+    service: IService
+
     @property
     def available(self) -> bool:
         """
         Whether the store can answer now (a Redis store: its connections
-        are up).
+        are up; the memory store: always).
         """
 
     @property
@@ -172,6 +187,20 @@ class RendezvousStore(Protocol):
     def parked_count(self) -> int:
         """
         How many readers are parked in this process.
+        """
+
+    def readings(self) -> Sequence[Reading]:
+        """
+        The store's metrics, read at scrape time: what every store counts
+        (L{store_readings}), and what only this kind of store can tell.
+        """
+
+    def memory_elsewhere(self) -> tuple[str, MemoryBudget] | None:
+        """
+        Where the rendezvous live when not in this process (e.g. C{"in
+        Redis, for all processes together"}) and the most memory they may
+        take there; None when they live in this process, whose own budget
+        (L{rendezvous_twisted.core.budget.worst_case_memory}) counts them.
         """
 
     def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
@@ -248,3 +277,40 @@ def parking_refusal(
     if parked >= config.max_parked:
         return Full("too many readers wait on this server", 1)
     return None
+
+
+
+
+def store_readings(store: RendezvousStore) -> list[Reading]:
+    """
+    The metrics every store exports: its counters and what it holds now.
+    """
+    return [
+        Reading(
+            "rendezvous_created", "Rendezvous created.", "counter", lambda: store.created_total
+        ),
+        Reading(
+            "rendezvous_deleted",
+            "Rendezvous deleted by a client.",
+            "counter",
+            lambda: store.deleted_total,
+        ),
+        Reading(
+            "rendezvous_expired",
+            "Rendezvous that reached their expiry.",
+            "counter",
+            lambda: store.expired_total,
+        ),
+        Reading(
+            "rendezvous_live",
+            "Rendezvous held now (expired ones not reclaimed yet included).",
+            "gauge",
+            lambda: store.rendezvous_count,
+        ),
+        Reading(
+            "rendezvous_parked_readers",
+            "Long-poll GETs parked now.",
+            "gauge",
+            lambda: store.parked_count,
+        ),
+    ]

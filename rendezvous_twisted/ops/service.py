@@ -9,10 +9,10 @@ import resource
 import signal
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
@@ -25,10 +25,9 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from rendezvous_twisted.core.budget import redis_memory, worst_case_memory
+from rendezvous_twisted.core.budget import worst_case_memory
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import RendezvousStore
-from rendezvous_twisted.http.web import RendezvousSite
 from rendezvous_twisted.words import quantity
 
 
@@ -59,6 +58,19 @@ class Lifecycle:
         self.stopping = True
         for callback in self._on_stopping:
             callback()
+
+
+class Draining(Protocol):
+    """
+    What the graceful stop needs of the site that serves the store.
+    """
+
+    def drain(self, clock: IReactorTime, timeout_seconds: float) -> Deferred[None]:
+        """
+        Let every request being answered finish, then close every
+        connection; fire once all are closed, aborting the rest after
+        C{timeout_seconds}.
+        """
 
 
 class StoppingService(Service):
@@ -94,20 +106,21 @@ class StoreService(Service):
         store: RendezvousStore,
         config: Config,
         clock: IReactorTime,
-        site: RendezvousSite | None = None,
+        site: Draining | None = None,
         lifecycle: Lifecycle | None = None,
-        connections: IService | None = None,
         http2: bool = False,
     ) -> None:
         """
-        @param connections: the store's connections (Redis), started with
-            this service and stopped only once the requests in flight were
-            answered.
+        @param site: what serves the store, whose requests in flight the
+            stop lets finish before it stops the store's own service (a
+            Redis store's connections).
         @param http2: whether connections may speak HTTP/2, which the
             logged worst-case memory prices at its limits.
         """
         self.store = store
-        self.connections = connections
+        #: The store's own service, started with this one and stopped only
+        #: once the requests in flight were answered.
+        self.connections = store.service
         self.config = config
         self.clock = clock
         self.site = site
@@ -117,8 +130,7 @@ class StoreService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if self.connections is not None:
-            self.connections.startService()
+        self.connections.startService()
         c = self.config
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
@@ -133,15 +145,15 @@ class StoreService(Service):
             parked=quantity(c.max_parked, "parked reader"),
             per_rendezvous=c.max_parked_per_rendezvous,
         )
-        in_redis = self.connections is not None
+        elsewhere = self.store.memory_elsewhere()
         self.log.info(
             "worst-case memory at these limits: {budget}",
-            budget=worst_case_memory(c, in_redis, self.http2).describe(),
+            budget=worst_case_memory(c, elsewhere is not None, self.http2).describe(),
         )
-        if in_redis:
+        if elsewhere is not None:
+            where, budget = elsewhere
             self.log.info(
-                "worst-case memory in Redis, for all processes together: {budget}",
-                budget=redis_memory(c).describe(),
+                "worst-case memory {where}: {budget}", where=where, budget=budget.describe()
             )
         self._check_descriptor_limit()
 
@@ -179,9 +191,7 @@ class StoreService(Service):
 
         def settled(result: None) -> Deferred[None]:
             self.log.info("stopped gracefully")
-            closed: Deferred[None] = succeed(None)
-            if self.connections is not None:
-                closed = maybeDeferred(self.connections.stopService)
+            closed: Deferred[None] = maybeDeferred(self.connections.stopService)
             # Give the reactor a turn to write what the last closes left.
             return closed.addCallback(lambda _: deferLater(self.clock, 0, lambda: None))
 
@@ -409,3 +419,4 @@ class OpenFileLimitService(Service):
             soft="unlimited" if soft == resource.RLIM_INFINITY else soft,
             hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
         )
+

@@ -32,8 +32,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rendezvous_twisted.core.budget import MemoryBudget, redis_memory
 from rendezvous_twisted.core.conditions import ANY, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Reading
 from rendezvous_twisted.core.store import (
     Full,
     NotFound,
@@ -46,6 +48,7 @@ from rendezvous_twisted.core.store import (
     new_etag,
     parking_refusal,
     retry_after,
+    store_readings,
 )
 from rendezvous_twisted.redis.connections import Connections
 from rendezvous_twisted.redis.resp import RedisDown, RedisReplyError, detached
@@ -191,6 +194,27 @@ class RedisStore:
         return d.addErrback(down)
 
     # Introspection.
+
+    def readings(self) -> list[Reading]:
+        """
+        The metrics every store exports, and whether Redis can be reached.
+        """
+        return [
+            *store_readings(self),
+            Reading(
+                "rendezvous_store_available",
+                "1 while both connections to Redis are up, else 0.",
+                "gauge",
+                lambda: int(self.available),
+            ),
+        ]
+
+    def memory_elsewhere(self) -> tuple[str, MemoryBudget] | None:
+        """
+        The rendezvous live in Redis: what they may take there, for all
+        processes together.
+        """
+        return "in Redis, for all processes together", redis_memory(self._config)
 
     @property
     def rendezvous_count(self) -> int:
