@@ -68,6 +68,23 @@ TAC = "rendezvous.tac"
 #: Options users reach for to set the port, which --listen does.
 _PORT_WORDS = frozenset(("port", "p", "host", "bind", "address", "interface", "http-port"))
 
+#: Config field -> the option that sets it (declared beside the field).
+_FIELD_OPTIONS = Config.options()
+#: (option, Config field): repeatable networks in CIDR notation.
+_NETWORKS = [(o, f) for f, o in _FIELD_OPTIONS.items() if isinstance(getattr(_DEFAULTS, f), tuple)]
+#: (option, Config field) of each limit: a positive number, an int or a
+#: float as the field is.
+_LIMITS = [(o, f) for f, o in _FIELD_OPTIONS.items() if type(getattr(_DEFAULTS, f)) in (int, float)]
+#: (option, Config field) of the other settings, taken as written.
+_TEXTS = [(o, f) for f, o in _FIELD_OPTIONS.items() if (o, f) not in (*_NETWORKS, *_LIMITS)]
+
+
+def _kind(field: str) -> type[float]:
+    """
+    The type of number of a limit: C{int} or C{float}, as its field is.
+    """
+    return int if isinstance(getattr(_DEFAULTS, field), int) else float
+
 
 def _number(kind: type[float], text: str) -> float:
     """
@@ -107,168 +124,17 @@ class Options(usage.Options):
         "twistd's own options (-n, --pidfile, --logfile, ...) go before 'rendezvous'."
     )
 
-    # (option, Config field, help, number type)
-    _limits: tuple[tuple[str, str, str, type[float]], ...] = (
-        (
-            "ttl",
-            "ttl_seconds",
-            "Lifetime of a rendezvous, in seconds, fixed at creation.",
-            float,
-        ),
-        ("max-bytes", "max_bytes", "Largest payload, in bytes.", int),
-        (
-            "poll-timeout",
-            "poll_timeout_seconds",
-            "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
-            float,
-        ),
-        (
-            "max-rendezvous",
-            "max_rendezvous",
-            "Rendezvous alive at once, across the server.",
-            int,
-        ),
-        (
-            "max-rendezvous-per-address",
-            "max_rendezvous_per_address",
-            "Rendezvous alive at once per client address.",
-            int,
-        ),
-        ("max-parked", "max_parked", "Parked long-poll GETs across the server.", int),
-        (
-            "max-parked-per-rendezvous",
-            "max_parked_per_rendezvous",
-            "Parked long-poll GETs on one rendezvous.",
-            int,
-        ),
-        ("create-burst", "create_burst", "Creates one client may make at once.", int),
-        (
-            "create-per-second",
-            "create_per_second",
-            "Creates per second refilling a client's create budget.",
-            float,
-        ),
-        (
-            "request-burst",
-            "request_burst",
-            "Requests of any kind one client may make at once.",
-            int,
-        ),
-        (
-            "request-per-second",
-            "request_per_second",
-            "Requests per second refilling a client's request budget.",
-            float,
-        ),
-        (
-            "max-rate-buckets",
-            "max_rate_buckets",
-            "Clients whose rate budgets are remembered (least recently seen dropped).",
-            int,
-        ),
-        (
-            "ipv6-prefix-length",
-            "ipv6_prefix_length",
-            "Bits of an IPv6 address that name one client (1 to 128).",
-            int,
-        ),
-        (
-            "header-timeout",
-            "header_timeout_seconds",
-            "Seconds a request's line and headers may take to arrive.",
-            float,
-        ),
-        (
-            "body-timeout",
-            "body_timeout_seconds",
-            "Seconds a request's body may take to arrive, after its headers.",
-            float,
-        ),
-        (
-            "idle-timeout",
-            "idle_timeout_seconds",
-            "Seconds a connection may stay open with no request on it (keep-alive; "
-            "HTTP/2: no stream open).",
-            float,
-        ),
-        (
-            "max-header-bytes",
-            "max_header_bytes",
-            "Bytes of a request's line and headers (HTTP/2: of its header block, "
-            "HEADERS and CONTINUATION, and of the decoded header list).",
-            int,
-        ),
-        ("max-headers", "max_headers", "Header lines of one request.", int),
-        (
-            "max-streams-per-connection",
-            "max_streams_per_connection",
-            "Requests (streams) open at once on one HTTP/2 connection, advertised in "
-            "SETTINGS; more are refused for the client to retry.",
-            int,
-        ),
-        ("max-connections", "max_connections", "Open connections across the server.", int),
-        (
-            "max-connections-per-address",
-            "max_connections_per_address",
-            "Open connections from one client address (trusted proxies exempt).",
-            int,
-        ),
-        (
-            "max-waiting-refusals",
-            "max_waiting_refusals",
-            "Connections refused at a connection cap that may wait for their request "
-            "before being answered (past it: answered at once and closed).",
-            int,
-        ),
-        (
-            "shutdown-timeout-seconds",
-            "shutdown_timeout_seconds",
-            "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
-            float,
-        ),
-        (
-            "store-timeout-seconds",
-            "store_timeout_seconds",
-            "Longest a request waits for Redis (--store) before a 503, in seconds.",
-            float,
-        ),
-    )
-    # (option, Config field): repeatable networks in CIDR notation.
-    _networks: tuple[tuple[str, str], ...] = (
-        ("trusted-proxy", "trusted_proxies"),
-        ("allow-create", "allow_create"),
-        ("deny", "deny"),
-    )
-
     optParameters = [
         [
             option,
             None,
             getattr(_DEFAULTS, field),
-            f"{help_text} A positive {'whole ' if kind is int else ''}number.",
+            f"{Config.help(field)} A positive {'whole ' if _kind(field) is int else ''}number.",
         ]
-        for option, field, help_text, kind in _limits
+        for option, field in _LIMITS
     ] + [
-        [
-            "public-url",
-            None,
-            None,
-            "Base URL of the server as clients reach it (scheme, host, any path prefix), "
-            "for the Location header. Default: the request's own scheme and Host.",
-        ],
-        [
-            "msc4108-session-prefix",
-            None,
-            _DEFAULTS.msc4108_session_prefix,
-            "Path under which MSC4108 session URLs live (a slash at each end).",
-        ],
-        [
-            "proxy-header",
-            None,
-            _DEFAULTS.proxy_header,
-            "The header trusted proxies name the client in: x-forwarded-for or forwarded "
-            "(RFC 7239). Only that one is read.",
-        ],
+        [option, None, getattr(_DEFAULTS, field), Config.help(field)] for option, field in _TEXTS
+    ] + [
         [
             "tls-cert",
             None,
@@ -330,8 +196,11 @@ class Options(usage.Options):
         # The opt_* docstrings are the help of their options, and Twisted
         # keeps their line breaks and indentation as runs of spaces.
         self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
+        # The networks' help is their Config field's, as the limits' is.
+        for option, field in _NETWORKS:
+            self.docs[option] = Config.help(field)
         self["listen"] = []
-        for option, _ in self._networks:
+        for option, _ in _NETWORKS:
             self[option] = []
         #: The options given, with their values as written (the last one
         #: of a repeated option), for messages.
@@ -469,23 +338,23 @@ class Options(usage.Options):
         print(version_line())
         sys.exit(0)
 
+    # The networks, repeatable; their help is Config's (see __init__).
+
     def opt_trusted_proxy(self, network: str) -> None:
         """
-        A network (CIDR) of reverse proxies trusted to name the client (in
-        the --proxy-header) and its scheme (repeatable).
+        L{Config.trusted_proxies}.
         """
         self["trusted-proxy"].append(network)
 
     def opt_allow_create(self, network: str) -> None:
         """
-        A network (CIDR) allowed to create rendezvous (repeatable; default:
-        everyone).
+        L{Config.allow_create}.
         """
         self["allow-create"].append(network)
 
     def opt_deny(self, network: str) -> None:
         """
-        A network (CIDR) refused everything with 403 (repeatable).
+        L{Config.deny}.
         """
         self["deny"].append(network)
 
@@ -510,19 +379,19 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"{self.spelled('log-format')}: must be one of {', '.join(logs.FORMATS)}"
             )
-        limits: dict[str, Any] = {}
-        for option, field, _, kind in self._limits:
+        fields: dict[str, Any] = {field: self[option] for option, field in _TEXTS}
+        for option, field in _LIMITS:
             value = self[option]
             if isinstance(value, str):
                 try:
-                    value = _number(kind, value)
+                    value = _number(_kind(field), value)
                 except ValueError as e:
                     example = self.spelled(option, _example(getattr(_DEFAULTS, field)))
                     raise usage.UsageError(
                         f"{self.spelled(option, value)}: {e}, e.g. {example}"
                     ) from None
-            limits[field] = self[option] = value
-        for option, _ in self._networks:
+            fields[field] = self[option] = value
+        for option, field in _NETWORKS:
             for network in self[option]:
                 try:
                     parse_network(network)
@@ -531,17 +400,9 @@ class Options(usage.Options):
                     raise usage.UsageError(
                         f"{self.spelled(option, network)}: {e}, e.g. {example}"
                     ) from None
+            fields[field] = tuple(self[option])
         try:
-            fields: dict[str, Any] = {
-                field: tuple(self[option]) for option, field in self._networks
-            }
-            self["config"] = Config(
-                public_url=self["public-url"],
-                msc4108_session_prefix=self["msc4108-session-prefix"],
-                proxy_header=self["proxy-header"],
-                **fields,
-                **limits,
-            )
+            self["config"] = Config(**fields)
         except ConfigError as e:
             raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
@@ -776,14 +637,6 @@ def _takes_value(options: Any, opt: str) -> bool:
 _ENDPOINT_EXAMPLES = {
     "listen": ("9000", "tcp:9000:interface=0.0.0.0"),
     "metrics": ("9090", "tcp:9090:interface=127.0.0.1"),
-}
-#: Config field -> the option that sets it.
-_FIELD_OPTIONS: dict[str, str] = {
-    **{field: option for option, field, _, _ in Options._limits},
-    **{field: option for option, field in Options._networks},
-    "public_url": "public-url",
-    "msc4108_session_prefix": "msc4108-session-prefix",
-    "proxy_header": "proxy-header",
 }
 
 

@@ -540,6 +540,25 @@ def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
         parsed(["--msc4108-session-prefix=/"])
 
 
+@pytest.mark.parametrize(("option", "field", "variable", "argument", "value"), EVERY_OPTION)
+def test_an_options_help_is_its_config_fields_description(
+    option: str, field: str, variable: str, argument: str, value: Any
+) -> None:
+    """Each option setting a Config field is the one the field names; its help is the field's."""
+    assert Config.options()[field] == option
+    assert tap.Options().docs[option].startswith(Config.help(field))
+
+
+def test_every_config_field_but_one_is_an_option() -> None:
+    """Every Config field is set by an option named beside it, but max_content_type_bytes."""
+    named = set(Config.options())
+    assert named == {f.name for f in dataclasses.fields(Config)} - {"max_content_type_bytes"}
+    settings = {s.option for s in tap.settings()}
+    assert set(Config.options().values()) <= settings
+    for network in ("trusted_proxies", "allow_create", "deny"):
+        assert tap.Options().docs[Config.options()[network]] == Config.help(network)
+
+
 def test_help_texts_are_wrapped_without_runs_of_spaces() -> None:
     """Every line of `twistd rendezvous --help` holds its words one space apart."""
     options = tap.Options()
