@@ -1,48 +1,41 @@
 """
 The command line: C{twistd rendezvous} options, and the service they build.
 
-This is the only module that reads options or environment variables, and
-the only one that may fall back to the global reactor.
+This is the only module that declares options and the only one that may
+fall back to the global reactor; it composes the store, the site, and the
+services of L{rendezvous_twisted.ops}.
 
 Mistakes end the program with one or two lines naming the option (or the
-environment variable) as the user wrote it: L{Options.parseOptions} under
-twistd, L{environment_service} for the C{.tac}, and L{makeService} for what
-only the start can tell.  Never a traceback, and never twistd's whole help.
+environment variable) as the user wrote it (L{ops.options.WordedOptions}):
+L{Options.parseOptions} under twistd, L{environment_service} for the
+C{.tac}, and L{makeService} for what only the start can tell.  Never a
+traceback, and never twistd's whole help.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import getopt
-import math
 import os
-import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 from twisted.python import usage
 
-from rendezvous_twisted.core.config import (
-    DEFAULT_LISTEN,
-    Config,
-    ConfigError,
-    is_positive,
-    parse_network,
-)
+from rendezvous_twisted.core.config import DEFAULT_LISTEN, Config, ConfigError, parse_network
 from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.http import wire
 from rendezvous_twisted.http.web import RendezvousAPI
-from rendezvous_twisted.ops import endpoints, logs, systemd, tls
+from rendezvous_twisted.ops import endpoints, environment, logs, metrics, systemd, tls
+from rendezvous_twisted.ops.environment import Setting
 from rendezvous_twisted.ops.logs import RendezvousRoot
-from rendezvous_twisted.ops.metrics import metrics_site, watch
+from rendezvous_twisted.ops.options import ENVIRONMENT_PREFIX, WordedOptions, example, number
 from rendezvous_twisted.ops.service import (
     HangupReloader,
+    Http2Off,
     LateListenerService,
     Lifecycle,
     ListenerService,
@@ -56,18 +49,21 @@ from rendezvous_twisted.stores import open_store
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
 
+__all__ = [
+    "ENVIRONMENT_PREFIX",
+    "Options",
+    "Setting",
+    "environment_service",
+    "makeService",
+    "options_from_environment",
+    "settings",
+]
+
 _DEFAULTS = Config()
-#: The prefix of the environment variables that the .tac file reads.
-ENVIRONMENT_PREFIX = "RENDEZVOUS_"
 #: --store's value for the in-memory store.
 MEMORY = "memory:"
-#: What the usage errors of twistd rendezvous point to.
-HELP_HINT = "see: twistd rendezvous --help"
 #: How the .tac is named in its usage errors.
 TAC = "rendezvous.tac"
-#: Options users reach for to set the port, which --listen does.
-_PORT_WORDS = frozenset(("port", "p", "host", "bind", "address", "interface", "http-port"))
-
 #: Config field -> the option that sets it (declared beside the field).
 _FIELD_OPTIONS = Config.options()
 #: (option, Config field): repeatable networks in CIDR notation.
@@ -86,34 +82,10 @@ def _kind(field: str) -> type[float]:
     return int if isinstance(getattr(_DEFAULTS, field), int) else float
 
 
-def _number(kind: type[float], text: str) -> float:
+class Options(WordedOptions):
     """
-    C{text} as a positive finite number of C{kind}; ValueError saying what
-    is wrong with it otherwise.
-    """
-    try:
-        number = kind(text)
-    except ValueError:
-        raise ValueError("not a whole number" if kind is int else "not a number") from None
-    if math.isnan(number):
-        raise ValueError("not a number")
-    if not is_positive(number):
-        raise ValueError("must be finite" if math.isinf(number) else "must be more than 0")
-    return number
-
-
-def _example(value: Any) -> str:
-    """
-    A default as an example value: C{60.0} as C{60}.
-    """
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-class Options(usage.Options):
-    """
-    C{twistd rendezvous} options.  Every limit defaults to L{Config}'s.
+    C{twistd rendezvous} options.  Every limit defaults to L{Config}'s, and
+    is described by it.
     """
 
     synopsis = "[options]"
@@ -185,48 +157,14 @@ class Options(usage.Options):
     _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
     optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
 
-    #: How the program is named in usage errors ("twistd rendezvous", or the
-    #: .tac's name), or None when these options are parsed by a library
-    #: caller: then a usage error is raised as UsageError rather than
-    #: ending the program.
-    program: str | None = None
-
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        # The opt_* docstrings are the help of their options, and Twisted
-        # keeps their line breaks and indentation as runs of spaces.
-        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
+        super().__init__()
         # The networks' help is their Config field's, as the limits' is.
         for option, field in _NETWORKS:
             self.docs[option] = Config.help(field)
         self["listen"] = []
         for option, _ in _NETWORKS:
             self[option] = []
-        #: The options given, with their values as written (the last one
-        #: of a repeated option), for messages.
-        self.given: dict[str, str] = {}
-        #: Option -> environment variable, when the options came from the
-        #: environment (L{options_from_environment}).
-        self.variables: dict[str, str] = {}
-
-    # Naming options as the user wrote them.
-
-    def name(self, option: str) -> str:
-        """
-        C{option} as the user spells it: C{--ttl}, or C{RENDEZVOUS_TTL}.
-        """
-        return self.variables.get(option, f"--{option}")
-
-    def spelled(self, option: str, value: str | None = None) -> str:
-        """
-        C{option} with a value as the user would write it: C{--ttl 60}, or
-        C{RENDEZVOUS_TTL=60}; with no value, the one given.
-        """
-        if value is None:
-            value = self.given.get(option, "")
-        if option in self.variables:
-            return f"{self.variables[option]}={value}"
-        return f"--{option} {shlex.quote(value)}"
 
     def _field_name(self, field: str) -> str:
         """
@@ -239,90 +177,7 @@ class Options(usage.Options):
             return field
         if option in self.given:
             return self.spelled(option)
-        return f"{self.name(option)} (default {_example(getattr(_DEFAULTS, field))})"
-
-    def usage_error(self, message: str) -> str:
-        """
-        The whole text of a usage error: the program, the message, and
-        where to read more.
-        """
-        hint = HELP_HINT
-        if self.variables:
-            hint += f" (each {ENVIRONMENT_PREFIX}NAME variable is the option --name)"
-        return f"{self.program}: {message}\n{hint}"
-
-    # Parsing.
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Parse C{options} (C{sys.argv[1:]} when None).  A mistake raises
-        C{UsageError} with a message naming the option as written; when
-        run as a program (under twistd, or the .tac through
-        L{environment_service}) it ends the program with that message and
-        a pointer to the help instead, since twistd would print its whole
-        help before it.
-        """
-        if self.program is None and self.parent is not None:
-            self.program = "twistd rendezvous"
-        argv = list(sys.argv[1:] if options is None else options)
-        try:
-            if "--_shell-completion" not in argv:  # Twisted's own, for shells
-                self._read_words(argv)
-            super().parseOptions(argv)  # type: ignore[no-untyped-call]
-        except usage.UsageError as e:
-            # Twisted's words for a coercer's ValueError: the value is what counts.
-            message = str(e).removeprefix("Parameter type enforcement failed: ")
-            if self.program is None:
-                raise usage.UsageError(message) from None
-            raise SystemExit(self.usage_error(message)) from None
-
-    def _read_words(self, argv: list[str]) -> None:
-        """
-        Check the words of the command line as Twisted's parser will read
-        them (with getopt), so that a mistake is told in our words: an
-        unknown option with a guess at the one meant, an option of twistd
-        given after "rendezvous", a missing value.  Remember each value as
-        written, for later messages.
-        """
-        try:
-            found, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
-        except getopt.GetoptError as e:
-            raise usage.UsageError(self._getopt_message(e)) from None
-        for opt, value in found:
-            name = opt.lstrip("-")
-            self.given[self.synonyms.get(name.replace("-", "_"), name).replace("_", "-")] = value
-
-    def _getopt_message(self, error: getopt.GetoptError) -> str:
-        opt = error.opt
-        spelled = ("--" if len(opt) > 1 else "-") + opt
-        if "not recognized" in error.msg:
-            if opt.lower() in _PORT_WORDS:
-                return (
-                    f"no option {spelled}: give the port with --listen, e.g. --listen 9000 "
-                    "(on 127.0.0.1) or --listen tcp:9000:interface=0.0.0.0"
-                )
-            if self.parent is not None and _knows(self.parent, opt):
-                value = ""
-                if _takes_value(self.parent, opt):
-                    value = " VALUE" if len(opt) == 1 else "=VALUE"
-                return (
-                    f"{spelled} is an option of twistd itself: it goes before 'rendezvous' "
-                    f"(twistd {spelled}{value} rendezvous ...)"
-                )
-            names = sorted({n.rstrip("=") for n in self.longOpt})
-            close = difflib.get_close_matches(opt, names, n=1)
-            guess = f"; did you mean --{close[0]}?" if close else ""
-            return f"no option {spelled}{guess}"
-        if "requires argument" in error.msg:
-            default = self.defaults.get(opt.replace("-", "_"), self.defaults.get(opt))
-            example = f", e.g. {spelled} {_example(default)}" if default is not None else ""
-            return f"{spelled} needs a value{example}"
-        if "must not have an argument" in error.msg:
-            return f"{spelled} takes no value"
-        if "not a unique prefix" in error.msg:
-            names = sorted(n.rstrip("=") for n in self.longOpt if n.startswith(opt))
-            return f"{spelled} could be any of --{', --'.join(names)}"
-        return error.msg
+        return f"{self.name(option)} (default {example(getattr(_DEFAULTS, field))})"
 
     def parseArgs(self, *args: str) -> None:
         if args:
@@ -384,11 +239,11 @@ class Options(usage.Options):
             value = self[option]
             if isinstance(value, str):
                 try:
-                    value = _number(_kind(field), value)
+                    value = number(_kind(field), value)
                 except ValueError as e:
-                    example = self.spelled(option, _example(getattr(_DEFAULTS, field)))
+                    shown = self.spelled(option, example(getattr(_DEFAULTS, field)))
                     raise usage.UsageError(
-                        f"{self.spelled(option, value)}: {e}, e.g. {example}"
+                        f"{self.spelled(option, value)}: {e}, e.g. {shown}"
                     ) from None
             fields[field] = self[option] = value
         for option, field in _NETWORKS:
@@ -396,9 +251,9 @@ class Options(usage.Options):
                 try:
                     parse_network(network)
                 except ValueError as e:
-                    example = self.spelled(option, "10.0.0.0/8")
+                    shown = self.spelled(option, "10.0.0.0/8")
                     raise usage.UsageError(
-                        f"{self.spelled(option, network)}: {e}, e.g. {example}"
+                        f"{self.spelled(option, network)}: {e}, e.g. {shown}"
                     ) from None
             fields[field] = tuple(self[option])
         try:
@@ -408,7 +263,9 @@ class Options(usage.Options):
         self["store-url"] = self._store_url()
         self._check_tls()
         self._check_clashes()
-        self._check_twistd()
+        self.check_twistd_files()
+        if self.parent is not None and self["log-format"] == "json":
+            self._check_json_logs(self.parent)
 
     def _store_url(self) -> StoreURL | None:
         """
@@ -555,30 +412,6 @@ class Options(usage.Options):
                 return self.spelled(option, written)
         return self.spelled(option, description)
 
-    def _check_twistd(self) -> None:
-        """
-        Refuse a log or PID file of twistd's (given before "rendezvous")
-        that twistd could not write: it would fail with a traceback once
-        it opens them, after these options.
-        """
-        parent = self.parent
-        if parent is None:
-            return
-        for option in ("logfile", "pidfile"):
-            try:
-                path = parent[option]
-            except KeyError:
-                continue
-            if not path or path == "-":
-                continue
-            if option == "pidfile":
-                path = os.path.join(parent.get("rundir") or ".", path)
-            problem = _unwritable(Path(path))
-            if problem:
-                raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
-        if self["log-format"] == "json":
-            self._check_json_logs(parent)
-
     def _check_json_logs(self, parent: Any) -> None:
         """
         Refuse JSON logs that would reach nobody: they go to standard
@@ -604,35 +437,6 @@ class Options(usage.Options):
             )
 
 
-def _unwritable(path: Path) -> str | None:
-    """
-    Why C{path} could not be opened for writing, or None.
-    """
-    if path.is_dir():
-        return "is a directory"
-    if path.exists():
-        return None if os.access(path, os.W_OK) else "permission denied"
-    directory = path.parent
-    if not directory.is_dir():
-        return f"no such directory: {directory}"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"cannot create a file in {directory}: permission denied"
-    return None
-
-
-def _knows(options: Any, opt: str) -> bool:
-    """
-    Whether C{options} (twistd's own) has the option C{opt}.
-    """
-    synonyms = getattr(options, "synonyms", {})
-    return opt in synonyms or opt.replace("-", "_") in synonyms
-
-
-def _takes_value(options: Any, opt: str) -> bool:
-    long = options.synonyms.get(opt, options.synonyms.get(opt.replace("-", "_"), opt))
-    return f"{long}=" in options.longOpt or f"{long.replace('_', '-')}=" in options.longOpt
-
-
 #: Two good examples for each option that takes an endpoint.
 _ENDPOINT_EXAMPLES = {
     "listen": ("9000", "tcp:9000:interface=0.0.0.0"),
@@ -640,99 +444,20 @@ _ENDPOINT_EXAMPLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """
-    One option of L{Options} as users set it: on the command line, or
-    through its environment variable for the .tac.
-    """
-
-    #: The option's long name, without dashes.
-    option: str
-    #: The .tac's environment variable.
-    variable: str
-    #: Whether it takes a value (else it is a flag).
-    takes_value: bool
-    #: Whether it may be given more than once (the variable then holds
-    #: several values, separated by spaces).
-    repeatable: bool
-    #: What an empty command line gives it.
-    default: Any
-
-
 def settings() -> list[Setting]:
     """
-    Every option of L{Options}, whoever declared it and however (a
-    parameter, a flag, an C{opt_} method), but C{--help} and C{--version}.
+    Every option of L{Options}, whoever declared it and however, with its
+    .tac environment variable and its default.
     """
-    blank = Options()
-    effective = Options()
-    effective.parseOptions([])
-    found = []
-    for long in blank.longOpt:
-        option = long.rstrip("=")
-        if option in ("help", "version"):
-            continue
-        key = blank.synonyms.get(option.replace("-", "_"), option)
-        key = key if key in effective else option
-        found.append(
-            Setting(
-                option=option,
-                variable=ENVIRONMENT_PREFIX + option.upper().replace("-", "_"),
-                takes_value=long.endswith("="),
-                repeatable=isinstance(blank.get(key), list),
-                default=effective.get(key),
-            )
-        )
-    return found
+    return environment.settings(Options)
 
 
 def options_from_environment(environ: Mapping[str, str], program: str | None = None) -> Options:
     """
-    Parse L{Options} from C{RENDEZVOUS_*} environment variables, one per
-    option (L{settings}): C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, a
-    repeatable option's variable holds its values separated by spaces
-    (C{RENDEZVOUS_LISTEN}, C{RENDEZVOUS_TRUSTED_PROXY}...), and a flag's is
-    1 or 0.  A C{RENDEZVOUS_*} variable that is no option's is refused
-    (a typo would otherwise be silently ignored).  Mistakes name the
-    variable; with a C{program} they end it (see L{Options.parseOptions}).
+    L{Options} from C{RENDEZVOUS_*} environment variables, one per option
+    (L{rendezvous_twisted.ops.environment.options_from_environment}).
     """
-    options = Options()
-    options.program = program
-    known = {s.variable: s for s in settings()}
-    options.variables = {s.option: s.variable for s in known.values()}
-    argv: list[str] = []
-    try:
-        for variable in sorted(environ):
-            if not variable.startswith(ENVIRONMENT_PREFIX):
-                continue
-            value = environ[variable]
-            setting = known.get(variable)
-            if setting is None:
-                close = difflib.get_close_matches(variable, list(known), n=1)
-                guess = f"; did you mean {close[0]}?" if close else ""
-                word = variable.removeprefix(ENVIRONMENT_PREFIX).lower().replace("_", "-")
-                if word in _PORT_WORDS:
-                    listen = f"{ENVIRONMENT_PREFIX}LISTEN"
-                    guess = (
-                        f": give the port with {listen}, e.g. {listen}=9000 (on 127.0.0.1) "
-                        f"or {listen}=tcp:9000:interface=0.0.0.0"
-                    )
-                raise usage.UsageError(f"{variable}={value}: no such setting{guess}")
-            if not setting.takes_value:
-                if value.lower() in ("1", "true", "yes"):
-                    argv.append(f"--{setting.option}")
-                elif value.lower() not in ("", "0", "false", "no"):
-                    raise usage.UsageError(f"{variable}={value}: must be 1 or 0")
-                continue
-            for one in value.split() if setting.repeatable else [value]:
-                argv.append(f"--{setting.option}={one}")
-    except usage.UsageError as e:
-        if program is None:
-            raise
-        raise SystemExit(options.usage_error(str(e))) from None
-    options.parseOptions(argv)
-    return options
+    return environment.options_from_environment(Options, environ, program)
 
 
 def environment_service(environ: Mapping[str, str]) -> IService:
@@ -764,8 +489,8 @@ def makeService(
         reactor = global_reactor
     config: Config = options["config"]
     store = open_store(config, reactor, options["store-url"])
-    metrics = Metrics()
-    api = RendezvousAPI(store, config, reactor, metrics, access_log=not options["no-access-log"])
+    counts = Metrics()
+    api = RendezvousAPI(store, config, reactor, counts, access_log=not options["no-access-log"])
     site = api.site(reactor)
 
     json_logs = options["log-format"] == "json"
@@ -821,12 +546,12 @@ def makeService(
         systemd.watchdog_interval_seconds(environ, os.getpid()),
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
     if options["metrics"]:
-        watch(metrics, store, site, contexts)
+        metrics.watch(counts, store, site, contexts)
         endpoint = _endpoint(options, "metrics", options["metrics"], reactor, contexts)
         late = LateListenerService(
             endpoint,
-            metrics_site(
-                metrics,
+            metrics.metrics_site(
+                counts,
                 lambda: lifecycle.stopping,
                 reactor,
                 store_available=lambda: store.available,
@@ -842,23 +567,6 @@ def makeService(
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
-
-
-class Http2Off(Service):
-    """
-    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
-    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
-    served HTTP/1.1 without a word.
-    """
-
-    log = Logger()
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self.log.info(
-            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
-            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
-        )
 
 
 def _endpoint(

@@ -420,3 +420,19 @@ class OpenFileLimitService(Service):
             hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
         )
 
+
+class Http2Off(Service):
+    """
+    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
+    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
+    served HTTP/1.1 without a word.
+    """
+
+    log = Logger()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.log.info(
+            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
+            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
+        )
