@@ -82,6 +82,13 @@ def _kind(field: str) -> type[float]:
     return int if isinstance(getattr(_DEFAULTS, field), int) else float
 
 
+def _help(field: str) -> str:
+    """
+    The help of a limit's option: its field's description, and what it takes.
+    """
+    return f"{Config.help(field)} A positive {'whole ' if _kind(field) is int else ''}number."
+
+
 class Options(WordedOptions):
     """
     C{twistd rendezvous} options.  Every limit defaults to L{Config}'s, and
@@ -96,17 +103,12 @@ class Options(WordedOptions):
         "twistd's own options (-n, --pidfile, --logfile, ...) go before 'rendezvous'."
     )
 
-    optParameters = [
-        [
-            option,
-            None,
-            getattr(_DEFAULTS, field),
-            f"{Config.help(field)} A positive {'whole ' if _kind(field) is int else ''}number.",
-        ]
-        for option, field in _LIMITS
-    ] + [
-        [option, None, getattr(_DEFAULTS, field), Config.help(field)] for option, field in _TEXTS
-    ] + [
+    optParameters: ClassVar[list[list[Any]]] = [
+        *([option, None, getattr(_DEFAULTS, field), _help(field)] for option, field in _LIMITS),
+        *(
+            [option, None, getattr(_DEFAULTS, field), Config.help(field)]
+            for option, field in _TEXTS
+        ),
         [
             "tls-cert",
             None,
@@ -586,4 +588,3 @@ def _endpoint(
         if options.program is None:
             raise StartupError(message) from e
         raise SystemExit(f"{options.program}: {message}") from None
-

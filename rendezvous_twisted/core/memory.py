@@ -206,9 +206,7 @@ class MemoryStore:
             return succeed(Wakeup(current, changed=True))
         if timeout_seconds <= 0 or self._stopped:
             return succeed(Wakeup(current, changed=False))
-        refusal = parking_refusal(
-            self._config, record.waiters, self._parked, self._clock.seconds()
-        )
+        refusal = parking_refusal(self._config, record.waiters, self._parked, self._clock.seconds())
         if refusal is not None:
             return fail(refusal)
         return self._park(record, timeout_seconds)

@@ -279,8 +279,6 @@ def parking_refusal(
     return None
 
 
-
-
 def store_readings(store: RendezvousStore) -> list[Reading]:
     """
     The metrics every store exports: its counters and what it holds now.

@@ -1,5 +1,7 @@
 """
-The store's lifecycle as a Twisted service.
+The server's lifecycle as Twisted services: the store's start and graceful
+stop (L{StoreService}), the listeners, SIGHUP, the open-file limit, and what
+the start says (L{Http2Off}).
 """
 
 from __future__ import annotations
