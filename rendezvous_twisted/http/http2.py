@@ -82,6 +82,7 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("twisted.web._http2.H2Connection", "_sendingDeferred"),
     ("twisted.web._http2.H2Connection", "_outboundStreamQueues"),
     ("twisted.web._http2.H2Connection", "priority"),
+    ("twisted.web._http2.H2Connection", "_log"),
     ("twisted.web._http2", "_END_STREAM_SENTINEL"),
     ("twisted.web._http2.H2Stream", "_request"),
     ("twisted.web._http2.H2Stream", "connectionLost"),
