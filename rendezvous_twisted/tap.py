@@ -263,6 +263,7 @@ class Options(WordedOptions):
         except ConfigError as e:
             raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
+        self._parse_listeners()
         self._check_tls()
         self._check_clashes()
         self.check_twistd_files()
@@ -313,13 +314,43 @@ class Options(WordedOptions):
             )
         return url
 
+    def _parse_listeners(self) -> None:
+        """
+        Parse each --listen and the --metrics description, once
+        (L{endpoints.parse}): C{self["listeners"]} and
+        C{self["metrics-listener"]} (None without --metrics) are what the
+        start listens on.  Refuse one that cannot listen.
+        """
+        listeners = []
+        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
+        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+            label = self.label(option, description)
+            try:
+                listeners.append(endpoints.parse(description, label))
+            except endpoints.EndpointError as e:
+                raise self._endpoint_error(option, label, e) from None
+        self["listeners"] = listeners[: len(self["listen"])]
+        self["metrics-listener"] = listeners[-1] if metrics else None
+
+    def _endpoint_error(
+        self, option: str, label: str, error: endpoints.EndpointError
+    ) -> usage.UsageError:
+        if error.needs_certificate:
+            hint = (
+                f"give {self.name('tls-cert')} and {self.name('tls-key')} (or privateKey= in ssl:)"
+            )
+        else:
+            examples = error.examples or _ENDPOINT_EXAMPLES[option]
+            hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
+        return usage.UsageError(f"{label}: {error}; {hint}")
+
     def _check_tls(self) -> None:
         """
-        Refuse endpoints that cannot listen (L{endpoints.check}), and TLS
-        settings that cannot serve: one of --tls-cert and --tls-key without
-        the other, files given that no listener uses (a server an operator
-        meant to be TLS must not quietly serve plain HTTP), a TLS listener
-        without files, or files that do not load.
+        Refuse TLS settings that cannot serve: one of --tls-cert and
+        --tls-key without the other, files given that no listener uses (a
+        server an operator meant to be TLS must not quietly serve plain
+        HTTP), a TLS listener without files, or files that do not load.
+        Each TLS listener is given the files it serves (L{endpoints.serving}).
         """
         cert, key = self["tls-cert"], self["tls-key"]
         if (cert is None) != (key is None):
@@ -328,22 +359,18 @@ class Options(WordedOptions):
             )
         default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
         used = False
-        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
-        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+        metrics = [("metrics", self["metrics-listener"])] if self["metrics"] else []
+        listeners = [*(("listen", listener) for listener in self["listeners"]), *metrics]
+        for index, (option, listener) in enumerate(listeners):
             try:
-                endpoints.check(description, default)
+                listener = endpoints.serving(listener, default)
             except endpoints.EndpointError as e:
-                if e.needs_certificate:
-                    hint = (
-                        f"give {self.name('tls-cert')} and {self.name('tls-key')} "
-                        "(or privateKey= in ssl:)"
-                    )
-                else:
-                    examples = e.examples or _ENDPOINT_EXAMPLES[option]
-                    hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
-                spelled = self.label(option, description)
-                raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
-            files = tls.tls_files(description, default)
+                raise self._endpoint_error(option, listener.label, e) from None
+            if option == "metrics":
+                self["metrics-listener"] = listener
+            else:
+                self["listeners"][index] = listener
+            files = listener.files
             if files is None:
                 continue
             try:
@@ -380,12 +407,12 @@ class Options(WordedOptions):
         twice, C{--metrics 8080} beside the default C{--listen}): the second
         would fail at start as if another process held the port.
         """
-        listeners = [(self.label("listen", d), d) for d in self["listen"]]
-        if self["metrics"]:
-            listeners.append((self.label("metrics", self["metrics"]), self["metrics"]))
+        listeners = list(self["listeners"])
+        if self["metrics-listener"] is not None:
+            listeners.append(self["metrics-listener"])
         seen: list[tuple[str, tuple[int, int, str]]] = []
-        for spelled, description in listeners:
-            address = endpoints.tcp_address(description)
+        for listener in listeners:
+            spelled, address = listener.label, listener.address
             if address is None:
                 continue
             for earlier, other in seen:
@@ -507,10 +534,7 @@ def makeService(
     # parked readers.
     lifecycle = Lifecycle()
     # HTTP/2 is spoken on TLS listeners when h2 is installed.
-    any_tls = any(
-        tls.tls_files(description, options["tls-default"]) is not None
-        for description in options["listen"]
-    )
+    any_tls = any(listener.tls for listener in options["listeners"])
     http2 = wire.H2_AVAILABLE and any_tls
     if any_tls and not wire.H2_AVAILABLE:
         Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
@@ -520,12 +544,11 @@ def makeService(
     # kill the process, and a "systemctl reload" must never do that.
     HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     listeners = []
-    for description in options["listen"]:
-        endpoint = _endpoint(options, "listen", description, reactor, contexts)
+    for parsed in options["listeners"]:
+        endpoint = _endpoint(options, parsed, reactor, contexts)
         listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
-        listener.label = options.label("listen", description)
-        if tls.tls_files(description, options["tls-default"]) is not None:
-            listener.scheme = "https"
+        listener.label = parsed.label
+        listener.scheme = parsed.scheme
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]
         listeners.append(listener)
 
@@ -547,9 +570,9 @@ def makeService(
         reactor,
         systemd.watchdog_interval_seconds(environ, os.getpid()),
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
-    if options["metrics"]:
+    if options["metrics-listener"] is not None:
         metrics.watch(counts, store, site, contexts)
-        endpoint = _endpoint(options, "metrics", options["metrics"], reactor, contexts)
+        endpoint = _endpoint(options, options["metrics-listener"], reactor, contexts)
         late = LateListenerService(
             endpoint,
             metrics.metrics_site(
@@ -561,10 +584,9 @@ def makeService(
             ),
             lifecycle,
         )
-        late.label = options.label("metrics", options["metrics"])
+        late.label = options["metrics-listener"].label
         late.path = "metrics"
-        if tls.tls_files(options["metrics"], None) is not None:
-            late.scheme = "https"
+        late.scheme = options["metrics-listener"].scheme
         late.setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
@@ -572,19 +594,18 @@ def makeService(
 
 
 def _endpoint(
-    options: Options, option: str, description: str, reactor: Any, contexts: tls.ContextRegistry
+    options: Options, listener: endpoints.Listener, reactor: Any, contexts: tls.ContextRegistry
 ) -> IStreamServerEndpoint:
     """
-    The endpoint of a checked C{--listen} or C{--metrics} description;
-    what only the start can tell is wrong with it (a socket systemd did not
+    The endpoint of a parsed C{--listen} or C{--metrics} listener; what
+    only the start can tell is wrong with it (a socket systemd did not
     pass, certificate files gone since) ends the program, or raises
     L{StartupError} for a library caller.
     """
-    default = options["tls-default"] if option == "listen" else None
     try:
-        return endpoints.listen_endpoint(reactor, description, contexts, default)
+        return endpoints.listen_endpoint(reactor, listener, contexts)
     except (endpoints.EndpointError, tls.CertificateError) as e:
-        message = f"{options.label(option, description)}: {e}"
+        message = f"{listener.label}: {e}"
         if options.program is None:
             raise StartupError(message) from e
         raise SystemExit(f"{options.program}: {message}") from None
