@@ -44,8 +44,8 @@ from rendezvous_twisted.ops.service import (
     StoppingService,
     StoreService,
 )
+from rendezvous_twisted.ops.stores import open_store
 from rendezvous_twisted.redis.url import StoreURL, parse_store_url
-from rendezvous_twisted.stores import open_store
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
 
@@ -266,9 +266,7 @@ class Options(WordedOptions):
         self._parse_listeners()
         self._check_tls()
         self._check_clashes()
-        self.check_twistd_files()
-        if self.parent is not None and self["log-format"] == "json":
-            self._check_json_logs(self.parent)
+        self.check_twistd(json_logs=self["log-format"] == "json")
 
     def _store_url(self) -> StoreURL | None:
         """
@@ -440,30 +438,6 @@ class Options(WordedOptions):
                     return f"{self.name(option)} (default {description})"
                 return self.spelled(option, written)
         return self.spelled(option, description)
-
-    def _check_json_logs(self, parent: Any) -> None:
-        """
-        Refuse JSON logs that would reach nobody: they go to standard
-        output, which a daemonized twistd closes, and twistd's --logfile or
-        --syslog would be silently left unused.
-        """
-        json = self.spelled("log-format", "json")
-        where = None
-        if parent.get("logfile") not in (None, "", "-"):
-            where = f"--logfile {parent['logfile']}"
-        elif parent.get("syslog"):
-            where = "--syslog"
-        if where is not None:
-            raise usage.UsageError(
-                f"{json} writes to standard output, not to twistd's {where}: drop one of them "
-                "(journald and log collectors read standard output)"
-            )
-        if not parent.get("nodaemon"):
-            raise usage.UsageError(
-                f"{json} writes to standard output, which twistd closes when it daemonizes: "
-                "add -n before 'rendezvous' (twistd -n rendezvous ...), or log text to "
-                "twistd.log without it"
-            )
 
 
 #: Two good examples for each option that takes an endpoint.

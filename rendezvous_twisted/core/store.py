@@ -7,7 +7,7 @@ Nothing here knows of HTTP.  Operations return Deferreds and fail with the
 domain errors below, so that a store kept elsewhere (Redis,
 L{rendezvous_twisted.redis.store}) stands in for the one in this process'
 memory (L{rendezvous_twisted.core.memory}) behind the same contract; only
-L{rendezvous_twisted.stores.open_store} knows which one it made.
+L{rendezvous_twisted.ops.stores.open_store} knows which one it made.
 """
 
 from __future__ import annotations

@@ -183,11 +183,12 @@ class WordedOptions(usage.Options):
             return f"{spelled} could be any of --{', --'.join(names)}"
         return error.msg
 
-    def check_twistd_files(self) -> None:
+    def check_twistd(self, json_logs: bool) -> None:
         """
         Refuse a log or PID file of twistd's (given before "rendezvous")
         that twistd could not write: it would fail with a traceback once
-        it opens them, after these options.
+        it opens them, after these options; and, with C{json_logs}
+        (C{--log-format json}), twistd options that would leave them unread.
         """
         parent = self.parent
         if parent is None:
@@ -204,6 +205,32 @@ class WordedOptions(usage.Options):
             problem = _unwritable(Path(path))
             if problem:
                 raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
+        if json_logs:
+            self._check_json_logs(parent)
+
+    def _check_json_logs(self, parent: Any) -> None:
+        """
+        Refuse JSON logs that would reach nobody: they go to standard
+        output, which a daemonized twistd closes, and twistd's --logfile or
+        --syslog would be silently left unused.
+        """
+        json = self.spelled("log-format", "json")
+        where = None
+        if parent.get("logfile") not in (None, "", "-"):
+            where = f"--logfile {parent['logfile']}"
+        elif parent.get("syslog"):
+            where = "--syslog"
+        if where is not None:
+            raise usage.UsageError(
+                f"{json} writes to standard output, not to twistd's {where}: drop one of them "
+                "(journald and log collectors read standard output)"
+            )
+        if not parent.get("nodaemon"):
+            raise usage.UsageError(
+                f"{json} writes to standard output, which twistd closes when it daemonizes: "
+                "add -n before 'rendezvous' (twistd -n rendezvous ...), or log text to "
+                "twistd.log without it"
+            )
 
 
 def _unwritable(path: Path) -> str | None:
