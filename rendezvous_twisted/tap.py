@@ -520,7 +520,7 @@ def makeService(
     listeners = []
     for parsed in options["listeners"]:
         endpoint = _endpoint(options, parsed, reactor, contexts)
-        listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
+        listener = ListenerService(endpoint, site)
         listener.label = parsed.label
         listener.scheme = parsed.scheme
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]

@@ -16,16 +16,19 @@ from typing import Any, Protocol
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
+    IProtocolFactory,
     IReactorFromThreads,
     IReactorTime,
+    IStreamServerEndpoint,
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from rendezvous_twisted.core.budget import worst_case_memory
 from rendezvous_twisted.core.config import Config
@@ -249,12 +252,15 @@ def cannot_listen(label: str, error: BaseException) -> str:
 
 class ListenerService(StreamServerEndpointService):
     """
-    Twisted's endpoint service, raising listen failures at start as
-    C{strports.service} does (as a L{StartupError} naming L{label}), and
-    telling when it listens.
+    Twisted's endpoint service (its C{endpoint} and C{factory}), raising a
+    failure to listen at start, as a L{StartupError} naming L{label}, and
+    telling where it listens.
+
+    Twisted's own raises such a failure only behind a private flag (which
+    C{strports.service} sets), so the three methods that listen, start and
+    stop are written here over the endpoint's public C{listen}.
     """
 
-    _raiseSynchronously = True
     #: How the user named this listener, for messages: C{--listen 9000}.
     label = "a listener"
     #: The scheme and path of the URL it serves, for the line that says
@@ -263,12 +269,60 @@ class ListenerService(StreamServerEndpointService):
     path = ""
     _log = Logger()
 
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        #: The port, once listening (None if listening failed); None
+        #: until the service starts.
+        self._listening: Deferred[IListeningPort | None] | None = None
+
     def privilegedStartService(self) -> None:
+        # Service's, not the endpoint service's: this one listens itself.
+        Service.privilegedStartService(self)
+        starting = True
+        failed: list[Failure] = []
+
+        def cannot(failure: Failure) -> None:
+            if starting:
+                failed.append(failure)
+            elif not failure.check(CancelledError):
+                self._log.failure("cannot listen on {label}", failure, label=self.label)
+
         try:
-            super().privilegedStartService()  # type: ignore[no-untyped-call]
+            listening: Deferred[IListeningPort | None] = self.endpoint.listen(self.factory)
         except (CannotListenError, OSError) as e:
             raise StartupError(cannot_listen(self.label, e)) from e
+        self._listening = listening.addErrback(cannot)
+        starting = False
+        if failed:
+            error = failed[0].value
+            if isinstance(error, (CannotListenError, OSError)):
+                raise StartupError(cannot_listen(self.label, error)) from error
+            failed[0].raiseException()
         self.whenListening().addCallback(self._say_where)
+
+    def startService(self) -> None:
+        # Service's, not the endpoint service's: see privilegedStartService.
+        Service.startService(self)
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, or the attempt to; fires once the port is closed.
+        """
+        assert self._listening is not None, "the service has not started"
+        self._listening.cancel()
+
+        def close(port: IListeningPort | None) -> Deferred[None]:
+            closing = None if port is None else port.stopListening()
+            return succeed(None) if closing is None else closing
+
+        def stopped(result: Failure | None) -> Failure | None:
+            self.running = False
+            return result
+
+        closed: Deferred[None] = self._listening.addCallback(close)
+        return closed.addBoth(stopped)
 
     def _say_where(self, port: IListeningPort | None) -> None:
         if port is not None:
@@ -283,11 +337,11 @@ class ListenerService(StreamServerEndpointService):
         Fires with the listening port once listening (or None if listening
         failed, which is logged).  Call it after the service started.
         """
-        waiting: Deferred[Any] | None = self._waitingForPort
+        waiting = self._listening
         assert waiting is not None, "the service has not started"
         result: Deferred[IListeningPort | None] = Deferred()
 
-        def listening(port: Any) -> Any:
+        def listening(port: IListeningPort | None) -> IListeningPort | None:
             result.callback(port)
             return port
 
@@ -371,14 +425,14 @@ class LateListenerService(ListenerService):
     """
 
     def __init__(self, endpoint: Any, factory: Any, lifecycle: Lifecycle) -> None:
-        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        super().__init__(endpoint, factory)
         self.lifecycle = lifecycle
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = Deferred()
 
         def stop(result: object) -> object:
-            super(LateListenerService, self).stopService().chainDeferred(stopped)  # type: ignore[no-untyped-call]
+            super(LateListenerService, self).stopService().chainDeferred(stopped)
             return result
 
         self.lifecycle.drained.addBoth(stop)
