@@ -1,50 +1,42 @@
 """
 The command line: C{twistd rendezvous} options, and the service they build.
 
-This is the only module that reads options or environment variables, and
-the only one that may fall back to the global reactor.
+This is the only module that declares options and the only one that may
+fall back to the global reactor; it composes the store, the site, and the
+services of L{rendezvous_twisted.ops}.
 
 Mistakes end the program with one or two lines naming the option (or the
-environment variable) as the user wrote it: L{Options.parseOptions} under
-twistd, L{environment_service} for the C{.tac}, and L{makeService} for what
-only the start can tell.  Never a traceback, and never twistd's whole help.
+environment variable) as the user wrote it (L{ops.options.WordedOptions}):
+L{Options.parseOptions} under twistd, L{environment_service} for the
+C{.tac}, and L{makeService} for what only the start can tell.  Never a
+traceback, and never twistd's whole help.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import getopt
-import math
 import os
-import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 from twisted.python import usage
 
-from rendezvous_twisted.core.config import (
-    DEFAULT_LISTEN,
-    Config,
-    ConfigError,
-    is_positive,
-    parse_network,
-)
+from rendezvous_twisted.core.config import DEFAULT_LISTEN, Config, ConfigError, parse_network
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
 from rendezvous_twisted.http import wire
 from rendezvous_twisted.http.guard import Guard
 from rendezvous_twisted.http.site import RendezvousSite
-from rendezvous_twisted.ops import endpoints, logs, systemd, tls
+from rendezvous_twisted.ops import endpoints, environment, logs, metrics, systemd, tls
+from rendezvous_twisted.ops.environment import Setting
 from rendezvous_twisted.ops.logs import RendezvousRoot
-from rendezvous_twisted.ops.metrics import metrics_site
+from rendezvous_twisted.ops.options import ENVIRONMENT_PREFIX, WordedOptions, example, number
 from rendezvous_twisted.ops.service import (
     HangupReloader,
+    Http2Off,
     LateListenerService,
     Lifecycle,
     ListenerService,
@@ -53,52 +45,56 @@ from rendezvous_twisted.ops.service import (
     StoppingService,
     StoreService,
 )
+from rendezvous_twisted.ops.stores import open_store
 from rendezvous_twisted.protocols import RendezvousAPI
-from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
+from rendezvous_twisted.redis.url import StoreURL, parse_store_url
 from rendezvous_twisted.version import version_line
 from rendezvous_twisted.words import quantity
 
+__all__ = [
+    "ENVIRONMENT_PREFIX",
+    "Options",
+    "Setting",
+    "environment_service",
+    "makeService",
+    "options_from_environment",
+    "settings",
+]
+
 _DEFAULTS = Config()
-#: The prefix of the environment variables that the .tac file reads.
-ENVIRONMENT_PREFIX = "RENDEZVOUS_"
 #: --store's value for the in-memory store.
 MEMORY = "memory:"
-#: What the usage errors of twistd rendezvous point to.
-HELP_HINT = "see: twistd rendezvous --help"
 #: How the .tac is named in its usage errors.
 TAC = "rendezvous.tac"
-#: Options users reach for to set the port, which --listen does.
-_PORT_WORDS = frozenset(("port", "p", "host", "bind", "address", "interface", "http-port"))
+#: Config field -> the option that sets it (declared beside the field).
+_FIELD_OPTIONS = Config.options()
+#: (option, Config field): repeatable networks in CIDR notation.
+_NETWORKS = [(o, f) for f, o in _FIELD_OPTIONS.items() if isinstance(getattr(_DEFAULTS, f), tuple)]
+#: (option, Config field) of each limit: a positive number, an int or a
+#: float as the field is.
+_LIMITS = [(o, f) for f, o in _FIELD_OPTIONS.items() if type(getattr(_DEFAULTS, f)) in (int, float)]
+#: (option, Config field) of the other settings, taken as written.
+_TEXTS = [(o, f) for f, o in _FIELD_OPTIONS.items() if (o, f) not in (*_NETWORKS, *_LIMITS)]
 
 
-def _number(kind: type[float], text: str) -> float:
+def _kind(field: str) -> type[float]:
     """
-    C{text} as a positive finite number of C{kind}; ValueError saying what
-    is wrong with it otherwise.
+    The type of number of a limit: C{int} or C{float}, as its field is.
     """
-    try:
-        number = kind(text)
-    except ValueError:
-        raise ValueError("not a whole number" if kind is int else "not a number") from None
-    if math.isnan(number):
-        raise ValueError("not a number")
-    if not is_positive(number):
-        raise ValueError("must be finite" if math.isinf(number) else "must be more than 0")
-    return number
+    return int if isinstance(getattr(_DEFAULTS, field), int) else float
 
 
-def _example(value: Any) -> str:
+def _help(field: str) -> str:
     """
-    A default as an example value: C{60.0} as C{60}.
+    The help of a limit's option: its field's description, and what it takes.
     """
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+    return f"{Config.help(field)} A positive {'whole ' if _kind(field) is int else ''}number."
 
 
-class Options(usage.Options):
+class Options(WordedOptions):
     """
-    C{twistd rendezvous} options.  Every limit defaults to L{Config}'s.
+    C{twistd rendezvous} options.  Every limit defaults to L{Config}'s, and
+    is described by it.
     """
 
     synopsis = "[options]"
@@ -109,168 +105,12 @@ class Options(usage.Options):
         "twistd's own options (-n, --pidfile, --logfile, ...) go before 'rendezvous'."
     )
 
-    # (option, Config field, help, number type)
-    _limits: tuple[tuple[str, str, str, type[float]], ...] = (
-        (
-            "ttl",
-            "ttl_seconds",
-            "Lifetime of a rendezvous, in seconds, fixed at creation.",
-            float,
+    optParameters: ClassVar[list[list[Any]]] = [
+        *([option, None, getattr(_DEFAULTS, field), _help(field)] for option, field in _LIMITS),
+        *(
+            [option, None, getattr(_DEFAULTS, field), Config.help(field)]
+            for option, field in _TEXTS
         ),
-        ("max-bytes", "max_bytes", "Largest payload, in bytes.", int),
-        (
-            "poll-timeout",
-            "poll_timeout_seconds",
-            "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
-            float,
-        ),
-        (
-            "max-rendezvous",
-            "max_rendezvous",
-            "Rendezvous alive at once, across the server.",
-            int,
-        ),
-        (
-            "max-rendezvous-per-address",
-            "max_rendezvous_per_address",
-            "Rendezvous alive at once per client address.",
-            int,
-        ),
-        ("max-parked", "max_parked", "Parked long-poll GETs across the server.", int),
-        (
-            "max-parked-per-rendezvous",
-            "max_parked_per_rendezvous",
-            "Parked long-poll GETs on one rendezvous.",
-            int,
-        ),
-        ("create-burst", "create_burst", "Creates one client may make at once.", int),
-        (
-            "create-per-second",
-            "create_per_second",
-            "Creates per second refilling a client's create budget.",
-            float,
-        ),
-        (
-            "request-burst",
-            "request_burst",
-            "Requests of any kind one client may make at once.",
-            int,
-        ),
-        (
-            "request-per-second",
-            "request_per_second",
-            "Requests per second refilling a client's request budget.",
-            float,
-        ),
-        (
-            "max-rate-buckets",
-            "max_rate_buckets",
-            "Clients whose rate budgets are remembered (least recently seen dropped).",
-            int,
-        ),
-        (
-            "ipv6-prefix-length",
-            "ipv6_prefix_length",
-            "Bits of an IPv6 address that name one client (1 to 128).",
-            int,
-        ),
-        (
-            "header-timeout",
-            "header_timeout_seconds",
-            "Seconds a request's line and headers may take to arrive.",
-            float,
-        ),
-        (
-            "body-timeout",
-            "body_timeout_seconds",
-            "Seconds a request's body may take to arrive, after its headers.",
-            float,
-        ),
-        (
-            "idle-timeout",
-            "idle_timeout_seconds",
-            "Seconds a connection may stay open with no request on it (keep-alive; "
-            "HTTP/2: no stream open).",
-            float,
-        ),
-        (
-            "max-header-bytes",
-            "max_header_bytes",
-            "Bytes of a request's line and headers (HTTP/2: of its header block, "
-            "HEADERS and CONTINUATION, and of the decoded header list).",
-            int,
-        ),
-        ("max-headers", "max_headers", "Header lines of one request.", int),
-        (
-            "max-streams-per-connection",
-            "max_streams_per_connection",
-            "Requests (streams) open at once on one HTTP/2 connection, advertised in "
-            "SETTINGS; more are refused for the client to retry.",
-            int,
-        ),
-        ("max-connections", "max_connections", "Open connections across the server.", int),
-        (
-            "max-connections-per-address",
-            "max_connections_per_address",
-            "Open connections from one client address (trusted proxies exempt).",
-            int,
-        ),
-        (
-            "max-waiting-refusals",
-            "max_waiting_refusals",
-            "Connections refused at a connection cap that may wait for their request "
-            "before being answered (past it: answered at once and closed).",
-            int,
-        ),
-        (
-            "shutdown-timeout-seconds",
-            "shutdown_timeout_seconds",
-            "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
-            float,
-        ),
-        (
-            "store-timeout-seconds",
-            "store_timeout_seconds",
-            "Longest a request waits for Redis (--store) before a 503, in seconds.",
-            float,
-        ),
-    )
-    # (option, Config field): repeatable networks in CIDR notation.
-    _networks: tuple[tuple[str, str], ...] = (
-        ("trusted-proxy", "trusted_proxies"),
-        ("allow-create", "allow_create"),
-        ("deny", "deny"),
-    )
-
-    optParameters = [
-        [
-            option,
-            None,
-            getattr(_DEFAULTS, field),
-            f"{help_text} A positive {'whole ' if kind is int else ''}number.",
-        ]
-        for option, field, help_text, kind in _limits
-    ] + [
-        [
-            "public-url",
-            None,
-            None,
-            "Base URL of the server as clients reach it (scheme, host, any path prefix), "
-            "for the Location header. Default: the request's own scheme and Host.",
-        ],
-        [
-            "msc4108-session-prefix",
-            None,
-            _DEFAULTS.msc4108_session_prefix,
-            "Path under which MSC4108 session URLs live (a slash at each end).",
-        ],
-        [
-            "proxy-header",
-            None,
-            _DEFAULTS.proxy_header,
-            "The header trusted proxies name the client in: x-forwarded-for or forwarded "
-            "(RFC 7239). Only that one is read.",
-        ],
         [
             "tls-cert",
             None,
@@ -321,45 +161,14 @@ class Options(usage.Options):
     _flags: tuple[tuple[str, str], ...] = (("no-access-log", "Do not log a line per request."),)
     optFlags: ClassVar[list[list[str | None]]] = [[flag, None, text] for flag, text in _flags]
 
-    #: How the program is named in usage errors ("twistd rendezvous", or the
-    #: .tac's name), or None when these options are parsed by a library
-    #: caller: then a usage error is raised as UsageError rather than
-    #: ending the program.
-    program: str | None = None
-
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        # The opt_* docstrings are the help of their options, and Twisted
-        # keeps their line breaks and indentation as runs of spaces.
-        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items() if doc}
+        super().__init__()
+        # The networks' help is their Config field's, as the limits' is.
+        for option, field in _NETWORKS:
+            self.docs[option] = Config.help(field)
         self["listen"] = []
-        for option, _ in self._networks:
+        for option, _ in _NETWORKS:
             self[option] = []
-        #: The options given, with their values as written (the last one
-        #: of a repeated option), for messages.
-        self.given: dict[str, str] = {}
-        #: Option -> environment variable, when the options came from the
-        #: environment (L{options_from_environment}).
-        self.variables: dict[str, str] = {}
-
-    # Naming options as the user wrote them.
-
-    def name(self, option: str) -> str:
-        """
-        C{option} as the user spells it: C{--ttl}, or C{RENDEZVOUS_TTL}.
-        """
-        return self.variables.get(option, f"--{option}")
-
-    def spelled(self, option: str, value: str | None = None) -> str:
-        """
-        C{option} with a value as the user would write it: C{--ttl 60}, or
-        C{RENDEZVOUS_TTL=60}; with no value, the one given.
-        """
-        if value is None:
-            value = self.given.get(option, "")
-        if option in self.variables:
-            return f"{self.variables[option]}={value}"
-        return f"--{option} {shlex.quote(value)}"
 
     def _field_name(self, field: str) -> str:
         """
@@ -372,90 +181,7 @@ class Options(usage.Options):
             return field
         if option in self.given:
             return self.spelled(option)
-        return f"{self.name(option)} (default {_example(getattr(_DEFAULTS, field))})"
-
-    def usage_error(self, message: str) -> str:
-        """
-        The whole text of a usage error: the program, the message, and
-        where to read more.
-        """
-        hint = HELP_HINT
-        if self.variables:
-            hint += f" (each {ENVIRONMENT_PREFIX}NAME variable is the option --name)"
-        return f"{self.program}: {message}\n{hint}"
-
-    # Parsing.
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        """
-        Parse C{options} (C{sys.argv[1:]} when None).  A mistake raises
-        C{UsageError} with a message naming the option as written; when
-        run as a program (under twistd, or the .tac through
-        L{environment_service}) it ends the program with that message and
-        a pointer to the help instead, since twistd would print its whole
-        help before it.
-        """
-        if self.program is None and self.parent is not None:
-            self.program = "twistd rendezvous"
-        argv = list(sys.argv[1:] if options is None else options)
-        try:
-            if "--_shell-completion" not in argv:  # Twisted's own, for shells
-                self._read_words(argv)
-            super().parseOptions(argv)  # type: ignore[no-untyped-call]
-        except usage.UsageError as e:
-            # Twisted's words for a coercer's ValueError: the value is what counts.
-            message = str(e).removeprefix("Parameter type enforcement failed: ")
-            if self.program is None:
-                raise usage.UsageError(message) from None
-            raise SystemExit(self.usage_error(message)) from None
-
-    def _read_words(self, argv: list[str]) -> None:
-        """
-        Check the words of the command line as Twisted's parser will read
-        them (with getopt), so that a mistake is told in our words: an
-        unknown option with a guess at the one meant, an option of twistd
-        given after "rendezvous", a missing value.  Remember each value as
-        written, for later messages.
-        """
-        try:
-            found, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
-        except getopt.GetoptError as e:
-            raise usage.UsageError(self._getopt_message(e)) from None
-        for opt, value in found:
-            name = opt.lstrip("-")
-            self.given[self.synonyms.get(name.replace("-", "_"), name).replace("_", "-")] = value
-
-    def _getopt_message(self, error: getopt.GetoptError) -> str:
-        opt = error.opt
-        spelled = ("--" if len(opt) > 1 else "-") + opt
-        if "not recognized" in error.msg:
-            if opt.lower() in _PORT_WORDS:
-                return (
-                    f"no option {spelled}: give the port with --listen, e.g. --listen 9000 "
-                    "(on 127.0.0.1) or --listen tcp:9000:interface=0.0.0.0"
-                )
-            if self.parent is not None and _knows(self.parent, opt):
-                value = ""
-                if _takes_value(self.parent, opt):
-                    value = " VALUE" if len(opt) == 1 else "=VALUE"
-                return (
-                    f"{spelled} is an option of twistd itself: it goes before 'rendezvous' "
-                    f"(twistd {spelled}{value} rendezvous ...)"
-                )
-            names = sorted({n.rstrip("=") for n in self.longOpt})
-            close = difflib.get_close_matches(opt, names, n=1)
-            guess = f"; did you mean --{close[0]}?" if close else ""
-            return f"no option {spelled}{guess}"
-        if "requires argument" in error.msg:
-            default = self.defaults.get(opt.replace("-", "_"), self.defaults.get(opt))
-            example = f", e.g. {spelled} {_example(default)}" if default is not None else ""
-            return f"{spelled} needs a value{example}"
-        if "must not have an argument" in error.msg:
-            return f"{spelled} takes no value"
-        if "not a unique prefix" in error.msg:
-            names = sorted(n.rstrip("=") for n in self.longOpt if n.startswith(opt))
-            return f"{spelled} could be any of --{', --'.join(names)}"
-        return error.msg
+        return f"{self.name(option)} (default {example(getattr(_DEFAULTS, field))})"
 
     def parseArgs(self, *args: str) -> None:
         if args:
@@ -471,23 +197,23 @@ class Options(usage.Options):
         print(version_line())
         sys.exit(0)
 
+    # The networks, repeatable; their help is Config's (see __init__).
+
     def opt_trusted_proxy(self, network: str) -> None:
         """
-        A network (CIDR) of reverse proxies trusted to name the client (in
-        the --proxy-header) and its scheme (repeatable).
+        L{Config.trusted_proxies}.
         """
         self["trusted-proxy"].append(network)
 
     def opt_allow_create(self, network: str) -> None:
         """
-        A network (CIDR) allowed to create rendezvous (repeatable; default:
-        everyone).
+        L{Config.allow_create}.
         """
         self["allow-create"].append(network)
 
     def opt_deny(self, network: str) -> None:
         """
-        A network (CIDR) refused everything with 403 (repeatable).
+        L{Config.deny}.
         """
         self["deny"].append(network)
 
@@ -512,44 +238,37 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"{self.spelled('log-format')}: must be one of {', '.join(logs.FORMATS)}"
             )
-        limits: dict[str, Any] = {}
-        for option, field, _, kind in self._limits:
+        fields: dict[str, Any] = {field: self[option] for option, field in _TEXTS}
+        for option, field in _LIMITS:
             value = self[option]
             if isinstance(value, str):
                 try:
-                    value = _number(kind, value)
+                    value = number(_kind(field), value)
                 except ValueError as e:
-                    example = self.spelled(option, _example(getattr(_DEFAULTS, field)))
+                    shown = self.spelled(option, example(getattr(_DEFAULTS, field)))
                     raise usage.UsageError(
-                        f"{self.spelled(option, value)}: {e}, e.g. {example}"
+                        f"{self.spelled(option, value)}: {e}, e.g. {shown}"
                     ) from None
-            limits[field] = self[option] = value
-        for option, _ in self._networks:
+            fields[field] = self[option] = value
+        for option, field in _NETWORKS:
             for network in self[option]:
                 try:
                     parse_network(network)
                 except ValueError as e:
-                    example = self.spelled(option, "10.0.0.0/8")
+                    shown = self.spelled(option, "10.0.0.0/8")
                     raise usage.UsageError(
-                        f"{self.spelled(option, network)}: {e}, e.g. {example}"
+                        f"{self.spelled(option, network)}: {e}, e.g. {shown}"
                     ) from None
+            fields[field] = tuple(self[option])
         try:
-            fields: dict[str, Any] = {
-                field: tuple(self[option]) for option, field in self._networks
-            }
-            self["config"] = Config(
-                public_url=self["public-url"],
-                msc4108_session_prefix=self["msc4108-session-prefix"],
-                proxy_header=self["proxy-header"],
-                **fields,
-                **limits,
-            )
+            self["config"] = Config(**fields)
         except ConfigError as e:
             raise usage.UsageError(e.render(self._field_name)) from None
         self["store-url"] = self._store_url()
+        self._parse_listeners()
         self._check_tls()
         self._check_clashes()
-        self._check_twistd()
+        self.check_twistd(json_logs=self["log-format"] == "json")
 
     def _store_url(self) -> StoreURL | None:
         """
@@ -595,13 +314,43 @@ class Options(usage.Options):
             )
         return url
 
+    def _parse_listeners(self) -> None:
+        """
+        Parse each --listen and the --metrics description, once
+        (L{endpoints.parse}): C{self["listeners"]} and
+        C{self["metrics-listener"]} (None without --metrics) are what the
+        start listens on.  Refuse one that cannot listen.
+        """
+        listeners = []
+        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
+        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+            label = self.label(option, description)
+            try:
+                listeners.append(endpoints.parse(description, label))
+            except endpoints.EndpointError as e:
+                raise self._endpoint_error(option, label, e) from None
+        self["listeners"] = listeners[: len(self["listen"])]
+        self["metrics-listener"] = listeners[-1] if metrics else None
+
+    def _endpoint_error(
+        self, option: str, label: str, error: endpoints.EndpointError
+    ) -> usage.UsageError:
+        if error.needs_certificate:
+            hint = (
+                f"give {self.name('tls-cert')} and {self.name('tls-key')} (or privateKey= in ssl:)"
+            )
+        else:
+            examples = error.examples or _ENDPOINT_EXAMPLES[option]
+            hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
+        return usage.UsageError(f"{label}: {error}; {hint}")
+
     def _check_tls(self) -> None:
         """
-        Refuse endpoints that cannot listen (L{endpoints.check}), and TLS
-        settings that cannot serve: one of --tls-cert and --tls-key without
-        the other, files given that no listener uses (a server an operator
-        meant to be TLS must not quietly serve plain HTTP), a TLS listener
-        without files, or files that do not load.
+        Refuse TLS settings that cannot serve: one of --tls-cert and
+        --tls-key without the other, files given that no listener uses (a
+        server an operator meant to be TLS must not quietly serve plain
+        HTTP), a TLS listener without files, or files that do not load.
+        Each TLS listener is given the files it serves (L{endpoints.serving}).
         """
         cert, key = self["tls-cert"], self["tls-key"]
         if (cert is None) != (key is None):
@@ -610,22 +359,18 @@ class Options(usage.Options):
             )
         default = tls.CertificateFiles(Path(cert), Path(key)) if cert and key else None
         used = False
-        metrics = [("metrics", self["metrics"])] if self["metrics"] else []
-        for option, description in [*(("listen", d) for d in self["listen"]), *metrics]:
+        metrics = [("metrics", self["metrics-listener"])] if self["metrics"] else []
+        listeners = [*(("listen", listener) for listener in self["listeners"]), *metrics]
+        for index, (option, listener) in enumerate(listeners):
             try:
-                endpoints.check(description, default)
+                listener = endpoints.serving(listener, default)
             except endpoints.EndpointError as e:
-                if e.needs_certificate:
-                    hint = (
-                        f"give {self.name('tls-cert')} and {self.name('tls-key')} "
-                        "(or privateKey= in ssl:)"
-                    )
-                else:
-                    examples = e.examples or _ENDPOINT_EXAMPLES[option]
-                    hint = "e.g. " + " or ".join(self.spelled(option, x) for x in examples)
-                spelled = self.label(option, description)
-                raise usage.UsageError(f"{spelled}: {e}; {hint}") from None
-            files = tls.tls_files(description, default)
+                raise self._endpoint_error(option, listener.label, e) from None
+            if option == "metrics":
+                self["metrics-listener"] = listener
+            else:
+                self["listeners"][index] = listener
+            files = listener.files
             if files is None:
                 continue
             try:
@@ -662,12 +407,12 @@ class Options(usage.Options):
         twice, C{--metrics 8080} beside the default C{--listen}): the second
         would fail at start as if another process held the port.
         """
-        listeners = [(self.label("listen", d), d) for d in self["listen"]]
-        if self["metrics"]:
-            listeners.append((self.label("metrics", self["metrics"]), self["metrics"]))
+        listeners = list(self["listeners"])
+        if self["metrics-listener"] is not None:
+            listeners.append(self["metrics-listener"])
         seen: list[tuple[str, tuple[int, int, str]]] = []
-        for spelled, description in listeners:
-            address = endpoints.tcp_address(description)
+        for listener in listeners:
+            spelled, address = listener.label, listener.address
             if address is None:
                 continue
             for earlier, other in seen:
@@ -696,192 +441,28 @@ class Options(usage.Options):
                 return self.spelled(option, written)
         return self.spelled(option, description)
 
-    def _check_twistd(self) -> None:
-        """
-        Refuse a log or PID file of twistd's (given before "rendezvous")
-        that twistd could not write: it would fail with a traceback once
-        it opens them, after these options.
-        """
-        parent = self.parent
-        if parent is None:
-            return
-        for option in ("logfile", "pidfile"):
-            try:
-                path = parent[option]
-            except KeyError:
-                continue
-            if not path or path == "-":
-                continue
-            if option == "pidfile":
-                path = os.path.join(parent.get("rundir") or ".", path)
-            problem = _unwritable(Path(path))
-            if problem:
-                raise usage.UsageError(f"twistd's --{option} {path}: {problem}")
-        if self["log-format"] == "json":
-            self._check_json_logs(parent)
-
-    def _check_json_logs(self, parent: Any) -> None:
-        """
-        Refuse JSON logs that would reach nobody: they go to standard
-        output, which a daemonized twistd closes, and twistd's --logfile or
-        --syslog would be silently left unused.
-        """
-        json = self.spelled("log-format", "json")
-        where = None
-        if parent.get("logfile") not in (None, "", "-"):
-            where = f"--logfile {parent['logfile']}"
-        elif parent.get("syslog"):
-            where = "--syslog"
-        if where is not None:
-            raise usage.UsageError(
-                f"{json} writes to standard output, not to twistd's {where}: drop one of them "
-                "(journald and log collectors read standard output)"
-            )
-        if not parent.get("nodaemon"):
-            raise usage.UsageError(
-                f"{json} writes to standard output, which twistd closes when it daemonizes: "
-                "add -n before 'rendezvous' (twistd -n rendezvous ...), or log text to "
-                "twistd.log without it"
-            )
-
-
-def _unwritable(path: Path) -> str | None:
-    """
-    Why C{path} could not be opened for writing, or None.
-    """
-    if path.is_dir():
-        return "is a directory"
-    if path.exists():
-        return None if os.access(path, os.W_OK) else "permission denied"
-    directory = path.parent
-    if not directory.is_dir():
-        return f"no such directory: {directory}"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"cannot create a file in {directory}: permission denied"
-    return None
-
-
-def _knows(options: Any, opt: str) -> bool:
-    """
-    Whether C{options} (twistd's own) has the option C{opt}.
-    """
-    synonyms = getattr(options, "synonyms", {})
-    return opt in synonyms or opt.replace("-", "_") in synonyms
-
-
-def _takes_value(options: Any, opt: str) -> bool:
-    long = options.synonyms.get(opt, options.synonyms.get(opt.replace("-", "_"), opt))
-    return f"{long}=" in options.longOpt or f"{long.replace('_', '-')}=" in options.longOpt
-
 
 #: Two good examples for each option that takes an endpoint.
 _ENDPOINT_EXAMPLES = {
     "listen": ("9000", "tcp:9000:interface=0.0.0.0"),
     "metrics": ("9090", "tcp:9090:interface=127.0.0.1"),
 }
-#: Config field -> the option that sets it.
-_FIELD_OPTIONS: dict[str, str] = {
-    **{field: option for option, field, _, _ in Options._limits},
-    **{field: option for option, field in Options._networks},
-    "public_url": "public-url",
-    "msc4108_session_prefix": "msc4108-session-prefix",
-    "proxy_header": "proxy-header",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """
-    One option of L{Options} as users set it: on the command line, or
-    through its environment variable for the .tac.
-    """
-
-    #: The option's long name, without dashes.
-    option: str
-    #: The .tac's environment variable.
-    variable: str
-    #: Whether it takes a value (else it is a flag).
-    takes_value: bool
-    #: Whether it may be given more than once (the variable then holds
-    #: several values, separated by spaces).
-    repeatable: bool
-    #: What an empty command line gives it.
-    default: Any
 
 
 def settings() -> list[Setting]:
     """
-    Every option of L{Options}, whoever declared it and however (a
-    parameter, a flag, an C{opt_} method), but C{--help} and C{--version}.
+    Every option of L{Options}, whoever declared it and however, with its
+    .tac environment variable and its default.
     """
-    blank = Options()
-    effective = Options()
-    effective.parseOptions([])
-    found = []
-    for long in blank.longOpt:
-        option = long.rstrip("=")
-        if option in ("help", "version"):
-            continue
-        key = blank.synonyms.get(option.replace("-", "_"), option)
-        key = key if key in effective else option
-        found.append(
-            Setting(
-                option=option,
-                variable=ENVIRONMENT_PREFIX + option.upper().replace("-", "_"),
-                takes_value=long.endswith("="),
-                repeatable=isinstance(blank.get(key), list),
-                default=effective.get(key),
-            )
-        )
-    return found
+    return environment.settings(Options)
 
 
 def options_from_environment(environ: Mapping[str, str], program: str | None = None) -> Options:
     """
-    Parse L{Options} from C{RENDEZVOUS_*} environment variables, one per
-    option (L{settings}): C{--max-bytes} is C{RENDEZVOUS_MAX_BYTES}, a
-    repeatable option's variable holds its values separated by spaces
-    (C{RENDEZVOUS_LISTEN}, C{RENDEZVOUS_TRUSTED_PROXY}...), and a flag's is
-    1 or 0.  A C{RENDEZVOUS_*} variable that is no option's is refused
-    (a typo would otherwise be silently ignored).  Mistakes name the
-    variable; with a C{program} they end it (see L{Options.parseOptions}).
+    L{Options} from C{RENDEZVOUS_*} environment variables, one per option
+    (L{rendezvous_twisted.ops.environment.options_from_environment}).
     """
-    options = Options()
-    options.program = program
-    known = {s.variable: s for s in settings()}
-    options.variables = {s.option: s.variable for s in known.values()}
-    argv: list[str] = []
-    try:
-        for variable in sorted(environ):
-            if not variable.startswith(ENVIRONMENT_PREFIX):
-                continue
-            value = environ[variable]
-            setting = known.get(variable)
-            if setting is None:
-                close = difflib.get_close_matches(variable, list(known), n=1)
-                guess = f"; did you mean {close[0]}?" if close else ""
-                word = variable.removeprefix(ENVIRONMENT_PREFIX).lower().replace("_", "-")
-                if word in _PORT_WORDS:
-                    listen = f"{ENVIRONMENT_PREFIX}LISTEN"
-                    guess = (
-                        f": give the port with {listen}, e.g. {listen}=9000 (on 127.0.0.1) "
-                        f"or {listen}=tcp:9000:interface=0.0.0.0"
-                    )
-                raise usage.UsageError(f"{variable}={value}: no such setting{guess}")
-            if not setting.takes_value:
-                if value.lower() in ("1", "true", "yes"):
-                    argv.append(f"--{setting.option}")
-                elif value.lower() not in ("", "0", "false", "no"):
-                    raise usage.UsageError(f"{variable}={value}: must be 1 or 0")
-                continue
-            for one in value.split() if setting.repeatable else [value]:
-                argv.append(f"--{setting.option}={one}")
-    except usage.UsageError as e:
-        if program is None:
-            raise
-        raise SystemExit(options.usage_error(str(e))) from None
-    options.parseOptions(argv)
-    return options
+    return environment.options_from_environment(Options, environ, program)
 
 
 def environment_service(environ: Mapping[str, str]) -> IService:
@@ -912,14 +493,9 @@ def makeService(
 
         reactor = global_reactor
     config: Config = options["config"]
-    store: RendezvousStore
-    if options["store-url"] is None:
-        store = MemoryStore(config, reactor)
-    else:
-        redis = RedisStore(config, reactor, reactor, options["store-url"])
-        store = redis
-    metrics = Metrics()
-    guard = Guard(config, reactor, metrics)
+    store = open_store(config, reactor, options["store-url"])
+    counts = Metrics()
+    guard = Guard(config, reactor, counts)
     api = RendezvousAPI(store, config, reactor, guard)
     site = RendezvousSite(
         api.resource(),
@@ -940,27 +516,22 @@ def makeService(
     # First in, last out: the listeners stop before the store answers its
     # parked readers.
     lifecycle = Lifecycle()
-    connections = store.service if isinstance(store, RedisStore) else None
     # HTTP/2 is spoken on TLS listeners when h2 is installed.
-    any_tls = any(
-        tls.tls_files(description, options["tls-default"]) is not None
-        for description in options["listen"]
-    )
+    any_tls = any(listener.tls for listener in options["listeners"])
     http2 = wire.H2_AVAILABLE and any_tls
     if any_tls and not wire.H2_AVAILABLE:
         Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
-    StoreService(store, config, reactor, site, lifecycle, connections, http2).setServiceParent(root)  # type: ignore[no-untyped-call]
+    StoreService(store, config, reactor, site, lifecycle, http2=http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
     # kill the process, and a "systemctl reload" must never do that.
     HangupReloader(contexts.reload, reactor).setServiceParent(root)  # type: ignore[no-untyped-call]
     listeners = []
-    for description in options["listen"]:
-        endpoint = _endpoint(options, "listen", description, reactor, contexts)
-        listener = ListenerService(endpoint, site)  # type: ignore[no-untyped-call]
-        listener.label = options.label("listen", description)
-        if tls.tls_files(description, options["tls-default"]) is not None:
-            listener.scheme = "https"
+    for parsed in options["listeners"]:
+        endpoint = _endpoint(options, parsed, reactor, contexts)
+        listener = ListenerService(endpoint, site)
+        listener.label = parsed.label
+        listener.scheme = parsed.scheme
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]
         listeners.append(listener)
 
@@ -982,13 +553,13 @@ def makeService(
         reactor,
         systemd.watchdog_interval_seconds(environ, os.getpid()),
     ).setServiceParent(root)  # type: ignore[no-untyped-call]
-    if options["metrics"]:
-        _watch(metrics, store, site, contexts)
-        endpoint = _endpoint(options, "metrics", options["metrics"], reactor, contexts)
+    if options["metrics-listener"] is not None:
+        metrics.watch(counts, store, site, contexts)
+        endpoint = _endpoint(options, options["metrics-listener"], reactor, contexts)
         late = LateListenerService(
             endpoint,
-            metrics_site(
-                metrics,
+            metrics.metrics_site(
+                counts,
                 lambda: lifecycle.stopping,
                 reactor,
                 store_available=lambda: store.available,
@@ -996,131 +567,28 @@ def makeService(
             ),
             lifecycle,
         )
-        late.label = options.label("metrics", options["metrics"])
+        late.label = options["metrics-listener"].label
         late.path = "metrics"
-        if tls.tls_files(options["metrics"], None) is not None:
-            late.scheme = "https"
+        late.scheme = options["metrics-listener"].scheme
         late.setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root
 
 
-class Http2Off(Service):
-    """
-    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
-    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
-    served HTTP/1.1 without a word.
-    """
-
-    log = Logger()
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self.log.info(
-            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
-            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
-        )
-
-
 def _endpoint(
-    options: Options, option: str, description: str, reactor: Any, contexts: tls.ContextRegistry
+    options: Options, listener: endpoints.Listener, reactor: Any, contexts: tls.ContextRegistry
 ) -> IStreamServerEndpoint:
     """
-    The endpoint of a checked C{--listen} or C{--metrics} description;
-    what only the start can tell is wrong with it (a socket systemd did not
+    The endpoint of a parsed C{--listen} or C{--metrics} listener; what
+    only the start can tell is wrong with it (a socket systemd did not
     pass, certificate files gone since) ends the program, or raises
     L{StartupError} for a library caller.
     """
-    default = options["tls-default"] if option == "listen" else None
     try:
-        return endpoints.listen_endpoint(reactor, description, contexts, default)
+        return endpoints.listen_endpoint(reactor, listener, contexts)
     except (endpoints.EndpointError, tls.CertificateError) as e:
-        message = f"{options.label(option, description)}: {e}"
+        message = f"{listener.label}: {e}"
         if options.program is None:
             raise StartupError(message) from e
         raise SystemExit(f"{options.program}: {message}") from None
-
-
-def _watch(
-    metrics: Metrics, store: RendezvousStore, site: RendezvousSite, contexts: tls.ContextRegistry
-) -> None:
-    """
-    Export the counts that the store, the site and the TLS contexts keep.
-    """
-    metrics.watch(
-        "rendezvous_created", "Rendezvous created.", "counter", lambda: store.created_total
-    )
-    metrics.watch(
-        "rendezvous_deleted",
-        "Rendezvous deleted by a client.",
-        "counter",
-        lambda: store.deleted_total,
-    )
-    metrics.watch(
-        "rendezvous_expired",
-        "Rendezvous that reached their expiry.",
-        "counter",
-        lambda: store.expired_total,
-    )
-    metrics.watch(
-        "rendezvous_live",
-        "Rendezvous held now (expired ones not reclaimed yet included).",
-        "gauge",
-        lambda: store.rendezvous_count,
-    )
-    metrics.watch(
-        "rendezvous_parked_readers",
-        "Long-poll GETs parked now.",
-        "gauge",
-        lambda: store.parked_count,
-    )
-    if isinstance(store, RedisStore):
-        metrics.watch(
-            "rendezvous_store_available",
-            "1 while both connections to Redis are up, else 0.",
-            "gauge",
-            lambda: int(store.available),
-        )
-    metrics.watch(
-        "rendezvous_http_connections",
-        "Open HTTP connections.",
-        "gauge",
-        lambda: site.connection_count,
-    )
-    metrics.watch(
-        "rendezvous_http_connections_max",
-        "The connection cap (--max-connections): past it new connections get 503.",
-        "gauge",
-        lambda: site.admission.max_connections,
-    )
-    metrics.watch(
-        "rendezvous_http_saturated",
-        "1 from when the open connections reach the cap until they fall a tenth below it "
-        "(/health answers 503 saturated meanwhile), else 0.",
-        "gauge",
-        lambda: int(site.saturated),
-    )
-    metrics.watch(
-        "rendezvous_http_refusals_waiting",
-        "Connections refused at a connection cap, waiting for their request to be answered.",
-        "gauge",
-        lambda: site.admission.waiting_refusals,
-    )
-    metrics.watch(
-        "rendezvous_http_requests_in_flight",
-        "Requests being received or answered.",
-        "gauge",
-        lambda: site.in_flight,
-    )
-
-    def reloads() -> dict[str, int]:
-        total = {"success": 0, "failure": 0}
-        for context in contexts.contexts:
-            for outcome, count in context.reloads.items():
-                total[outcome] += count
-        return total
-
-    metrics.watch(
-        "rendezvous_tls_reloads", "TLS certificate reloads, by outcome.", "counter", reloads
-    )

@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import MemoryStore, RendezvousStore
+from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http.guard import Guard
 from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.protocols import RendezvousAPI

@@ -19,9 +19,11 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from rendezvous_twisted.core import budget
 from rendezvous_twisted.core.conditions import ANY
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.ratelimit import RateLimiter
-from rendezvous_twisted.core.store import MemoryStore
 from rendezvous_twisted.ops.service import StoreService
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import parse_store_url
 
 from .conftest import BufferingTransport, fired, make_site
 
@@ -233,6 +235,26 @@ def test_rendezvous_in_redis_leave_the_process_budget() -> None:
     [item] = budget.redis_memory(config).items
     assert item.count == config.max_rendezvous
     assert item.bytes_each >= config.max_bytes + config.max_content_type_bytes
+
+
+def test_a_redis_stores_start_logs_both_budgets() -> None:
+    """
+    Starting the service of a Redis store logs the process' budget without
+    the rendezvous, and the Redis one that holds them for every process.
+    """
+    config = Config(max_rendezvous=500)
+    # Its connections are tried on a reactor that only records them.
+    reactor = MemoryReactorClock()
+    store = RedisStore(config, reactor, reactor, parse_store_url("unix:///nonexistent/redis.sock"))
+    service = StoreService(store, config, reactor)
+    with capturedLogs() as events:
+        service.startService()
+    lines = [formatEvent(e) for e in events]
+    process = budget.worst_case_memory(config, in_redis=True).describe()
+    shared = budget.redis_memory(config).describe()
+    assert f"worst-case memory at these limits: {process}" in lines, lines
+    assert f"worst-case memory in Redis, for all processes together: {shared}" in lines, lines
+    assert [path for path, *_ in reactor.unixClients] == ["/nonexistent/redis.sock"] * 2
 
 
 def test_http2_connections_are_priced_at_their_limits() -> None:

@@ -29,7 +29,8 @@ from rendezvous_twisted.client.rendezvous import (
 )
 from rendezvous_twisted.core.conditions import Condition
 from rendezvous_twisted.core.config import Config
-from rendezvous_twisted.core.store import MemoryStore, Wakeup
+from rendezvous_twisted.core.memory import MemoryStore
+from rendezvous_twisted.core.store import Wakeup
 
 from .conftest import BASE, Harness, answered, fired, make_site
 

@@ -1,10 +1,11 @@
 """
 The fence around C{twisted.web._http2} and h2's internals: every private
-name L{rendezvous_twisted.http.http2} relies on still exists, and the code of
-every Twisted and h2 method it overrides or calls is the code it was written
-against.  When Twisted or h2 changes one of them, these fail loudly, naming
-it: read the new code against rendezvous_twisted/http/http2.py, adapt the
-module, update the digest here and the version pins in pyproject.toml.
+name L{rendezvous_twisted.http.http2} and L{rendezvous_twisted.http.http2_limits}
+rely on still exists, and the code of every Twisted and h2 method they
+override or call is the code they were written against.  When Twisted or h2
+changes one of them, these fail loudly, naming it: read the new code against
+rendezvous_twisted/http/http2.py and http2_limits.py, adapt them, update the
+digest here and the version pins in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _http2 = pytest.importorskip("twisted.web._http2", reason="the http2 extra is no
 import h2.connection  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from rendezvous_twisted.http import http2  # noqa: E402
+from rendezvous_twisted.http import http2, http2_limits  # noqa: E402
 
 #: A digest of each method's source, as tested (Twisted 26.10.0, h2 4.4.1).
 SOURCES: dict[str, str] = {
@@ -66,7 +67,8 @@ def test_what_we_override_or_call_is_unchanged(name: str) -> None:
     digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
     assert digest == SOURCES[name], (
         f"{name} changed (Twisted or h2 was upgraded): review rendezvous_twisted/http/http2.py "
-        f"against its new code, then update its digest here and the pins in pyproject.toml"
+        f"and http2_limits.py against its new code, then update its digest here and the pins "
+        f"in pyproject.toml"
     )
 
 
@@ -89,6 +91,6 @@ def test_every_private_name_exists(owner: str, attribute: str) -> None:
 
 def test_h2_remembers_fewer_closed_streams() -> None:
     """The h2 state machine of a connection keeps MAX_CLOSED_STREAMS closed streams, not 65536."""
-    machine = http2._StateMachine()
+    machine = http2_limits._StateMachine()
     closed: Any = machine._closed_streams
-    assert closed._size_limit == http2.MAX_CLOSED_STREAMS
+    assert closed._size_limit == http2_limits.MAX_CLOSED_STREAMS

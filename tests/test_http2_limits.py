@@ -34,7 +34,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 
 from rendezvous_twisted.core.conditions import ANY  # noqa: E402
-from rendezvous_twisted.http import http2  # noqa: E402
+from rendezvous_twisted.http import http2, http2_limits  # noqa: E402
 from rendezvous_twisted.http.http1 import LINGER_SECONDS  # noqa: E402
 
 from .conftest import Harness, fired  # noqa: E402
@@ -495,13 +495,13 @@ def test_bodies_in_progress_are_bounded_by_the_connection_window() -> None:
         if room:
             peer.client.send_data(stream, b"x" * room)
     peer.send()
-    assert held_body_bytes(peer) == http2.DEFAULT_WINDOW
+    assert held_body_bytes(peer) == http2_limits.DEFAULT_WINDOW
     assert peer.client.outbound_flow_control_window == 0
     # Each stream's window is one body and a byte: never reopened.
     assert peer.client.local_flow_control_window(streams[0]) == 0
     peer.client.reset_stream(streams[0])
     peer.send()
-    assert held_body_bytes(peer) == http2.DEFAULT_WINDOW - 10000
+    assert held_body_bytes(peer) == http2_limits.DEFAULT_WINDOW - 10000
     assert peer.client.outbound_flow_control_window >= 10000
 
 
@@ -551,7 +551,7 @@ def test_a_flood_of_resets_is_answered_with_goaway() -> None:
     rendezvous_id, etag = create(harness)
     peer = Peer(harness)
     fields = request("GET", f"/{rendezvous_id}", ("if-none-match", etag.decode()))
-    for _ in range(http2.RESET_BURST + 1):
+    for _ in range(http2_limits.RESET_BURST + 1):
         if peer.goaway is not None:
             break
         stream = peer.client.get_next_available_stream_id()

@@ -26,8 +26,8 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, capturedLogs, forma
 from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.metrics import Metrics
-from rendezvous_twisted.core.store import MemoryStore
 from rendezvous_twisted.http.answers import HTTPError
 from rendezvous_twisted.http.site import redact
 from rendezvous_twisted.ops import logs

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rendezvous_twisted.redis.store import HEARTBEAT_TIMEOUTS
+from rendezvous_twisted.redis.connections import HEARTBEAT_TIMEOUTS
 
 from .redis_server import RedisServer, SilentLink
 from .test_end_to_end import Conn, Headers, Response, create, etag_of

@@ -21,7 +21,8 @@ from rendezvous_twisted.core import budget
 from rendezvous_twisted.core.conditions import ANY
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import NotFound, StoreUnavailable
-from rendezvous_twisted.redis.store import RedisStore, StoreURL, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import StoreURL, parse_store_url
 from tests.conftest import BASE, Answer, Harness, fired, on_reactor
 from tests.redis_server import RedisServer
 

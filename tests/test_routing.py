@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from werkzeug.exceptions import HTTPException
 
 from rendezvous_twisted.core.config import Config
-from rendezvous_twisted.core.store import MemoryStore
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.http.guard import _check_host
 from rendezvous_twisted.protocols import RendezvousAPI
 

@@ -385,7 +385,7 @@ def test_a_listen_failure_is_a_startup_error_naming_the_listener() -> None:
 
     with _taken_port() as taken:
         port = taken.getsockname()[1]
-        listener = ListenerService(TCP4ServerEndpoint(reactor, port, interface=HOST), Factory())  # type: ignore[no-untyped-call]
+        listener = ListenerService(TCP4ServerEndpoint(reactor, port, interface=HOST), Factory())
         listener.label = f"--listen {port}"
         with pytest.raises(StartupError) as caught:
             listener.privilegedStartService()

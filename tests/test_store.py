@@ -22,12 +22,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 
-from rendezvous_twisted.core import conditions
+from rendezvous_twisted.core import budget, conditions
 from rendezvous_twisted.core.conditions import ANY, NOTHING, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.store import (
     Full,
-    MemoryStore,
     NotFound,
     PreconditionFailed,
     RendezvousStore,
@@ -36,7 +36,8 @@ from rendezvous_twisted.core.store import (
     Wakeup,
     new_etag,
 )
-from rendezvous_twisted.redis.store import RedisStore, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import parse_store_url
 
 from .conftest import EPOCH, answered, on_reactor, reactor_fixture
 
@@ -484,6 +485,72 @@ async def test_a_create_or_delete_its_caller_gave_up_on_still_counts(make: Store
     await until(lambda: store.deleted_total == 1, "the delete counted")
     assert isinstance(await failure_of(store.read(created.rendezvous_id)), NotFound)
     assert store.created_total == 2
+
+
+# What every store tells beside its operations (the rest of the contract).
+
+
+@on_reactor
+async def test_readings_export_the_counts_and_a_shared_stores_availability(
+    make: Stores,
+) -> None:
+    """
+    A store's metrics are its counts, read when scraped; a Redis store also
+    exports whether it can reach Redis, the memory store (always available) does not.
+    """
+    store, _ = await make()
+    readings = {reading.name: reading for reading in store.readings()}
+    await create(store)
+    gone = await create(store)
+    await store.delete(gone.rendezvous_id)
+    now = {name: reading.read() for name, reading in readings.items()}
+    assert now == {
+        "rendezvous_created": 2,
+        "rendezvous_deleted": 1,
+        "rendezvous_expired": 0,
+        # Redis: as this process saw it at its last create.
+        "rendezvous_live": 1 if make.kind == "memory" else 2,
+        "rendezvous_parked_readers": 0,
+        **({"rendezvous_store_available": 1} if make.kind == "redis" else {}),
+    }
+    assert [readings[name].kind for name in sorted(now)] == [
+        "counter",
+        "counter",
+        "counter",
+        "gauge",
+        "gauge",
+        *(["gauge"] if make.kind == "redis" else []),
+    ]
+
+
+def test_an_unreachable_redis_reads_as_unavailable() -> None:
+    """A Redis store that has no connection exports rendezvous_store_available 0."""
+    from twisted.internet import reactor
+
+    store = RedisStore(Config(), Clock(), reactor, parse_store_url("redis://127.0.0.1:1/0"))
+    [available] = [r for r in store.readings() if r.name == "rendezvous_store_available"]
+    assert available.read() == 0
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_store_says_where_its_memory_is_budgeted(kind: str) -> None:
+    """
+    The memory store's rendezvous count in this process' budget; a Redis
+    store names the budget of the Redis all processes share.
+    """
+    from twisted.internet import reactor
+
+    config = Config(max_rendezvous=70, max_bytes=100)
+    store: RendezvousStore
+    if kind == "memory":
+        store = MemoryStore(config, Clock())
+        assert store.memory_elsewhere() is None
+    else:
+        store = RedisStore(config, Clock(), reactor, parse_store_url("redis://127.0.0.1:1/0"))
+        assert store.memory_elsewhere() == (
+            "in Redis, for all processes together",
+            budget.redis_memory(config),
+        )
 
 
 @on_reactor

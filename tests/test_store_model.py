@@ -32,9 +32,9 @@ from twisted.python.failure import Failure
 from rendezvous_twisted.core import conditions
 from rendezvous_twisted.core.conditions import ANY, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.memory import MemoryStore
 from rendezvous_twisted.core.store import (
     Full,
-    MemoryStore,
     NotFound,
     PreconditionFailed,
     TooLarge,

@@ -31,10 +31,12 @@ import twisted.plugins
 from rendezvous_twisted import tap
 from rendezvous_twisted.core.conditions import parse
 from rendezvous_twisted.core.config import Config
-from rendezvous_twisted.core.store import MemoryStore, NotFound, Version
+from rendezvous_twisted.core.memory import MemoryStore
+from rendezvous_twisted.core.store import NotFound, Version
 from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.ops.service import StoreService
-from rendezvous_twisted.redis.store import RedisStore, parse_store_url
+from rendezvous_twisted.redis.store import RedisStore
+from rendezvous_twisted.redis.url import parse_store_url
 
 from .conftest import answered, fired
 
@@ -536,6 +538,25 @@ def test_bad_msc4108_session_prefix_is_a_usage_error() -> None:
     """A session prefix that Config refuses is a UsageError naming it."""
     with pytest.raises(usage.UsageError, match=r"^--msc4108-session-prefix / must be a path"):
         parsed(["--msc4108-session-prefix=/"])
+
+
+@pytest.mark.parametrize(("option", "field", "variable", "argument", "value"), EVERY_OPTION)
+def test_an_options_help_is_its_config_fields_description(
+    option: str, field: str, variable: str, argument: str, value: Any
+) -> None:
+    """Each option setting a Config field is the one the field names; its help is the field's."""
+    assert Config.options()[field] == option
+    assert tap.Options().docs[option].startswith(Config.help(field))
+
+
+def test_every_config_field_but_one_is_an_option() -> None:
+    """Every Config field is set by an option named beside it, but max_content_type_bytes."""
+    named = set(Config.options())
+    assert named == {f.name for f in dataclasses.fields(Config)} - {"max_content_type_bytes"}
+    settings = {s.option for s in tap.settings()}
+    assert set(Config.options().values()) <= settings
+    for network in ("trusted_proxies", "allow_create", "deny"):
+        assert tap.Options().docs[Config.options()[network]] == Config.help(network)
 
 
 def test_help_texts_are_wrapped_without_runs_of_spaces() -> None:

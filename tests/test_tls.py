@@ -1,7 +1,7 @@
 """
-Tests for L{rendezvous_twisted.ops.tls}: endpoint descriptions, certificate
-loading, and real TLS listeners on the real reactor, talked to by treq with
-service-identity checking the host name, across a certificate reload.
+Tests for L{rendezvous_twisted.ops.tls}: certificate loading, and real TLS
+listeners on the real reactor, talked to by treq with service-identity
+checking the host name, across a certificate reload.
 """
 
 from __future__ import annotations
@@ -39,62 +39,6 @@ from .conftest import on_reactor, reactor_fixture
 from .test_tap import descendants
 
 reactor: Any = _reactor
-
-
-# Descriptions.
-
-
-@pytest.mark.parametrize(
-    ("description", "args", "kwargs"),
-    [
-        ("ssl:443", ["ssl", "443"], {}),
-        (
-            r"ssl:port=8443:interface=\:\::privateKey=/k\:ey.pem",
-            ["ssl"],
-            {"port": "8443", "interface": "::", "privateKey": "/k:ey.pem"},
-        ),
-        ("tcp:80:interface=a=b", ["tcp", "80"], {"interface": "a=b"}),
-    ],
-)
-def test_split_description(description: str, args: list[str], kwargs: dict[str, str]) -> None:
-    """Descriptions split on unescaped colons, with backslash escapes and name=value keywords."""
-    assert tls.split_description(description) == (args, kwargs)
-
-
-def test_parse_ssl_honours_every_keyword() -> None:
-    """An ssl: description gives its port, interface, backlog, key, certificate and chain."""
-    parsed = tls.parse_ssl(
-        "ssl:8443:interface=127.0.0.1:backlog=9:privateKey=k.pem:certKey=c.pem:extraCertChain=x.pem"
-    )
-    assert parsed == tls.SSLListen(
-        8443, "127.0.0.1", 9, tls.CertificateFiles(Path("c.pem"), Path("k.pem"), Path("x.pem"))
-    )
-
-
-def test_parse_ssl_certificate_defaults_to_the_key_file() -> None:
-    """As in Twisted, certKey defaults to the privateKey file; the backlog to 50, all interfaces."""
-    parsed = tls.parse_ssl("ssl:port=443:privateKey=both.pem")
-    assert parsed == tls.SSLListen(
-        443, "", 50, tls.CertificateFiles(Path("both.pem"), Path("both.pem"))
-    )
-
-
-@pytest.mark.parametrize(
-    ("description", "complaint"),
-    [
-        ("ssl:443:privateKey=k:sslmethod=TLSv1_METHOD", "unsupported sslmethod"),
-        ("ssl:443:privateKey=k:dhParameters=dh.pem", "unsupported dhParameters"),
-        ("ssl:privateKey=k", "exactly one port"),
-        ("ssl:http:privateKey=k", "numbers"),
-        ("ssl:99999:privateKey=k", "out of range"),
-        ("ssl:443:certKey=c.pem", "need privateKey"),
-        ("ssl:443:privateKey=a:privateKey=b", "repeats"),
-    ],
-)
-def test_parse_ssl_refuses(description: str, complaint: str) -> None:
-    """A malformed ssl: description, or one asking for what we do not honour, is refused by name."""
-    with pytest.raises(ValueError, match=complaint):
-        tls.parse_ssl(description)
 
 
 # Loading certificates.

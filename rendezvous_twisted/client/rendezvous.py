@@ -33,17 +33,6 @@ from twisted.web.client import Agent
 from twisted.web.http import stringToDatetime
 from twisted.web.iweb import IResponse
 
-__all__ = [
-    "GoneWhileWaitingError",
-    "Message",
-    "NotFoundError",
-    "PreconditionFailedError",
-    "ReceiveTimeout",
-    "Rendezvous",
-    "RendezvousClient",
-    "ServerError",
-]
-
 _T = TypeVar("_T")
 
 OCTET_STREAM = "application/octet-stream"

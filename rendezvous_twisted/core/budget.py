@@ -142,9 +142,7 @@ def http2_connection_bytes(config: Config) -> int:
     and its buffers.
     """
     per_stream = (
-        H2_STREAM_OVERHEAD_BYTES
-        + H2_HEADER_FACTOR * config.max_header_bytes
-        + config.max_bytes
+        H2_STREAM_OVERHEAD_BYTES + H2_HEADER_FACTOR * config.max_header_bytes + config.max_bytes
     )
     return (
         H2_CONNECTION_OVERHEAD_BYTES
@@ -156,9 +154,7 @@ def http2_connection_bytes(config: Config) -> int:
     )
 
 
-def worst_case_memory(
-    config: Config, in_redis: bool = False, http2: bool = False
-) -> MemoryBudget:
+def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = False) -> MemoryBudget:
     """
     The most memory the caps of C{config} let the server's own data use at
     once: every rendezvous full, every connection open with the largest

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 #: Where a newcomer's server listens when no C{--listen} is given.
@@ -116,6 +117,18 @@ def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"not a network in CIDR notation: {text!r} ({e})") from e
 
 
+T = TypeVar("T")
+
+
+def described(option: str, default: T, description: str) -> T:
+    """
+    A field of L{Config} that an option sets: the option's long name
+    (C{--option}, and its .tac variable C{RENDEZVOUS_OPTION}), the default,
+    and the description that the option's help shows (L{Config.help}).
+    """
+    return field(default=default, metadata={"option": option, "help": description})
+
+
 #: The fields that are not positive numbers.
 _NOT_LIMITS = frozenset(
     (
@@ -147,108 +160,178 @@ class Config:
         time the rendezvous has left, and its expiry answers the reader.
     """
 
-    #: Lifetime of a rendezvous, fixed at creation; writes do not extend it.
-    ttl_seconds: float = 60.0
-    #: Largest payload accepted on create and on write.
-    max_bytes: int = 10240
-    #: Longest time a GET with a matching If-None-Match is held.
-    poll_timeout_seconds: float = 20.0
-    #: Rendezvous alive at once, across the server.
-    max_rendezvous: int = 10000
-    #: Rendezvous alive at once that one client address created.
-    max_rendezvous_per_address: int = 32
-    #: Parked GETs across the server.
-    max_parked: int = 50000
-    #: Parked GETs on one rendezvous.
-    max_parked_per_rendezvous: int = 8
-    #: Longest a graceful stop (SIGTERM) waits for requests being answered
-    #: and their connections to close before aborting them.  Parked readers
-    #: are answered at once, so this bounds slow uploads and slow readers.
-    shutdown_timeout_seconds: float = 5.0
-    #: Longest a request waits for the store (Redis) to answer before it is
-    #: refused with 503; also the time to connect.
-    store_timeout_seconds: float = 1.0
-    #: Longest Content-Type a writer may store, so that a header cannot
-    #: smuggle more bytes into memory than the payload limit admits.
-    max_content_type_bytes: int = 255
-    #: Base URL for Location (scheme, host and any path prefix); None means
-    #: the request's own scheme and Host.
-    public_url: str | None = None
-    #: The path under which MSC4108 session URLs live, with a slash at each
-    #: end; never "/" alone, which is the native protocol's.
-    msc4108_session_prefix: str = MSC4108_DEFAULT_SESSION_PREFIX
+    # Each field an option sets names that option and carries its help
+    # (described()): the one description of the limit, which the comments
+    # above it only explain.  The docs' configuration table is checked
+    # against the options (tests/test_docs_options.py).
 
-    # Abuse limits (docs/security.md).  A client is the
-    # key of ClientResolver: an IPv4 address, or an IPv6 network of
+    # Writes do not extend it.
+    ttl_seconds: float = described(
+        "ttl", 60.0, "Lifetime of a rendezvous, in seconds, fixed at creation."
+    )
+    # Accepted on create and on write.
+    max_bytes: int = described("max-bytes", 10240, "Largest payload, in bytes.")
+    # The longest time a GET with a matching If-None-Match is held.
+    poll_timeout_seconds: float = described(
+        "poll-timeout",
+        20.0,
+        "Longest wait of a long-poll GET, in seconds (never past the rendezvous' expiry).",
+    )
+    max_rendezvous: int = described(
+        "max-rendezvous", 10000, "Rendezvous alive at once, across the server."
+    )
+    # Counted by the client address that created them.
+    max_rendezvous_per_address: int = described(
+        "max-rendezvous-per-address", 32, "Rendezvous alive at once per client address."
+    )
+    max_parked: int = described("max-parked", 50000, "Parked long-poll GETs across the server.")
+    max_parked_per_rendezvous: int = described(
+        "max-parked-per-rendezvous", 8, "Parked long-poll GETs on one rendezvous."
+    )
+    # Then it aborts requests being answered and their connections.  Parked
+    # readers are answered at once, so this bounds slow uploads and slow
+    # readers.
+    shutdown_timeout_seconds: float = described(
+        "shutdown-timeout-seconds",
+        5.0,
+        "Longest a graceful stop (SIGTERM) waits for requests in flight, in seconds.",
+    )
+    # Also the time to connect.
+    store_timeout_seconds: float = described(
+        "store-timeout-seconds",
+        1.0,
+        "Longest a request waits for Redis (--store) before a 503, in seconds.",
+    )
+    #: Longest Content-Type a writer may store, so that a header cannot
+    #: smuggle more bytes into memory than the payload limit admits.  (No
+    #: option sets it.)
+    max_content_type_bytes: int = 255
+    # None means the request's own scheme and Host.
+    public_url: str | None = described(
+        "public-url",
+        None,
+        "Base URL of the server as clients reach it (scheme, host, any path prefix), "
+        "for the Location header. Default: the request's own scheme and Host.",
+    )
+    # Never "/" alone, which is the native protocol's.
+    msc4108_session_prefix: str = described(
+        "msc4108-session-prefix",
+        MSC4108_DEFAULT_SESSION_PREFIX,
+        "Path under which MSC4108 session URLs live (a slash at each end).",
+    )
+
+    # Abuse limits (docs/security.md).  A client is the key of
+    # ClientResolver: an IPv4 address, or an IPv6 network of
     # ipv6_prefix_length bits.
-    #: Creates one client may make at once (tokens in its create bucket).
-    create_burst: int = 10
-    #: Creates per second that refill a client's create bucket.
-    create_per_second: float = 0.5
-    #: Requests of any kind (creates included) one client may make at once.
-    request_burst: int = 60
-    #: Requests per second that refill a client's request bucket.
-    request_per_second: float = 10.0
-    #: Buckets kept per limiter (two limiters); past it the least recently
-    #: used is dropped, so a spray of addresses costs bounded memory.
-    max_rate_buckets: int = 100000
-    #: Bits of an IPv6 address that name one client (1 to 128).
-    ipv6_prefix_length: int = 64
-    #: Seconds a connection may take to send a request's line and headers,
-    #: from its first byte (or from the connection's start).
-    header_timeout_seconds: float = 10.0
-    #: Seconds a request may take to send its body, once its headers are in.
-    body_timeout_seconds: float = 10.0
-    #: Seconds a connection may stay open with no request on it (an idle
-    #: keep-alive connection, or an HTTP/2 one with no stream open) before it
-    #: is closed.  Balancers that keep connections to the server open must
-    #: close theirs sooner (contrib/nginx: keepalive_timeout 10s).
-    idle_timeout_seconds: float = 15.0
-    #: Bytes of request line and headers of one request (Twisted's own
-    #: default; it also bounds any one line).
-    max_header_bytes: int = 16384
-    #: Header lines of one request.
-    max_headers: int = 64
-    #: Requests one HTTP/2 connection may have open at once (streams; a
-    #: parked long-poll holds one), advertised in SETTINGS.  A QR login needs
-    #: two at once (a long-poll and a write); four leave room for a second
-    #: login in another tab, and a browser queues what goes past it rather
-    #: than failing.  Each stream can hold a request's worth of memory (its
-    #: header block and body), so this multiplies what one connection costs
-    #: (budget.py); h2's own default, 100, would make it 25 times more.
-    max_streams_per_connection: int = 4
-    #: Open connections across the server (past it: 503).  Every parked
-    #: long-poll holds one, so it bounds parked readers too.
-    max_connections: int = 4096
-    #: Open connections from one client key (past it: 429); connections from
-    #: trusted proxies are counted only against max_connections.
-    max_connections_per_address: int = 100
-    #: Connections refused at a connection cap that may wait at once for
-    #: their request (at most header_timeout_seconds), to be answered 503 or
-    #: 429 after it rather than before, which a client still sending would
-    #: see as a broken pipe.  They are beyond max_connections, so they have
-    #: a cap of their own; past it a refused connection is answered at once
-    #: and closed.
-    max_waiting_refusals: int = 64
-    #: Networks (CIDR) whose peers are proxies we trust to name the client.
-    #: Peers on a UNIX socket are always trusted: only local processes reach
-    #: one, and a reverse proxy on the same host is what does.
-    trusted_proxies: tuple[str, ...] = ()
-    #: The header trusted proxies name the client in: "x-forwarded-for" or
-    #: "forwarded" (RFC 7239).  Only one is read: a proxy passes the other
-    #: through from the client unchecked.  The scheme comes with it:
-    #: X-Forwarded-Proto, or the proto= of the client's Forwarded element.
-    proxy_header: str = "x-forwarded-for"
-    #: Networks (CIDR) allowed to create; empty means everyone.
-    allow_create: tuple[str, ...] = ()
-    #: Networks (CIDR) refused everything (403).
-    deny: tuple[str, ...] = ()
+    # Tokens in a client's create bucket.
+    create_burst: int = described("create-burst", 10, "Creates one client may make at once.")
+    create_per_second: float = described(
+        "create-per-second", 0.5, "Creates per second refilling a client's create budget."
+    )
+    # Creates included.
+    request_burst: int = described(
+        "request-burst", 60, "Requests of any kind one client may make at once."
+    )
+    request_per_second: float = described(
+        "request-per-second", 10.0, "Requests per second refilling a client's request budget."
+    )
+    # Buckets kept per limiter (two limiters): past it the least recently
+    # used is dropped, so a spray of addresses costs bounded memory.
+    max_rate_buckets: int = described(
+        "max-rate-buckets",
+        100000,
+        "Clients whose rate budgets are remembered (least recently seen dropped).",
+    )
+    ipv6_prefix_length: int = described(
+        "ipv6-prefix-length", 64, "Bits of an IPv6 address that name one client (1 to 128)."
+    )
+    # From its first byte (or from the connection's start).
+    header_timeout_seconds: float = described(
+        "header-timeout", 10.0, "Seconds a request's line and headers may take to arrive."
+    )
+    body_timeout_seconds: float = described(
+        "body-timeout", 10.0, "Seconds a request's body may take to arrive, after its headers."
+    )
+    # Then it is closed.  Balancers that keep connections to the server open
+    # must close theirs sooner (contrib/nginx: keepalive_timeout 10s).
+    idle_timeout_seconds: float = described(
+        "idle-timeout",
+        15.0,
+        "Seconds a connection may stay open with no request on it (keep-alive; "
+        "HTTP/2: no stream open).",
+    )
+    # Twisted's own default; it also bounds any one line.
+    max_header_bytes: int = described(
+        "max-header-bytes",
+        16384,
+        "Bytes of a request's line and headers (HTTP/2: of its header block, "
+        "HEADERS and CONTINUATION, and of the decoded header list).",
+    )
+    max_headers: int = described("max-headers", 64, "Header lines of one request.")
+    # A parked long-poll holds a stream.  A QR login needs two at once (a
+    # long-poll and a write); four leave room for a second login in another
+    # tab, and a browser queues what goes past it rather than failing.  Each
+    # stream can hold a request's worth of memory (its header block and
+    # body), so this multiplies what one connection costs (budget.py); h2's
+    # own default, 100, would make it 25 times more.
+    max_streams_per_connection: int = described(
+        "max-streams-per-connection",
+        4,
+        "Requests (streams) open at once on one HTTP/2 connection, advertised in "
+        "SETTINGS; more are refused for the client to retry.",
+    )
+    # Past it: 503.  Every parked long-poll holds one, so it bounds parked
+    # readers too.
+    max_connections: int = described("max-connections", 4096, "Open connections across the server.")
+    # Past it: 429.  The client is ClientResolver's key; connections from
+    # trusted proxies are counted only against max_connections.
+    max_connections_per_address: int = described(
+        "max-connections-per-address",
+        100,
+        "Open connections from one client address (trusted proxies exempt).",
+    )
+    # A refused connection may wait for its request (at most
+    # header_timeout_seconds) to be answered 503 or 429 after it rather
+    # than before, which a client still sending would see as a broken pipe.
+    # They are beyond max_connections, so they have a cap of their own.
+    max_waiting_refusals: int = described(
+        "max-waiting-refusals",
+        64,
+        "Connections refused at a connection cap that may wait for their request "
+        "before being answered (past it: answered at once and closed).",
+    )
+    # Peers on a UNIX socket are always trusted: only local processes reach
+    # one, and a reverse proxy on the same host is what does.
+    trusted_proxies: tuple[str, ...] = described(
+        "trusted-proxy",
+        (),
+        "A network (CIDR) of reverse proxies trusted to name the client (in the "
+        "--proxy-header) and its scheme (repeatable).",
+    )
+    # Only one is read: a proxy passes the other through from the client
+    # unchecked.  The scheme comes with it: X-Forwarded-Proto, or the proto=
+    # of the client's Forwarded element.
+    proxy_header: str = described(
+        "proxy-header",
+        "x-forwarded-for",
+        "The header trusted proxies name the client in: x-forwarded-for or forwarded "
+        "(RFC 7239). Only that one is read.",
+    )
+    # Empty means everyone.
+    allow_create: tuple[str, ...] = described(
+        "allow-create",
+        (),
+        "A network (CIDR) allowed to create rendezvous (repeatable; default: everyone).",
+    )
+    deny: tuple[str, ...] = described(
+        "deny", (), "A network (CIDR) refused everything with 403 (repeatable)."
+    )
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            if field.name in _NOT_LIMITS:
+        for one in fields(self):
+            if one.name in _NOT_LIMITS:
                 continue
-            check_positive(field.name, getattr(self, field.name))
+            check_positive(one.name, getattr(self, one.name))
         for local, overall in (
             ("max_rendezvous_per_address", "max_rendezvous"),
             ("max_connections_per_address", "max_connections"),
@@ -290,6 +373,23 @@ class Config:
                 "msc4108_session_prefix",
                 values={"msc4108_session_prefix": self.msc4108_session_prefix},
             )
+
+    @classmethod
+    def options(cls) -> dict[str, str]:
+        """
+        Each field that an option sets -> that option's long name, in the
+        order of the fields.
+        """
+        return {f.name: f.metadata["option"] for f in fields(cls) if "option" in f.metadata}
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """
+        The description of field C{name}, as the option that sets it shows
+        it in its help.
+        """
+        text: str = cls.__dataclass_fields__[name].metadata["help"]
+        return text
 
     @property
     def base_url(self) -> str | None:

@@ -11,8 +11,9 @@ counted as they happen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -41,6 +42,22 @@ REASONS = (
 WAKE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 #: Request duration buckets: a long-poll can take its whole poll timeout.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """
+    A count that lives with its owner (the store, the site, the TLS
+    contexts), exported as a metric read at scrape time.
+    """
+
+    #: The metric's name (a counter's without its C{_total}).
+    name: str
+    documentation: str
+    kind: Literal["counter", "gauge"]
+    #: The value now: a number, or a dict of label value to number with
+    #: the label "outcome".
+    read: Callable[[], Any]
 
 
 class Metrics:
@@ -95,27 +112,26 @@ class Metrics:
     def woke(self, latency_seconds: float) -> None:
         self._wakes.observe(max(0.0, latency_seconds))
 
-    def watch(self, name: str, documentation: str, kind: str, read: Callable[[], Any]) -> None:
+    def watch(self, readings: Iterable[Reading]) -> None:
         """
-        Export C{read()} (a number, or a dict of label value to number with
-        the label "outcome") as a gauge or counter, read at scrape time.
+        Export each of C{readings}, read at scrape time, in their order.
         """
-        self._sources.sources.append((name, documentation, kind, read))
+        self._sources.sources.extend(readings)
 
 
 class _Sources(Collector):
     def __init__(self) -> None:
-        self.sources: list[tuple[str, str, str, Callable[[], Any]]] = []
+        self.sources: list[Reading] = []
 
     def collect(self) -> Iterator[Metric]:
-        for name, documentation, kind, read in self.sources:
-            value = read()
+        for reading in self.sources:
+            value = reading.read()
             family: Metric
             labels = ["outcome"] if isinstance(value, dict) else []
-            if kind == "counter":
-                family = CounterMetricFamily(name, documentation, labels=labels)
+            if reading.kind == "counter":
+                family = CounterMetricFamily(reading.name, reading.documentation, labels=labels)
             else:
-                family = GaugeMetricFamily(name, documentation, labels=labels)
+                family = GaugeMetricFamily(reading.name, reading.documentation, labels=labels)
             if isinstance(value, dict):
                 for label, number in value.items():
                     family.add_metric([label], number)

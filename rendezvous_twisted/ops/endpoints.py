@@ -1,12 +1,14 @@
 """
 Where the server listens: the C{--listen} and C{--metrics} descriptions,
-checked once when the options are parsed, so that a mistake is a one-line
-usage error rather than a traceback when the listener starts.
+parsed here and nowhere else, once when the options are parsed
+(L{parse}, then L{serving} for the certificate files), so that a mistake
+is a one-line usage error rather than a traceback when the listener starts,
+and the start listens on the L{Listener} that parse made.
 
 A description is a bare port (C{9000}, on the loopback interface), or a
 Twisted endpoint string (C{tcp:9000:interface=0.0.0.0}, C{unix:/run/x.sock},
 C{systemd:domain=INET:name=https}, an endpoint plugin's), or one of ours
-(C{ssl:...}, C{tls:ENDPOINT}; see L{rendezvous_twisted.ops.tls}).  Twisted's own
+(C{ssl:...}, C{tls:ENDPOINT}; the TLS itself is L{rendezvous_twisted.ops.tls}).  Twisted's own
 descriptions are checked by Twisted's public parser,
 L{twisted.internet.endpoints.serverFromString}, which builds an endpoint
 without listening.
@@ -19,14 +21,16 @@ import ipaddress
 import os
 import re
 import socket
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.plugin import getPlugins
 
 from rendezvous_twisted.ops import tls
+from rendezvous_twisted.ops.tls import CertificateFiles
 
 #: The interface a bare port listens on: a newcomer's server is not on the
 #: network until they say so.
@@ -37,6 +41,10 @@ BARE_PORT_INTERFACE = "127.0.0.1"
 _KINDS = ("tcp", "tcp6", "unix", "systemd")
 
 _PORT = re.compile(r"[0-9]+\Z")
+
+#: The prefix that puts TLS, with the --tls-cert/--tls-key files, in front of
+#: any other server endpoint: C{tls:systemd:domain=INET:name=https}.
+TLS_PREFIX = "tls:"
 
 
 class EndpointError(ValueError):
@@ -66,60 +74,118 @@ def expand(description: str) -> str:
     return description
 
 
-def check(description: str, tls_default: tls.CertificateFiles | None) -> None:
+@dataclass(frozen=True)
+class SSLListen:
     """
-    Raise L{EndpointError} if C{description} (already L{expand}ed) cannot
-    listen as far as can be told without listening: an unknown kind, a
-    port that is not a number in 0-65535, a missing argument, a UNIX
-    socket in a directory that does not exist, a TLS listener without a
-    certificate.  Certificate files are read by the caller
-    (L{tls.load_identity}); whether systemd passed the socket a C{systemd:}
-    description names is known only at the start (L{listen_endpoint}).
+    What an C{ssl:} description asks for, in Twisted's own syntax:
+    C{ssl:PORT[:interface=ADDR][:backlog=N]:privateKey=KEY[:certKey=CERT]
+    [:extraCertChain=CHAIN]} (or C{port=PORT}).  Without C{privateKey}, the
+    C{--tls-cert}/C{--tls-key} files are used.
+    """
+
+    port: int
+    interface: str
+    backlog: int
+    files: tls.CertificateFiles | None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """
+    One C{--listen} or C{--metrics} description, parsed (L{parse}).
+
+    C{description}: as Twisted (or we, for C{ssl:} and C{tls:}) read it,
+    bare ports L{expand}ed.  C{label}: how the user wrote it, for messages
+    (C{--listen 9000}).  C{tls}: whether it serves TLS, with C{files} once
+    L{serving} has given it its certificate.  C{address}: where a TCP
+    listener listens (L{tcp_address}), None for any other.
+    """
+
+    description: str
+    label: str
+    tls: bool = False
+    files: CertificateFiles | None = None
+    address: tuple[int, int, str] | None = None
+    ssl: SSLListen | None = None
+
+    @property
+    def scheme(self) -> str:
+        """
+        The scheme of the URLs it serves.
+        """
+        return "https" if self.tls else "http"
+
+
+def parse(description: str, label: str | None = None) -> Listener:
+    """
+    The L{Listener} for C{description} (already L{expand}ed), or
+    L{EndpointError} if it cannot listen as far as can be told without
+    listening: an unknown kind, a port that is not a number in 0-65535, a
+    missing argument, a UNIX socket in a directory that does not exist.
+    Its certificate is L{serving}'s to find (and L{tls.load_identity}'s to
+    read); whether systemd passed the socket a C{systemd:} description
+    names is known only at the start (L{listen_endpoint}).
     """
     if not description:
         raise EndpointError("an empty endpoint")
-    inner = description.removeprefix(tls.TLS_PREFIX)
-    if inner != description and inner.startswith(("ssl:", tls.TLS_PREFIX)):
+    inner = description.removeprefix(TLS_PREFIX)
+    wrapped = inner != description
+    if wrapped and inner.startswith(("ssl:", TLS_PREFIX)):
         raise EndpointError("tls: goes in front of a plain endpoint, not ssl: or tls:")
-    if inner != description and _PORT.match(inner):
+    if wrapped and _PORT.match(inner):
         raise EndpointError(
             "tls: goes in front of an endpoint, not a bare port",
             examples=(f"ssl:{inner}", f"tls:tcp:{inner}"),
         )
+    label = label or description
     if description.startswith("ssl:"):
         try:
-            files = tls.parse_ssl(description).files
+            ssl = parse_ssl(description)
         except ValueError as e:
             why = str(e)
             for prefix in (f"endpoint {description!r}: ", f"endpoint {description!r} "):
                 why = why.removeprefix(prefix)
             raise EndpointError(f"ssl: {why}") from None
-        if files is None and tls_default is None:
-            raise EndpointError("a TLS listener needs a certificate", needs_certificate=True)
-        return  # ssl: is ours, and parse_ssl has read all of it
-    _check_plain(inner)
-    if inner != description and tls_default is None:
-        raise EndpointError("a TLS listener needs a certificate", needs_certificate=True)
+        fields = {"interface": ssl.interface} if ssl.interface else {}
+        address = _tcp_address(["ssl", str(ssl.port)], fields)
+        return Listener(description, label, True, ssl.files, address, ssl)
+    address = _tcp_address(*_check_plain(inner))
+    return Listener(description, label, wrapped, None, address)
 
 
-def _check_plain(inner: str) -> None:
+def serving(listener: Listener, tls_default: tls.CertificateFiles | None) -> Listener:
     """
-    Check a description that is not ours (no ssl:, no tls: in front).
+    C{listener} with the certificate files it serves with: an C{ssl:}
+    listener's own, else C{tls_default} (C{--tls-cert}, C{--tls-key}).
+    L{EndpointError} (C{needs_certificate}) if a TLS listener has none.
+    """
+    if not listener.tls:
+        return listener
+    files = listener.files or tls_default
+    if files is None:
+        raise EndpointError("a TLS listener needs a certificate", needs_certificate=True)
+    return replace(listener, files=files)
+
+
+def _check_plain(inner: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Check a description that is not ours (no ssl:, no tls: in front), and
+    return its fields (L{split_description}).
     """
     try:
-        args, kwargs = tls.split_description(inner)
+        args, kwargs = split_description(inner)
     except ValueError as e:
         raise EndpointError(str(e)) from None
     kind = args[0]
     if kind not in _KINDS and kind.lower() not in _plugin_prefixes():
         raise EndpointError(f"unknown endpoint type {kind!r}", examples=_meant(inner))
     if kind not in _KINDS:
-        return  # a plugin's: its parser may need the reactor, so it runs at start
+        return args, kwargs  # a plugin's: its parser may need the reactor: at start
     if kind == "systemd":
         # Twisted's parser looks the socket up among those systemd passed:
         # that is for the start (see listen_endpoint), not for parsing.
         _check_systemd(args[1:], kwargs)
-        return
+        return args, kwargs
     if kind in ("tcp", "tcp6"):
         _check_port(args[1:], kwargs)
     try:
@@ -130,23 +196,20 @@ def _check_plain(inner: str) -> None:
         raise EndpointError(_twisted_complaint(kind, e)) from None
     if kind == "unix":
         _check_unix(args[1:], kwargs)
+    return args, kwargs
 
 
 #: Interfaces that stand for every address of their family.
 _WILDCARDS = frozenset(("", "0.0.0.0", "::"))  # noqa: S104 (names them; binds nothing)
 
 
-def tcp_address(description: str) -> tuple[int, int, str] | None:
+def _tcp_address(args: list[str], kwargs: dict[str, str]) -> tuple[int, int, str] | None:
     """
     Where a checked TCP description (C{tcp:}, C{tcp6:}, C{ssl:}, any of
-    them behind C{tls:}) listens, as (address family 4 or 6, port,
-    interface: C{""} for every address); None for any other kind, and for
-    port 0 (the system picks a free one).
+    them behind C{tls:}) listens, from its fields, as (address family 4 or
+    6, port, interface: C{""} for every address); None for any other kind,
+    and for port 0 (the system picks a free one).
     """
-    try:
-        args, kwargs = tls.split_description(description.removeprefix(tls.TLS_PREFIX))
-    except ValueError:
-        return None
     kind = args[0]
     if kind not in ("tcp", "tcp6", "ssl"):
         return None
@@ -160,7 +223,7 @@ def tcp_address(description: str) -> tuple[int, int, str] | None:
 
 def same_address(one: tuple[int, int, str], other: tuple[int, int, str]) -> bool:
     """
-    Whether two L{tcp_address}es cannot both listen: the same port of the
+    Whether two L{Listener} addresses cannot both listen: the same port of the
     same family, on the same interface or with either on every address.
     (Across families, whether C{::} takes IPv4 too is the system's choice:
     left to the start to tell.)
@@ -172,25 +235,114 @@ def same_address(one: tuple[int, int, str], other: tuple[int, int, str]) -> bool
 
 
 def listen_endpoint(
-    reactor: Any,
-    description: str,
-    contexts: tls.ContextRegistry,
-    default: tls.CertificateFiles | None,
+    reactor: Any, listener: Listener, contexts: tls.ContextRegistry
 ) -> IStreamServerEndpoint:
     """
-    The endpoint for a checked description (L{tls.listen_endpoint}), or
-    L{EndpointError} for what only the start can tell: a systemd socket
-    that systemd did not pass.
+    The endpoint of a parsed listener: C{ssl:} and C{tls:...} ones on a
+    reloadable context from C{contexts} (L{tls.TLSServerEndpoint}), any
+    other as Twisted's C{serverFromString} makes it.  L{EndpointError} for
+    what only the start can tell: a systemd socket that systemd did not
+    pass; L{tls.CertificateError} for certificate files gone since.
     """
+    description = listener.description
     try:
-        return tls.listen_endpoint(reactor, description, contexts, default)
+        if not listener.tls:
+            plain: IStreamServerEndpoint = serverFromString(reactor, description)
+            return plain
+        assert listener.files is not None, "a TLS listener is given its files by serving()"
+        context = contexts.context(listener.files)
+        if listener.ssl is None:
+            inner = serverFromString(reactor, description.removeprefix(TLS_PREFIX))
+        else:
+            # listenTCP takes IPv6 interfaces too, so this serves "::" as well.
+            ssl = listener.ssl
+            inner = TCP4ServerEndpoint(reactor, ssl.port, ssl.backlog, ssl.interface)
+        return tls.TLSServerEndpoint(inner, context)
     except (IndexError, KeyError) as e:
-        if description.removeprefix(tls.TLS_PREFIX).startswith("systemd:"):
+        if description.removeprefix(TLS_PREFIX).startswith("systemd:"):
             raise EndpointError(
                 f"systemd passed no such socket ({e}): start it from a unit with a "
                 "matching .socket unit (FileDescriptorName=, LISTEN_FDS)"
             ) from None
         raise
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint description as Twisted does: fields separated by
+    unescaped colons, C{name=value} fields as keywords, a backslash escaping
+    the next character.  C{"ssl:443:interface=\\:\\:"} gives
+    C{(["ssl", "443"], {"interface": "::"})}.
+    """
+    fields: list[list[str]] = [[""]]  # each field: [text] or [name, value]
+    escaped = False
+    for char in description:
+        if escaped:
+            fields[-1][-1] += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append([""])
+        elif char == "=" and len(fields[-1]) == 1:
+            fields[-1].append("")
+        else:
+            fields[-1][-1] += char
+    if escaped:
+        raise ValueError(f"endpoint {description!r} ends in a lone backslash")
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for field in fields:
+        if len(field) == 1:
+            args.append(field[0])
+        else:
+            if field[0] in kwargs:
+                raise ValueError(f"endpoint {description!r} repeats {field[0]}=")
+            kwargs[field[0]] = field[1]
+    return args, kwargs
+
+
+_SSL_KEYWORDS = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
+
+
+def parse_ssl(description: str) -> SSLListen:
+    """
+    Parse an C{ssl:} description.  Raises ValueError naming what is wrong,
+    including keywords we do not honour (C{sslmethod}, C{dhParameters}):
+    the protocol versions and ciphers are ours, never silently something else.
+    """
+    args, kwargs = split_description(description)
+    if args[0] != "ssl":
+        raise ValueError(f"not an ssl: endpoint: {description!r}")
+    unknown = set(kwargs) - _SSL_KEYWORDS
+    if unknown:
+        raise ValueError(
+            f"endpoint {description!r}: unsupported {', '.join(sorted(unknown))} "
+            f"(supported: {', '.join(sorted(_SSL_KEYWORDS))}; TLS 1.2+ and modern "
+            f"ciphers are fixed)"
+        )
+    positional = args[1:]
+    if "port" in kwargs:
+        positional.insert(0, kwargs["port"])
+    if len(positional) != 1:
+        raise ValueError(f"endpoint {description!r} must give exactly one port")
+    try:
+        port = int(positional[0])
+        backlog = int(kwargs.get("backlog", "50"))
+    except ValueError:
+        raise ValueError(f"endpoint {description!r}: port and backlog are numbers") from None
+    if not 0 <= port <= 65535 or backlog <= 0:
+        raise ValueError(f"endpoint {description!r}: port or backlog out of range")
+    files = None
+    if "privateKey" in kwargs:
+        files = tls.CertificateFiles(
+            certificate=Path(kwargs.get("certKey", kwargs["privateKey"])),
+            private_key=Path(kwargs["privateKey"]),
+            extra_chain=Path(kwargs["extraCertChain"]) if "extraCertChain" in kwargs else None,
+        )
+    elif "certKey" in kwargs or "extraCertChain" in kwargs:
+        raise ValueError(f"endpoint {description!r}: certKey and extraCertChain need privateKey")
+    return SSLListen(port, kwargs.get("interface", ""), backlog, files)
 
 
 def _meant(description: str) -> tuple[str, ...]:

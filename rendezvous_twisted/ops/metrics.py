@@ -1,19 +1,22 @@
 """
 The small C{twisted.web} site of the metrics listener (C{--metrics
-ENDPOINT}): C{/metrics} in Prometheus' text format and C{/health}.
+ENDPOINT}): C{/metrics} in Prometheus' text format and C{/health}; and what
+it exports of the counts that the store, the site and the TLS contexts keep.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.metrics import Metrics, Reading
+from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http.answers import JSON, SERVER, error_body
+from rendezvous_twisted.ops.tls import ContextRegistry
 
 
 class _Page(Resource):
@@ -121,3 +124,98 @@ def metrics_site(
     # Scrapes every few seconds would drown the log.
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
+
+
+class _Admission(Protocol):
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def waiting_refusals(self) -> int: ...
+
+
+class CountingSite(Protocol):
+    """
+    What the metrics read of the server's site: its connections, their cap
+    and requests in flight.
+    """
+
+    @property
+    def admission(self) -> _Admission: ...
+
+    @property
+    def connection_count(self) -> int: ...
+
+    @property
+    def saturated(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+def site_readings(site: CountingSite) -> list[Reading]:
+    """
+    The metrics of the server's connections and requests.
+    """
+    return [
+        Reading(
+            "rendezvous_http_connections",
+            "Open HTTP connections.",
+            "gauge",
+            lambda: site.connection_count,
+        ),
+        Reading(
+            "rendezvous_http_connections_max",
+            "The connection cap (--max-connections): past it new connections get 503.",
+            "gauge",
+            lambda: site.admission.max_connections,
+        ),
+        Reading(
+            "rendezvous_http_saturated",
+            "1 from when the open connections reach the cap until they fall a tenth below it "
+            "(/health answers 503 saturated meanwhile), else 0.",
+            "gauge",
+            lambda: int(site.saturated),
+        ),
+        Reading(
+            "rendezvous_http_refusals_waiting",
+            "Connections refused at a connection cap, waiting for their request to be answered.",
+            "gauge",
+            lambda: site.admission.waiting_refusals,
+        ),
+        Reading(
+            "rendezvous_http_requests_in_flight",
+            "Requests being received or answered.",
+            "gauge",
+            lambda: site.in_flight,
+        ),
+    ]
+
+
+def tls_readings(contexts: ContextRegistry) -> list[Reading]:
+    """
+    The metrics of the TLS certificates: their reloads, by outcome.
+    """
+
+    def reloads() -> dict[str, int]:
+        total = {"success": 0, "failure": 0}
+        for context in contexts.contexts:
+            for outcome, count in context.reloads.items():
+                total[outcome] += count
+        return total
+
+    return [
+        Reading(
+            "rendezvous_tls_reloads", "TLS certificate reloads, by outcome.", "counter", reloads
+        )
+    ]
+
+
+def watch(
+    metrics: Metrics, store: RendezvousStore, site: CountingSite, contexts: ContextRegistry
+) -> None:
+    """
+    Export the counts that the store, the site and the TLS contexts keep,
+    read at scrape time.
+    """
+    metrics.watch([*store.readings(), *site_readings(site), *tls_readings(contexts)])

@@ -1,5 +1,7 @@
 """
-The store's lifecycle as a Twisted service.
+The server's lifecycle as Twisted services: the store's start and graceful
+stop (L{StoreService}), the listeners, SIGHUP, the open-file limit, and what
+the start says (L{Http2Off}).
 """
 
 from __future__ import annotations
@@ -9,26 +11,28 @@ import resource
 import signal
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IAddress,
     IListeningPort,
+    IProtocolFactory,
     IReactorFromThreads,
     IReactorTime,
+    IStreamServerEndpoint,
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from rendezvous_twisted.core.budget import redis_memory, worst_case_memory
+from rendezvous_twisted.core.budget import worst_case_memory
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import RendezvousStore
-from rendezvous_twisted.http.site import RendezvousSite
 from rendezvous_twisted.words import quantity
 
 
@@ -59,6 +63,19 @@ class Lifecycle:
         self.stopping = True
         for callback in self._on_stopping:
             callback()
+
+
+class Draining(Protocol):
+    """
+    What the graceful stop needs of the site that serves the store.
+    """
+
+    def drain(self, clock: IReactorTime, timeout_seconds: float) -> Deferred[None]:
+        """
+        Let every request being answered finish, then close every
+        connection; fire once all are closed, aborting the rest after
+        C{timeout_seconds}.
+        """
 
 
 class StoppingService(Service):
@@ -94,20 +111,21 @@ class StoreService(Service):
         store: RendezvousStore,
         config: Config,
         clock: IReactorTime,
-        site: RendezvousSite | None = None,
+        site: Draining | None = None,
         lifecycle: Lifecycle | None = None,
-        connections: IService | None = None,
         http2: bool = False,
     ) -> None:
         """
-        @param connections: the store's connections (Redis), started with
-            this service and stopped only once the requests in flight were
-            answered.
+        @param site: what serves the store, whose requests in flight the
+            stop lets finish before it stops the store's own service (a
+            Redis store's connections).
         @param http2: whether connections may speak HTTP/2, which the
             logged worst-case memory prices at its limits.
         """
         self.store = store
-        self.connections = connections
+        #: The store's own service, started with this one and stopped only
+        #: once the requests in flight were answered.
+        self.connections = store.service
         self.config = config
         self.clock = clock
         self.site = site
@@ -117,8 +135,7 @@ class StoreService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        if self.connections is not None:
-            self.connections.startService()
+        self.connections.startService()
         c = self.config
         self.log.info(
             "rendezvous store started: TTL {ttl}s, max {max_bytes} bytes, poll timeout "
@@ -133,15 +150,15 @@ class StoreService(Service):
             parked=quantity(c.max_parked, "parked reader"),
             per_rendezvous=c.max_parked_per_rendezvous,
         )
-        in_redis = self.connections is not None
+        elsewhere = self.store.memory_elsewhere()
         self.log.info(
             "worst-case memory at these limits: {budget}",
-            budget=worst_case_memory(c, in_redis, self.http2).describe(),
+            budget=worst_case_memory(c, elsewhere is not None, self.http2).describe(),
         )
-        if in_redis:
+        if elsewhere is not None:
+            where, budget = elsewhere
             self.log.info(
-                "worst-case memory in Redis, for all processes together: {budget}",
-                budget=redis_memory(c).describe(),
+                "worst-case memory {where}: {budget}", where=where, budget=budget.describe()
             )
         self._check_descriptor_limit()
 
@@ -179,9 +196,7 @@ class StoreService(Service):
 
         def settled(result: None) -> Deferred[None]:
             self.log.info("stopped gracefully")
-            closed: Deferred[None] = succeed(None)
-            if self.connections is not None:
-                closed = maybeDeferred(self.connections.stopService)
+            closed: Deferred[None] = maybeDeferred(self.connections.stopService)
             # Give the reactor a turn to write what the last closes left.
             return closed.addCallback(lambda _: deferLater(self.clock, 0, lambda: None))
 
@@ -237,12 +252,15 @@ def cannot_listen(label: str, error: BaseException) -> str:
 
 class ListenerService(StreamServerEndpointService):
     """
-    Twisted's endpoint service, raising listen failures at start as
-    C{strports.service} does (as a L{StartupError} naming L{label}), and
-    telling when it listens.
+    Twisted's endpoint service (its C{endpoint} and C{factory}), raising a
+    failure to listen at start, as a L{StartupError} naming L{label}, and
+    telling where it listens.
+
+    Twisted's own raises such a failure only behind a private flag (which
+    C{strports.service} sets), so the three methods that listen, start and
+    stop are written here over the endpoint's public C{listen}.
     """
 
-    _raiseSynchronously = True
     #: How the user named this listener, for messages: C{--listen 9000}.
     label = "a listener"
     #: The scheme and path of the URL it serves, for the line that says
@@ -251,12 +269,60 @@ class ListenerService(StreamServerEndpointService):
     path = ""
     _log = Logger()
 
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        #: The port, once listening (None if listening failed); None
+        #: until the service starts.
+        self._listening: Deferred[IListeningPort | None] | None = None
+
     def privilegedStartService(self) -> None:
+        # Service's, not the endpoint service's: this one listens itself.
+        Service.privilegedStartService(self)
+        starting = True
+        failed: list[Failure] = []
+
+        def cannot(failure: Failure) -> None:
+            if starting:
+                failed.append(failure)
+            elif not failure.check(CancelledError):
+                self._log.failure("cannot listen on {label}", failure, label=self.label)
+
         try:
-            super().privilegedStartService()  # type: ignore[no-untyped-call]
+            listening: Deferred[IListeningPort | None] = self.endpoint.listen(self.factory)
         except (CannotListenError, OSError) as e:
             raise StartupError(cannot_listen(self.label, e)) from e
+        self._listening = listening.addErrback(cannot)
+        starting = False
+        if failed:
+            error = failed[0].value
+            if isinstance(error, (CannotListenError, OSError)):
+                raise StartupError(cannot_listen(self.label, error)) from error
+            failed[0].raiseException()
         self.whenListening().addCallback(self._say_where)
+
+    def startService(self) -> None:
+        # Service's, not the endpoint service's: see privilegedStartService.
+        Service.startService(self)
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, or the attempt to; fires once the port is closed.
+        """
+        assert self._listening is not None, "the service has not started"
+        self._listening.cancel()
+
+        def close(port: IListeningPort | None) -> Deferred[None]:
+            closing = None if port is None else port.stopListening()
+            return succeed(None) if closing is None else closing
+
+        def stopped(result: Failure | None) -> Failure | None:
+            self.running = False
+            return result
+
+        closed: Deferred[None] = self._listening.addCallback(close)
+        return closed.addBoth(stopped)
 
     def _say_where(self, port: IListeningPort | None) -> None:
         if port is not None:
@@ -271,11 +337,11 @@ class ListenerService(StreamServerEndpointService):
         Fires with the listening port once listening (or None if listening
         failed, which is logged).  Call it after the service started.
         """
-        waiting: Deferred[Any] | None = self._waitingForPort
+        waiting = self._listening
         assert waiting is not None, "the service has not started"
         result: Deferred[IListeningPort | None] = Deferred()
 
-        def listening(port: Any) -> Any:
+        def listening(port: IListeningPort | None) -> IListeningPort | None:
             result.callback(port)
             return port
 
@@ -359,14 +425,14 @@ class LateListenerService(ListenerService):
     """
 
     def __init__(self, endpoint: Any, factory: Any, lifecycle: Lifecycle) -> None:
-        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
+        super().__init__(endpoint, factory)
         self.lifecycle = lifecycle
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = Deferred()
 
         def stop(result: object) -> object:
-            super(LateListenerService, self).stopService().chainDeferred(stopped)  # type: ignore[no-untyped-call]
+            super(LateListenerService, self).stopService().chainDeferred(stopped)
             return result
 
         self.lifecycle.drained.addBoth(stop)
@@ -408,4 +474,21 @@ class OpenFileLimitService(Service):
             "open-file limit: {soft} (hard limit {hard})",
             soft="unlimited" if soft == resource.RLIM_INFINITY else soft,
             hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
+
+
+class Http2Off(Service):
+    """
+    Says at start that the TLS listeners speak HTTP/1.1 only, and how to get
+    HTTP/2: without the C{http2} extra, C{curl --http2} and browsers are
+    served HTTP/1.1 without a word.
+    """
+
+    log = Logger()
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.log.info(
+            "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
+            "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
         )

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -324,102 +323,6 @@ class _TLSFactory(TLSMemoryBIOFactory):
     protocol = _TLSOrPlain
 
 
-# Endpoint descriptions.
-
-
-def split_description(description: str) -> tuple[list[str], dict[str, str]]:
-    """
-    Split an endpoint description as Twisted does: fields separated by
-    unescaped colons, C{name=value} fields as keywords, a backslash escaping
-    the next character.  C{"ssl:443:interface=\\:\\:"} gives
-    C{(["ssl", "443"], {"interface": "::"})}.
-    """
-    fields: list[list[str]] = [[""]]  # each field: [text] or [name, value]
-    escaped = False
-    for char in description:
-        if escaped:
-            fields[-1][-1] += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            fields.append([""])
-        elif char == "=" and len(fields[-1]) == 1:
-            fields[-1].append("")
-        else:
-            fields[-1][-1] += char
-    if escaped:
-        raise ValueError(f"endpoint {description!r} ends in a lone backslash")
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for field in fields:
-        if len(field) == 1:
-            args.append(field[0])
-        else:
-            if field[0] in kwargs:
-                raise ValueError(f"endpoint {description!r} repeats {field[0]}=")
-            kwargs[field[0]] = field[1]
-    return args, kwargs
-
-
-@dataclass(frozen=True)
-class SSLListen:
-    """
-    What an C{ssl:} description asks for, in Twisted's own syntax:
-    C{ssl:PORT[:interface=ADDR][:backlog=N]:privateKey=KEY[:certKey=CERT]
-    [:extraCertChain=CHAIN]} (or C{port=PORT}).  Without C{privateKey}, the
-    C{--tls-cert}/C{--tls-key} files are used.
-    """
-
-    port: int
-    interface: str
-    backlog: int
-    files: CertificateFiles | None
-
-
-_SSL_KEYWORDS = {"port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"}
-
-
-def parse_ssl(description: str) -> SSLListen:
-    """
-    Parse an C{ssl:} description.  Raises ValueError naming what is wrong,
-    including keywords we do not honour (C{sslmethod}, C{dhParameters}):
-    the protocol versions and ciphers are ours, never silently something else.
-    """
-    args, kwargs = split_description(description)
-    if args[0] != "ssl":
-        raise ValueError(f"not an ssl: endpoint: {description!r}")
-    unknown = set(kwargs) - _SSL_KEYWORDS
-    if unknown:
-        raise ValueError(
-            f"endpoint {description!r}: unsupported {', '.join(sorted(unknown))} "
-            f"(supported: {', '.join(sorted(_SSL_KEYWORDS))}; TLS 1.2+ and modern "
-            f"ciphers are fixed)"
-        )
-    positional = args[1:]
-    if "port" in kwargs:
-        positional.insert(0, kwargs["port"])
-    if len(positional) != 1:
-        raise ValueError(f"endpoint {description!r} must give exactly one port")
-    try:
-        port = int(positional[0])
-        backlog = int(kwargs.get("backlog", "50"))
-    except ValueError:
-        raise ValueError(f"endpoint {description!r}: port and backlog are numbers") from None
-    if not 0 <= port <= 65535 or backlog <= 0:
-        raise ValueError(f"endpoint {description!r}: port or backlog out of range")
-    files = None
-    if "privateKey" in kwargs:
-        files = CertificateFiles(
-            certificate=Path(kwargs.get("certKey", kwargs["privateKey"])),
-            private_key=Path(kwargs["privateKey"]),
-            extra_chain=Path(kwargs["extraCertChain"]) if "extraCertChain" in kwargs else None,
-        )
-    elif "certKey" in kwargs or "extraCertChain" in kwargs:
-        raise ValueError(f"endpoint {description!r}: certKey and extraCertChain need privateKey")
-    return SSLListen(port, kwargs.get("interface", ""), backlog, files)
-
-
 class ContextRegistry:
     """
     One L{ReloadableContext} per set of certificate files, so that listeners
@@ -453,53 +356,3 @@ class ContextRegistry:
             return True
         results = [context.reload() for context in self._contexts.values()]
         return all(results)
-
-
-#: The prefix that puts TLS, with the --tls-cert/--tls-key files, in front of
-#: any other server endpoint: C{tls:systemd:domain=INET:name=https}.
-TLS_PREFIX = "tls:"
-
-
-def tls_files(description: str, default: CertificateFiles | None) -> CertificateFiles | None:
-    """
-    The certificate files a C{--listen} description serves with, or None if
-    it is not a TLS listener.  Raises ValueError for a malformed C{ssl:}
-    description, or a TLS listener with no files to serve.
-    """
-    if description.startswith("ssl:"):
-        files = parse_ssl(description).files or default
-    elif description.startswith(TLS_PREFIX):
-        files = default
-    else:
-        return None
-    if files is None:
-        raise ValueError(
-            f"{description!r} needs a certificate: give privateKey= (ssl: only) "
-            f"or --tls-cert and --tls-key"
-        )
-    return files
-
-
-def listen_endpoint(
-    reactor: Any,
-    description: str,
-    contexts: ContextRegistry,
-    default: CertificateFiles | None,
-) -> IStreamServerEndpoint:
-    """
-    The endpoint for a C{--listen} description: C{ssl:} and C{tls:...}
-    listeners on a reloadable context from C{contexts}, anything else as
-    Twisted's C{serverFromString} makes it.
-    """
-    files = tls_files(description, default)
-    if files is None:
-        plain: IStreamServerEndpoint = serverFromString(reactor, description)
-        return plain
-    context = contexts.context(files)
-    if description.startswith(TLS_PREFIX):
-        inner = serverFromString(reactor, description.removeprefix(TLS_PREFIX))
-    else:
-        listen = parse_ssl(description)
-        # listenTCP takes IPv6 interfaces too, so this serves "::" as well.
-        inner = TCP4ServerEndpoint(reactor, listen.port, listen.backlog, listen.interface)
-    return TLSServerEndpoint(inner, context)

@@ -2,7 +2,8 @@
 Rendezvous kept in Redis, so that several processes (on one machine or
 many) serve the same rendezvous without sticky routing.
 
-The rules are L{MemoryStore}'s, made to hold across processes:
+The rules are the memory store's (L{rendezvous_twisted.core.memory}), made
+to hold across processes:
   - create, write and delete are each one Lua script, so atomic: of two
     writers on two nodes racing with the same If-Match, exactly one wins;
   - a rendezvous is a hash with Redis' own expiry (PX), set at creation and
@@ -23,20 +24,18 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from rendezvous_twisted.core.budget import MemoryBudget, redis_memory
 from rendezvous_twisted.core.conditions import ANY, Condition
 from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.core.metrics import Reading
 from rendezvous_twisted.core.store import (
     Full,
     NotFound,
@@ -49,259 +48,12 @@ from rendezvous_twisted.core.store import (
     new_etag,
     parking_refusal,
     retry_after,
+    store_readings,
 )
-from rendezvous_twisted.redis.resp import (
-    RedisConnection,
-    RedisDown,
-    RedisProtocol,
-    RedisReplyError,
-    detached,
-)
-
-DEFAULT_PREFIX = "rendezvous:"
-#: Each connection is PINGed every this many store timeouts, so that one
-#: that went quiet is found out within one more (6 s at the defaults).
-HEARTBEAT_TIMEOUTS = 5
-
-
-@dataclass(frozen=True)
-class StoreURL:
-    """
-    Where the Redis is, as C{--store} names it.
-    """
-
-    #: "tcp", "tls" or "unix".
-    transport: str
-    host: str = ""
-    port: int = 6379
-    path: str = ""
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    #: A PEM file of the CA that signed the server's certificate (TLS only);
-    #: None trusts the system's CAs.
-    ca: str | None = None
-    #: Prepended to every key and to the channel.
-    prefix: str = DEFAULT_PREFIX
-
-    def __str__(self) -> str:
-        """
-        The URL without its password, for logs.
-        """
-        if self.transport == "unix":
-            return f"unix://{self.path}?db={self.db}"
-        scheme = "rediss" if self.transport == "tls" else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
-
-
-def parse_store_url(text: str) -> StoreURL:
-    """
-    Parse C{redis://[user:password@]host[:port][/db]}, C{rediss://...}
-    (TLS; C{?ca=FILE} for a private CA) or C{unix:///path[?db=N]};
-    C{?prefix=} and, for unix, C{?user=} and C{?password=} are accepted too.
-
-    @raise ValueError: with a message fit for the command line.
-    """
-    parts = urlsplit(text)
-    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
-    known = {"prefix", "db", "user", "password", "ca"}
-    unknown = set(query) - known
-    if unknown:
-        raise ValueError(f"--store: unknown parameter {sorted(unknown)[0]!r} in {text!r}")
-    prefix = query.get("prefix", DEFAULT_PREFIX)
-    if parts.scheme == "unix":
-        if not parts.path or parts.netloc:
-            raise ValueError(f"--store: a unix URL is unix:///absolute/path, not {text!r}")
-        return StoreURL(
-            "unix",
-            path=unquote(parts.path),
-            db=_db(query.get("db", "0"), text),
-            username=query.get("user"),
-            password=query.get("password"),
-            prefix=prefix,
-        )
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(
-            f"--store must be memory:, redis://, rediss:// or unix:///path, not {text!r}"
-        )
-    if not parts.hostname:
-        raise ValueError(f"--store: no host in {text!r}")
-    try:
-        port = parts.port or 6379
-    except ValueError as e:
-        raise ValueError(f"--store: {e} in {text!r}") from None
-    path = parts.path.strip("/")
-    if parts.scheme == "redis" and "ca" in query:
-        raise ValueError("--store: ca= applies to rediss:// only")
-    if "user" in query:
-        raise ValueError("--store: a redis:// URL names its user before the host, as user@host")
-    return StoreURL(
-        "tls" if parts.scheme == "rediss" else "tcp",
-        host=parts.hostname,
-        port=port,
-        db=_db(path or query.get("db", "0"), text),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else query.get("password"),
-        ca=query.get("ca"),
-        prefix=prefix,
-    )
-
-
-def _db(value: str, text: str) -> int:
-    if not value.isdigit():
-        raise ValueError(f"--store: the database is a number, not {value!r} in {text!r}")
-    return int(value)
-
-
-def store_endpoint(reactor: Any, url: StoreURL, timeout_seconds: float) -> IStreamClientEndpoint:
-    """
-    The client endpoint that reaches C{url}.
-    """
-    timeout = max(1, math.ceil(timeout_seconds))
-    if url.transport == "unix":
-        return UNIXClientEndpoint(reactor, url.path, timeout=timeout)
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
-    if url.transport == "tls":
-        if url.ca is None:
-            trust = platformTrust()
-        else:
-            with open(url.ca, "rb") as f:
-                trust = Certificate.loadPEM(f.read())
-        endpoint = wrapClientTLS(optionsForClientTLS(url.host, trustRoot=trust), endpoint)
-    return endpoint
-
-
-# The scripts.  Their first line (Redis 7) has Redis check its maxmemory
-# before a script runs: without it, a script whose first write frees memory
-# (ZREMRANGEBYSCORE) runs whole past the limit.  A delete, which frees
-# memory, may run there.  Times are milliseconds on the writer's clock.  A record is a
-# hash: b body, t content type, e ETag, m last modified, x expires, o owner.
-
-#: KEYS: live set, owner's set, record.  ARGV: now, expires, ttl, max
-#: rendezvous, max per owner, body, type, ETag, owner, id.
-_CREATE = """#!lua
-local expired = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then
-  return {'owner', redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2], expired}
-end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return {'full', redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2], expired}
-end
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {'exists', '0', expired}
-end
-redis.call('HSET', KEYS[3], 'b', ARGV[6], 't', ARGV[7], 'e', ARGV[8], 'm', ARGV[1],
-           'x', ARGV[2], 'o', ARGV[9])
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[10])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[10])
--- The sets live as long as their longest-lived member: only ever extended,
--- should processes run with different TTLs.
-for i = 1, 2 do
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
-  end
-end
-return {'ok', redis.call('ZCARD', KEYS[1]), expired}
-"""
-
-#: KEYS: record.  ARGV: now.  Nil, or the fields and the PTTL.  It only
-#: reads, and says so: Redis runs it at its maxmemory too, and on replicas.
-_READ = """#!lua flags=no-writes
-local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
-if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
-  return false
-end
-v[6] = redis.call('PTTL', KEYS[1])
-return v
-"""
-
-#: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
-#: too large, body, type, new ETag, channel, id, then the strong ETags.
-_WRITE = """#!lua
-local v = redis.call('HMGET', KEYS[1], 'b', 't', 'e', 'm', 'x')
-if not v[1] or tonumber(v[5]) <= tonumber(ARGV[1]) then
-  return {'nf'}
-end
-if ARGV[2] ~= '1' then
-  local matched = false
-  for i = 9, #ARGV do
-    if ARGV[i] == v[3] then matched = true break end
-  end
-  if not matched then
-    v[6] = redis.call('PTTL', KEYS[1])
-    return {'pf', v}
-  end
-end
-if ARGV[3] == '1' then
-  return {'tl'}
-end
-redis.call('HSET', KEYS[1], 'b', ARGV[4], 't', ARGV[5], 'e', ARGV[6], 'm', ARGV[1])
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return {'ok', v[5], redis.call('PTTL', KEYS[1])}
-"""
-
-#: KEYS: record, live set.  ARGV: now, channel, id, owner sets' prefix.
-_DELETE = """#!lua flags=allow-oom
-local v = redis.call('HMGET', KEYS[1], 'x', 'o')
-if not v[1] or tonumber(v[1]) <= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('ZREM', ARGV[4] .. v[2], ARGV[3])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
-"""
-
-
-class _Script:
-    """
-    A Lua script run by its SHA1, sent whole the first time Redis does not
-    know it (after a restart or a SCRIPT FLUSH).
-    """
-
-    def __init__(self, source: str) -> None:
-        import hashlib
-
-        self.source = source.encode("utf-8")
-        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest().encode("ascii")
-
-    def run(self, redis: RedisConnection, keys: list[str], args: list[Any]) -> Deferred[Any]:
-        head = [len(keys), *keys, *args]
-
-        def unknown(failure: Failure) -> Any:
-            failure.trap(RedisReplyError)
-            if not str(failure.value).startswith("NOSCRIPT"):
-                return failure
-            return redis.execute(b"EVAL", self.source, *head)
-
-        return redis.execute(b"EVALSHA", self.sha, *head).addErrback(unknown)
-
-
-_SCRIPTS = {
-    "create": _Script(_CREATE),
-    "read": _Script(_READ),
-    "write": _Script(_WRITE),
-    "delete": _Script(_DELETE),
-}
-
-
-class _Connections(MultiService):
-    """
-    The store's two connections, as a service.
-    """
-
-    log = Logger()
-
-    def __init__(self, url: StoreURL) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._url = url
-
-    def startService(self) -> None:
-        self.log.info("rendezvous are kept in Redis at {url}", url=str(self._url))
-        super().startService()  # type: ignore[no-untyped-call]
+from rendezvous_twisted.redis.connections import Connections
+from rendezvous_twisted.redis.resp import RedisDown, RedisReplyError, detached
+from rendezvous_twisted.redis.scripts import SCRIPTS
+from rendezvous_twisted.redis.url import StoreURL
 
 
 class _Waiter:
@@ -317,14 +69,6 @@ class _Waiter:
         self.deferred: Deferred[Wakeup] | None = None
         self.version: Version | None = None
         self.timer: IDelayedCall | None = None
-
-
-def _first_error(failure: Failure) -> Failure:
-    """
-    The failure of the command that failed a C{DeferredList}.
-    """
-    assert isinstance(failure.value, FirstError)
-    return failure.value.subFailure
 
 
 #: At most one warning per this many seconds while the store is unavailable.
@@ -378,35 +122,19 @@ class RedisStore:
         self.deleted_total = 0
         self.expired_total = 0
         self._live_seen = 0
-        self._ready: list[Deferred[None]] = []
         self._last_warning = -math.inf
-        timeout = config.store_timeout_seconds
-        heartbeat = HEARTBEAT_TIMEOUTS * timeout
-        endpoint = store_endpoint(reactor, url, timeout)
-        self._commands = RedisConnection(
-            endpoint,
+        self._connections = Connections(
+            url,
             reactor,
-            timeout,
-            self._select,
-            on_up=self._commands_up,
-            name="commands",
-            heartbeat_seconds=heartbeat,
-        )
-        self._events = RedisConnection(
-            endpoint,
-            reactor,
-            timeout,
-            self._subscribe,
+            config.store_timeout_seconds,
+            self._channel,
             on_message=self._changed,
-            on_up=self._up,
-            on_down=self._events_lost,
-            name="events",
-            heartbeat_seconds=heartbeat,
+            on_events_lost=self._events_lost,
         )
+        self._commands = self._connections.commands
+        self._events = self._connections.events
         #: Start it to connect (and keep reconnecting); stop it to disconnect.
-        self.service = _Connections(url)
-        self._commands.service.setServiceParent(self.service)
-        self._events.service.setServiceParent(self.service)
+        self.service: IService = self._connections
 
     # Connections.
 
@@ -420,17 +148,13 @@ class RedisStore:
         """
         Fires once both connections are up.
         """
-        if self.available:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._ready.append(d)
-        return d
+        return self._connections.ready()
 
     def close(self) -> Deferred[None]:
         """
         Disconnect, and stop reconnecting.
         """
-        d: Deferred[None] = self.service.stopService()  # type: ignore[no-untyped-call]
+        d: Deferred[None] = self.service.stopService()
         return d
 
     @property
@@ -438,93 +162,7 @@ class RedisStore:
         """
         Whether both connections are up.
         """
-        return self._commands.up and self._events.up
-
-    def _authenticate(self, protocol: RedisProtocol) -> Deferred[Any]:
-        url = self._url
-        if url.password is None:
-            return succeed(None)
-        if url.username is None:
-            return protocol.execute(b"AUTH", url.password)
-        return protocol.execute(b"AUTH", url.username, url.password)
-
-    def _select(self, protocol: RedisProtocol) -> Deferred[Any]:
-        d = self._authenticate(protocol)
-        if self._url.db:
-            d.addCallback(lambda _: protocol.execute(b"SELECT", self._url.db))
-        return d
-
-    def _subscribe(self, protocol: RedisProtocol) -> Deferred[Any]:
-        return self._authenticate(protocol).addCallback(
-            lambda _: protocol.execute(b"SUBSCRIBE", self._channel)
-        )
-
-    def _commands_up(self) -> None:
-        self._check_version()
-        self._check_persistence()
-        self._up()
-
-    def _check_version(self) -> None:
-        """
-        Log an error if this Redis is older than 7.0, whose scripts
-        (declared with a first line of flags) older ones cannot load.
-        """
-
-        def version(info: bytes) -> None:
-            for line in info.splitlines():
-                if line.startswith(b"redis_version:"):
-                    found = line.partition(b":")[2].decode("ascii", "replace")
-                    major = found.partition(".")[0]
-                    if major.isdigit() and int(major) < 7:
-                        self.log.error(
-                            "Redis at {url} is version {version}: 7.0 or newer is needed, "
-                            "and until then creates, writes and deletes fail (503)",
-                            url=str(self._url),
-                            version=found,
-                        )
-
-        # INFO may well not be granted (docs/scaling.md's ACL user): then the scripts'
-        # own errors tell.
-        self._commands.execute(b"INFO", b"server").addCallbacks(version, lambda _: None)
-
-    def _check_persistence(self) -> None:
-        """
-        Warn if this Redis writes its data to disk: payloads must live in
-        memory only (docs/scaling.md, "Redis settings").
-        """
-
-        def persists(replies: list[Any]) -> None:
-            [(_, save), (_, appendonly)] = replies
-            settings = dict(zip(save[::2], save[1::2], strict=True))
-            settings.update(zip(appendonly[::2], appendonly[1::2], strict=True))
-            if settings.get(b"save") or settings.get(b"appendonly") == b"yes":
-                self.log.warn(
-                    "Redis at {url} writes its data to disk (save {save!r}, appendonly "
-                    '{appendonly!r}), payloads included; set save "" and appendonly no',
-                    url=str(self._url),
-                    save=settings.get(b"save", b"").decode("ascii", "replace"),
-                    appendonly=settings.get(b"appendonly", b"").decode("ascii", "replace"),
-                )
-
-        def unknown(failure: Failure) -> None:
-            self.log.info(
-                "could not check whether Redis writes to disk ({error}); it must not",
-                error=_first_error(failure).getErrorMessage(),
-            )
-
-        checks = [
-            self._commands.execute(b"CONFIG", b"GET", b"save"),
-            self._commands.execute(b"CONFIG", b"GET", b"appendonly"),
-        ]
-        DeferredList(checks, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
-            persists, unknown
-        )
-
-    def _up(self) -> None:
-        if self.available:
-            ready, self._ready = self._ready, []
-            for d in ready:
-                d.callback(None)
+        return self._connections.available
 
     def _events_lost(self) -> None:
         # Changes published while we are not subscribed are lost to us, so
@@ -533,7 +171,7 @@ class RedisStore:
             self._answer_all(rendezvous_id, Failure(StoreUnavailable("lost the store's events")))
 
     def _script(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
-        return self._unavailable(_SCRIPTS[script].run(self._commands, keys, args))
+        return self._unavailable(SCRIPTS[script].run(self._commands, keys, args))
 
     def _command(self, *arguments: bytes | str | int) -> Deferred[Any]:
         return self._unavailable(self._commands.execute(*arguments))
@@ -556,6 +194,27 @@ class RedisStore:
         return d.addErrback(down)
 
     # Introspection.
+
+    def readings(self) -> list[Reading]:
+        """
+        The metrics every store exports, and whether Redis can be reached.
+        """
+        return [
+            *store_readings(self),
+            Reading(
+                "rendezvous_store_available",
+                "1 while both connections to Redis are up, else 0.",
+                "gauge",
+                lambda: int(self.available),
+            ),
+        ]
+
+    def memory_elsewhere(self) -> tuple[str, MemoryBudget] | None:
+        """
+        The rendezvous live in Redis: what they may take there, for all
+        processes together.
+        """
+        return "in Redis, for all processes together", redis_memory(self._config)
 
     @property
     def rendezvous_count(self) -> int:

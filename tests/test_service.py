@@ -1,0 +1,103 @@
+"""
+Tests for L{rendezvous_twisted.ops.service.ListenerService}: a listener
+that listens through the endpoint's public API, telling a failure to listen
+in words that name the listener, at start or later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from rendezvous_twisted.ops.service import ListenerService, StartupError
+
+from .conftest import answered, fired
+
+
+class LaterEndpoint:
+    """
+    A server endpoint whose listen() answers only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        self.listening: list[Deferred[IListeningPort]] = []
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        d: Deferred[IListeningPort] = Deferred()
+        self.listening.append(d)
+        return d
+
+
+class FailingEndpoint:
+    """
+    A server endpoint whose listen() fails at once with C{error}.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        d: Deferred[IListeningPort] = Deferred()
+        d.errback(self.error)
+        return d
+
+
+def listener(endpoint: Any) -> ListenerService:
+    """
+    A listener on C{endpoint}, named as --listen 9000 names it.
+    """
+    service = ListenerService(endpoint, Factory.forProtocol(Protocol))
+    service.label = "--listen 9000"
+    return service
+
+
+def test_a_failure_to_listen_after_the_start_is_logged_naming_the_listener() -> None:
+    """A listen failing after the start is one critical line naming the listener, not Unhandled."""
+    endpoint = LaterEndpoint()
+    service = listener(endpoint)
+    service.startService()
+    port = service.whenListening()
+    with capturedLogs() as events:
+        endpoint.listening[0].errback(CannotListenError("", 9000, OSError("taken")))
+    assert fired(port) is None
+    [event] = events
+    assert event["log_level"] == LogLevel.critical
+    assert formatEvent(event) == "cannot listen on --listen 9000"
+    assert fired(service.stopService()) is None
+    assert not service.running
+
+
+def test_stopping_before_it_listens_cancels_the_listen_quietly() -> None:
+    """Stopping a listener whose listen is still pending cancels it, logging nothing."""
+    endpoint = LaterEndpoint()
+    service = listener(endpoint)
+    service.startService()
+    with capturedLogs() as events:
+        stopped = service.stopService()
+    assert answered(stopped) and fired(stopped) is None
+    assert events == []
+    assert not service.running
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        (CannotListenError("", 9000, OSError("taken")), StartupError),
+        (ValueError("not a listen failure"), ValueError),
+    ],
+)
+def test_a_failure_to_listen_at_the_start_is_raised(
+    error: Exception, raised: type[Exception]
+) -> None:
+    """At the start a failure to listen is a StartupError naming the listener; others raise."""
+    service = listener(FailingEndpoint(error))
+    with pytest.raises(raised) as caught:
+        service.privilegedStartService()
+    if raised is StartupError:
+        assert str(caught.value).startswith("cannot listen on --listen 9000: ")
