@@ -83,6 +83,10 @@ TWISTED_PRIVATE: dict[str, frozenset[str]] = {
             "_tryToWriteControlData",
         }
     ),
+    # The HTTP/1.1 request and channel's fence: their PRIVATE_NAMES and
+    # tests/test_http1_fence.py.
+    "http/request.py": frozenset({"_cleanup", "_command", "_disconnected"}),
+    "http/channel.py": frozenset({"_handlingRequest", "_respondToBadRequestAndDisconnect"}),
 }
 
 #: Where the server may ask which store it holds: the store's factory, as
@@ -473,6 +477,14 @@ def test_private_twisted_names_only_where_fenced(module: Module) -> None:
         "a private Twisted name outside its fence (use a public API, or fence it in one module "
         f"with a test that fails when Twisted changes it, and list it here): {_describe(uses)}"
     )
+
+
+def test_the_http1_fence_checks_what_is_listed_here() -> None:
+    """The private Twisted names allowed to the HTTP/1.1 request and channel are their fence's."""
+    from rendezvous_twisted.http import channel, request
+
+    for module, listed in ((request, "http/request.py"), (channel, "http/channel.py")):
+        assert {name for _, name in module.PRIVATE_NAMES} == TWISTED_PRIVATE[listed]
 
 
 def test_the_http2_fence_checks_what_is_listed_here() -> None:
