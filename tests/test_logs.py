@@ -203,7 +203,7 @@ from rendezvous_twisted.tap import environment_service
 
 
 class Failing(Service):
-    log = Logger(namespace="rendezvous_twisted.http.web.RendezvousAPI")
+    log = Logger(namespace="rendezvous_twisted.http.answers.ErrorAnswers")
 
     def startService(self):
         super().startService()
