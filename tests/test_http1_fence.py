@@ -11,8 +11,6 @@ pyproject.toml.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import inspect
 import re
 from typing import Any
@@ -22,6 +20,8 @@ from twisted.internet.testing import StringTransport
 from twisted.web import http, server
 
 from rendezvous_twisted.http import channel, request
+from tests import fence
+from tests.fence import source_digest
 
 #: A digest of each method's source, as tested (Twisted 26.10.0).
 SOURCES: dict[str, str] = {
@@ -48,18 +48,12 @@ def _method(name: str) -> Any:
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_what_we_override_or_take_over_is_unchanged(name: str) -> None:
     """Each twisted.web method the HTTP/1.1 request and channel override or redo is as tested."""
-    source = inspect.getsource(_method(name))
-    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
-    assert digest == SOURCES[name], (
+    assert source_digest(_method(name)) == SOURCES[name], (
         f"{name} changed (Twisted was upgraded): review rendezvous_twisted/http/request.py and "
         f"channel.py against its new code, then update its digest here and the pins in "
         f"pyproject.toml"
     )
 
-
-def _owner(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +61,7 @@ def _owner(path: str) -> Any:
 )
 def test_every_private_name_exists(owner: str, attribute: str) -> None:
     """Every private twisted.web name the HTTP/1.1 request and channel use is still there."""
-    cls = _owner(owner)
+    cls = fence.owner(owner)
     if hasattr(cls, attribute):
         return
     # Set on instances only: by the constructor, or as a request line comes.

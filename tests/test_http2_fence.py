@@ -10,8 +10,6 @@ digest here and the version pins in pyproject.toml.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +21,8 @@ import h2.connection  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
 from rendezvous_twisted.http import http2, http2_limits  # noqa: E402
+from tests import fence  # noqa: E402
+from tests.fence import source_digest  # noqa: E402
 
 #: A digest of each method's source, as tested (Twisted 26.10.0, h2 4.4.1).
 SOURCES: dict[str, str] = {
@@ -63,24 +63,18 @@ def _method(name: str) -> Callable[..., Any]:
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_what_we_override_or_call_is_unchanged(name: str) -> None:
     """Each Twisted or h2 method the HTTP/2 limits override or call has its tested source."""
-    source = inspect.getsource(_method(name))
-    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
-    assert digest == SOURCES[name], (
+    assert source_digest(_method(name)) == SOURCES[name], (
         f"{name} changed (Twisted or h2 was upgraded): review rendezvous_twisted/http/http2.py "
         f"and http2_limits.py against its new code, then update its digest here and the pins "
         f"in pyproject.toml"
     )
 
 
-def _owner(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
 
 @pytest.mark.parametrize(("owner", "attribute"), http2.PRIVATE_NAMES)
 def test_every_private_name_exists(owner: str, attribute: str) -> None:
     """Every private Twisted or h2 name the HTTP/2 limits use is still on its class or instances."""
-    cls = _owner(owner)
+    cls = fence.owner(owner)
     if hasattr(cls, attribute):
         return
     if cls is _http2.H2Connection:
