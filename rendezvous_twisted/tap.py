@@ -35,6 +35,7 @@ from rendezvous_twisted.ops.environment import Setting
 from rendezvous_twisted.ops.logs import RendezvousRoot
 from rendezvous_twisted.ops.options import ENVIRONMENT_PREFIX, WordedOptions, example, number
 from rendezvous_twisted.ops.service import (
+    FrozenHeap,
     HangupReloader,
     Http2Off,
     LateListenerService,
@@ -571,6 +572,9 @@ def makeService(
         late.path = "metrics"
         late.scheme = options["metrics-listener"].scheme
         late.setServiceParent(root)  # type: ignore[no-untyped-call]
+    # Started after everything else: all that lives as long as the process
+    # exists by then.
+    FrozenHeap().setServiceParent(root)  # type: ignore[no-untyped-call]
     # Last in, first out: on stop, tell everyone at once that we are stopping.
     StoppingService(lifecycle).setServiceParent(root)  # type: ignore[no-untyped-call]
     return root

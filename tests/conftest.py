@@ -5,7 +5,8 @@ through treq's StubTreq, with time on a task.Clock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+import gc
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec
 
@@ -37,6 +38,16 @@ __all__ = ["own_redis", "redis_server", "redis_url"]
 BASE = "http://rendezvous.test"
 #: The Clock starts here (2024-01-01T00:00:00Z), so HTTP-dates are realistic.
 EPOCH = 1704067200.0
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_heap() -> Iterator[None]:
+    """
+    A server started in the test process freezes the heap (ops.service's
+    FrozenHeap): give it back to the collector after each test.
+    """
+    yield
+    gc.unfreeze()
 
 
 P = ParamSpec("P")

@@ -1,21 +1,25 @@
 """
-Tests for L{rendezvous_twisted.ops.service.ListenerService}: a listener
+Tests for L{rendezvous_twisted.ops.service}: L{ListenerService}, a listener
 that listens through the endpoint's public API, telling a failure to listen
-in words that name the listener, at start or later.
+in words that name the listener, at start or later; and L{FrozenHeap}.
 """
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
+from twisted.application.service import IServiceCollection
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from rendezvous_twisted.ops.service import ListenerService, StartupError
+from rendezvous_twisted import tap
+from rendezvous_twisted.ops.service import FrozenHeap, ListenerService, StartupError
 
 from .conftest import answered, fired
 
@@ -101,3 +105,22 @@ def test_a_failure_to_listen_at_the_start_is_raised(
         service.privilegedStartService()
     if raised is StartupError:
         assert str(caught.value).startswith("cannot listen on --listen 9000: ")
+
+
+def test_the_heap_alive_at_start_is_frozen() -> None:
+    """Once started, the server moves what is alive then out of the garbage collector's sight."""
+    gc.unfreeze()
+    try:
+        FrozenHeap().startService()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_the_server_freezes_its_heap_after_everything_else_started() -> None:
+    """makeService starts the heap freeze after every service but the one that says it stops."""
+    options = tap.Options()
+    options.parseOptions([])
+    root = tap.makeService(options, reactor=MemoryReactorClock())
+    services = list(IServiceCollection(root))
+    assert isinstance(services[-2], FrozenHeap)

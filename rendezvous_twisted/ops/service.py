@@ -7,6 +7,7 @@ the start says (L{Http2Off}).
 from __future__ import annotations
 
 import errno
+import gc
 import resource
 import signal
 from collections.abc import Callable
@@ -492,3 +493,24 @@ class Http2Off(Service):
             "HTTP/2 is off (h2 is not installed): TLS listeners speak HTTP/1.1 only; "
             "for HTTP/2, install the http2 extra (pip install 'rendezvous-twisted[http2]')"
         )
+
+
+class FrozenHeap(Service):
+    """
+    Once the server has started, moves what is alive then (modules, classes,
+    the routes, the configuration: what lives as long as the process) out of
+    the garbage collector's sight (C{gc.freeze}), so that its collections
+    walk only what connections and requests made since.
+
+    Klein's C{render} leaves every request in reference cycles (its
+    closures refer to themselves), so requests are freed by the collector,
+    not by reference counting, and full collections come often; each one
+    walked the whole start-up heap, about a tenth of the server's time in
+    the exchange benchmark (docs/performance.md).
+    """
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        gc.collect()
+        gc.freeze()
+
