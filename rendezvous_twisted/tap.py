@@ -182,6 +182,8 @@ class Options(WordedOptions):
             return field
         if option in self.given:
             return self.spelled(option)
+        if getattr(_DEFAULTS, field) is None:
+            return self.name(option)
         return f"{self.name(option)} (default {example(getattr(_DEFAULTS, field))})"
 
     def parseArgs(self, *args: str) -> None:

@@ -23,6 +23,22 @@ DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 MSC4108_MAX_BYTES = 4096
 #: Where MSC4108 session URLs live by default: beside the create endpoint.
 MSC4108_DEFAULT_SESSION_PREFIX = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous/"
+#: MSC4388's paths: its create and discovery endpoint under the unstable
+#: prefix and the stable one (which MSC4108's create shares), and its
+#: sessions beneath each.
+MSC4388_UNSTABLE_PATH = "/_matrix/client/unstable/io.element.msc4388/rendezvous"
+MSC4388_STABLE_PATH = "/_matrix/client/v1/rendezvous"
+MSC4388_PATHS = (MSC4388_UNSTABLE_PATH, MSC4388_STABLE_PATH)
+#: MSC4388's limit on C{data} ("a maximum data field size of 4096 bytes");
+#: the general C{max_bytes} caps it too.
+MSC4388_MAX_BYTES = 4096
+#: The lifetimes MSC4388 allows a session ("the minimum timeout SHOULD be 120
+#: seconds ... the maximum SHOULD be 300 seconds").
+MSC4388_LIFETIMES = (120.0, 300.0)
+#: Who may create MSC4388 sessions: nobody (the API answers 404
+#: M_UNRECOGNIZED), anyone, or the holders of a valid access token of the
+#: configured homeserver (Synapse's C{msc4388_mode} has the same three).
+MSC4388_MODES = ("off", "open", "authenticated")
 # A path prefix of one or more non-empty segments of URL-safe characters.
 _SESSION_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~-]+)+/\Z")
 
@@ -85,22 +101,29 @@ def _check_public_url(url: str) -> None:
     http(s) with a host, and have nothing that urlsplit would quietly drop
     or that would end up inside Location unescaped.
     """
-    values = {"public_url": url}
+    _check_http_url("public_url", url)
+
+
+def _check_http_url(name: str, url: str) -> None:
+    """
+    Refuse a base URL (field C{name}) that is not absolute http(s) with a
+    host, or that has anything urlsplit would quietly drop or that would
+    end up in a header unescaped.
+    """
+    values = {name: url}
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise ConfigError(
-            "{0} must not contain spaces or control characters", "public_url", values=values
-        )
+        raise ConfigError("{0} must not contain spaces or control characters", name, values=values)
     if "?" in url or "#" in url:
-        raise ConfigError("{0} must not have a query or a fragment", "public_url", values=values)
+        raise ConfigError("{0} must not have a query or a fragment", name, values=values)
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
-        raise ConfigError("{0} has a bad port", "public_url", values=values) from None
+        raise ConfigError("{0} has a bad port", name, values=values) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             "{0} must be an absolute http(s) URL with a host, e.g. https://rendezvous.example.org/",
-            "public_url",
+            name,
             values=values,
         )
 
@@ -134,6 +157,8 @@ _NOT_LIMITS = frozenset(
     (
         "public_url",
         "msc4108_session_prefix",
+        "msc4388",
+        "homeserver",
         "trusted_proxies",
         "proxy_header",
         "allow_create",
@@ -218,6 +243,45 @@ class Config:
         "msc4108-session-prefix",
         MSC4108_DEFAULT_SESSION_PREFIX,
         "Path under which MSC4108 session URLs live (a slash at each end).",
+    )
+
+    # MSC4388 (protocols/msc4388.py).  Its lifetime is its own: the proposal
+    # asks for 120 to 300 s, whatever --ttl gives the older protocols.
+    msc4388: str = described(
+        "msc4388",
+        "open",
+        "Who may create MSC4388 sessions: off (its API answers 404), open (anyone) or "
+        "authenticated (holders of a valid access token of --homeserver).",
+    )
+    msc4388_lifetime_seconds: float = described(
+        "msc4388-lifetime",
+        300.0,
+        "Lifetime of an MSC4388 session, in seconds (120 to 300), fixed at creation.",
+    )
+    # Each recorded answer holds its txnId (up to 255 bytes) and a token.
+    max_transactions_per_rendezvous: int = described(
+        "max-transactions-per-rendezvous",
+        32,
+        "MSC4388 PUT transactions one session records for replay; past it a PUT "
+        "with a new txnId is refused.",
+    )
+    # Its /_matrix/client/v3/account/whoami judges access tokens.
+    homeserver: str | None = described(
+        "homeserver",
+        None,
+        "Base URL of the homeserver whose access tokens are checked (on its "
+        "/_matrix/client/v3/account/whoami) for --msc4388 authenticated.",
+    )
+    homeserver_timeout_seconds: float = described(
+        "homeserver-timeout",
+        5.0,
+        "Longest a create or discovery waits for the homeserver to judge an access token, "
+        "in seconds (then 503).",
+    )
+    token_cache_seconds: float = described(
+        "token-cache-seconds",
+        30.0,
+        "How long the homeserver's verdict on an access token is remembered, in seconds.",
     )
 
     # Abuse limits (docs/security.md).  A client is the key of
@@ -370,6 +434,38 @@ class Config:
             raise ConfigError(
                 "{0} must be a path of one or more segments of letters, digits and ._~- "
                 "with a slash at each end, e.g. /qr/session/",
+                "msc4108_session_prefix",
+                values={"msc4108_session_prefix": self.msc4108_session_prefix},
+            )
+        self._check_msc4388()
+
+    def _check_msc4388(self) -> None:
+        if self.msc4388 not in MSC4388_MODES:
+            raise ConfigError(
+                "{0} must be off, open or authenticated",
+                "msc4388",
+                values={"msc4388": self.msc4388},
+            )
+        low, high = MSC4388_LIFETIMES
+        if not low <= self.msc4388_lifetime_seconds <= high:
+            raise ConfigError(
+                "{0} must be from 120 to 300 seconds, as MSC4388 asks",
+                "msc4388_lifetime_seconds",
+                values={"msc4388_lifetime_seconds": self.msc4388_lifetime_seconds},
+            )
+        if self.homeserver is not None:
+            _check_http_url("homeserver", self.homeserver)
+        elif self.msc4388 == "authenticated":
+            raise ConfigError(
+                "{0} needs {1}: the homeserver whose access tokens it checks",
+                "msc4388",
+                "homeserver",
+                values={"msc4388": self.msc4388},
+            )
+        sessions = tuple(path + "/" for path in MSC4388_PATHS)
+        if self.msc4108_session_prefix in sessions:
+            raise ConfigError(
+                "{0} must not be where MSC4388's sessions live (" + " or ".join(sessions) + ")",
                 "msc4108_session_prefix",
                 values={"msc4108_session_prefix": self.msc4108_session_prefix},
             )

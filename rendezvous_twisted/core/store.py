@@ -113,6 +113,14 @@ class Full(RendezvousError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class TooManyTransactions(RendezvousError):
+    """
+    The rendezvous already records as many transactions as it may
+    (L{Config.max_transactions_per_rendezvous}); a new one is refused, and
+    not recorded.
+    """
+
+
 class StoreUnavailable(RendezvousError):
     """
     The store cannot answer now (its Redis is down, unreachable or slow);
@@ -136,6 +144,20 @@ class Version:
     etag: bytes
     last_modified: float
     expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """
+    The answer a write by transaction (L{RendezvousStore.send}) recorded:
+    the ETag its write made, or None when its condition matched nothing
+    current (a conflict, which is recorded too).  C{replayed} when an
+    earlier call with the same transaction recorded it, and this one
+    evaluated nothing.
+    """
+
+    etag: bytes | None
+    replayed: bool = False
 
 
 class Wakeup(NamedTuple):
@@ -203,10 +225,13 @@ class RendezvousStore(Protocol):
         (L{rendezvous_twisted.core.budget.worst_case_memory}) counts them.
         """
 
-    def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
+    def create(
+        self, body: bytes, content_type: bytes, owner: str, ttl_seconds: float | None = None
+    ) -> Deferred[Version]:
         """
         Create a rendezvous holding C{body}, on behalf of client address
-        C{owner}.  Fails with L{TooLarge} or L{Full}.
+        C{owner}, to live C{ttl_seconds} (the config's C{ttl_seconds} when
+        None).  Fails with L{TooLarge} or L{Full}.
         """
 
     def read(self, rendezvous_id: str) -> Deferred[Version]:
@@ -222,6 +247,24 @@ class RendezvousStore(Protocol):
         atomic step: of two writers racing with the same condition exactly
         one wins.  Fails with L{NotFound}, L{PreconditionFailed} or
         L{TooLarge}.
+        """
+
+    def send(
+        self,
+        rendezvous_id: str,
+        body: bytes,
+        content_type: bytes,
+        if_match: Condition,
+        transaction: str,
+    ) -> Deferred[Sent]:
+        """
+        L{write}, recorded under C{transaction} for the rendezvous'
+        lifetime, as one atomic step with the write: a transaction seen
+        before on this rendezvous evaluates nothing and answers what was
+        recorded (L{Sent.replayed}).  A condition that matches nothing
+        current is a recorded conflict (L{Sent.etag} None), not a failure.
+        Fails, recording nothing, with L{NotFound}, L{TooLarge} or
+        L{TooManyTransactions}.
         """
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
