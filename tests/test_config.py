@@ -41,10 +41,17 @@ LIMITS = [
     "max_waiting_refusals",
     "shutdown_timeout_seconds",
     "store_timeout_seconds",
+    "max_transactions_per_rendezvous",
+    "homeserver_timeout_seconds",
+    "token_cache_seconds",
 ]
+#: The limits with a range of their own (tested below), not just "positive".
+RANGES = {"msc4388_lifetime_seconds"}
 #: The fields that are not limits: a URL, networks and a header name.
 NOT_LIMITS = {
     "public_url",
+    "msc4388",
+    "homeserver",
     "msc4108_session_prefix",
     "trusted_proxies",
     "proxy_header",
@@ -80,7 +87,7 @@ def test_default_listen_is_loopback_8080() -> None:
 def test_limits_list_covers_every_numeric_field() -> None:
     """Every numeric field of Config is one of the limits checked below, so none goes unchecked."""
     numeric = {f.name for f in dataclasses.fields(Config) if f.name not in NOT_LIMITS}
-    assert numeric == set(LIMITS)
+    assert numeric == set(LIMITS) | RANGES
 
 
 def test_config_is_frozen() -> None:
@@ -253,3 +260,49 @@ def test_base_url_joins_an_id_under_the_prefix() -> None:
     base_url = Config(public_url="https://example.org/rz").base_url
     assert base_url is not None
     assert base_url + "abc123" == "https://example.org/rz/abc123"
+
+
+@pytest.mark.parametrize("seconds", [119.9, 300.1, 60.0, 3600.0])
+def test_msc4388_lifetime_outside_what_the_proposal_allows_is_refused(seconds: float) -> None:
+    """An MSC4388 lifetime outside 120 to 300 s is refused, naming the field."""
+    with pytest.raises(ValueError, match="msc4388_lifetime_seconds.*120 to 300"):
+        Config(msc4388_lifetime_seconds=seconds)
+
+
+@pytest.mark.parametrize("seconds", [120.0, 300.0, 180.0])
+def test_msc4388_lifetime_within_what_the_proposal_allows_is_kept(seconds: float) -> None:
+    """An MSC4388 lifetime from 120 to 300 s, both ends included, is accepted."""
+    assert Config(msc4388_lifetime_seconds=seconds).msc4388_lifetime_seconds == seconds
+
+
+def test_msc4388_mode_must_be_one_of_three() -> None:
+    """--msc4388 is off, open or authenticated; anything else is refused naming the field."""
+    with pytest.raises(ValueError, match="msc4388='closed' must be off, open or authenticated"):
+        Config(msc4388="closed")
+
+
+def test_authenticated_mode_needs_a_homeserver() -> None:
+    """Authenticated creation without a homeserver to check tokens is refused, not opened."""
+    with pytest.raises(ValueError, match="needs homeserver"):
+        Config(msc4388="authenticated")
+    config = Config(msc4388="authenticated", homeserver="https://matrix.example.org")
+    assert config.homeserver == "https://matrix.example.org"
+
+
+@pytest.mark.parametrize(
+    "url", ["matrix.example.org", "ftp://matrix.example.org", "https://", "https://x/?q=1"]
+)
+def test_homeserver_must_be_an_http_url(url: str) -> None:
+    """A homeserver that is not an absolute http(s) URL is refused, naming the field."""
+    with pytest.raises(ValueError, match="homeserver"):
+        Config(homeserver=url)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["/_matrix/client/v1/rendezvous/", "/_matrix/client/unstable/io.element.msc4388/rendezvous/"],
+)
+def test_msc4108_sessions_may_not_live_where_msc4388_sessions_do(prefix: str) -> None:
+    """MSC4108's session prefix may not be MSC4388's session path, which would make ids ambiguous."""
+    with pytest.raises(ValueError, match="msc4108_session_prefix.*MSC4388"):
+        Config(msc4108_session_prefix=prefix)

@@ -23,7 +23,9 @@ from rendezvous_twisted.core.store import (
     Full,
     NotFound,
     PreconditionFailed,
+    Sent,
     TooLarge,
+    TooManyTransactions,
     Version,
     Wakeup,
     new_etag,
@@ -51,14 +53,18 @@ class _Record:
     A live rendezvous: its current Version, owner and timers.
     """
 
-    __slots__ = ("expiry", "owner", "version", "waiters")
+    __slots__ = ("born", "expiry", "owner", "transactions", "version", "waiters")
 
     def __init__(self, version: Version, owner: str, expiry: IDelayedCall) -> None:
+        self.born = version.last_modified
         self.version = version
         self.owner = owner
         self.expiry = expiry
         # Insertion-ordered, so a wake answers readers in the order they came.
         self.waiters: dict[_Waiter, None] = {}
+        # What each transaction's send answered (its ETag, or None for a
+        # conflict); made on the first one, as most rendezvous have none.
+        self.transactions: dict[str, bytes | None] | None = None
 
 
 class MemoryStore:
@@ -78,13 +84,16 @@ class MemoryStore:
         self._config = config
         self._clock = clock
         self.max_bytes = config.max_bytes
-        # Insertion order is creation order and the TTL is fixed, so the
-        # first record is always the next to expire.
+        # Insertion order is creation order.  Lifetimes differ (MSC4388's is
+        # its own), so the first record is the next to expire only among
+        # those of one lifetime: L{_reclaim_expired} looks further.
         self._records: dict[str, _Record] = {}
         # owner -> ids it created, oldest first.
         self._by_owner: dict[str, dict[str, None]] = {}
         self._parked = 0
         self._stopped = False
+        # The shortest lifetime given to any rendezvous yet.
+        self._shortest_ttl = config.ttl_seconds
         #: Rendezvous created, deleted and expired since start, for metrics.
         self.created_total = 0
         self.deleted_total = 0
@@ -123,7 +132,9 @@ class MemoryStore:
 
     # The operations.
 
-    def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
+    def create(
+        self, body: bytes, content_type: bytes, owner: str, ttl_seconds: float | None = None
+    ) -> Deferred[Version]:
         if len(body) > self.max_bytes:
             return fail(TooLarge())
         now = self._clock.seconds()
@@ -135,22 +146,20 @@ class MemoryStore:
                 self._live(rendezvous_id)
             mine = self._by_owner.get(owner)
             if mine is not None and len(mine) >= self._config.max_rendezvous_per_address:
-                oldest = self._records[next(iter(mine))]
+                soonest = min(self._records[one].version.expires for one in mine)
                 return fail(
-                    Full(
-                        "too many rendezvous from this address",
-                        retry_after(oldest.version.expires - now),
-                    )
+                    Full("too many rendezvous from this address", retry_after(soonest - now))
                 )
         if len(self._records) >= self._config.max_rendezvous:
             self._reclaim_expired(now)
             if len(self._records) >= self._config.max_rendezvous:
-                oldest = next(iter(self._records.values()))
-                return fail(Full("the server is full", retry_after(oldest.version.expires - now)))
+                soonest = min(record.version.expires for record in self._records.values())
+                return fail(Full("the server is full", retry_after(soonest - now)))
         rendezvous_id = secrets.token_urlsafe(16)
         while rendezvous_id in self._records:  # pragma: no cover - 2**-128
             rendezvous_id = secrets.token_urlsafe(16)
-        ttl = self._config.ttl_seconds
+        ttl = self._config.ttl_seconds if ttl_seconds is None else ttl_seconds
+        self._shortest_ttl = min(self._shortest_ttl, ttl)
         version = Version(rendezvous_id, body, content_type, new_etag(), now, now + ttl)
         expiry = self._clock.callLater(ttl, self._expire, rendezvous_id)
         self._records[rendezvous_id] = _Record(version, owner, expiry)
@@ -186,6 +195,33 @@ class MemoryStore:
         record.version = version
         self._answer(record, Wakeup(version, changed=True))
         return succeed(version)
+
+    def send(
+        self,
+        rendezvous_id: str,
+        body: bytes,
+        content_type: bytes,
+        if_match: Condition,
+        transaction: str,
+    ) -> Deferred[Sent]:
+        record = self._live(rendezvous_id)
+        if record is None:
+            return fail(NotFound())
+        recorded = record.transactions
+        if recorded is None:
+            recorded = record.transactions = {}
+        elif transaction in recorded:
+            return succeed(Sent(recorded[transaction], replayed=True))
+        if len(recorded) >= self._config.max_transactions_per_rendezvous:
+            return fail(TooManyTransactions())
+        if not if_match.matches_strong(record.version.etag):
+            recorded[transaction] = None
+            return succeed(Sent(None))
+        if len(body) > self.max_bytes:
+            return fail(TooLarge())
+        self.write(rendezvous_id, body, content_type, if_match)
+        recorded[transaction] = etag = record.version.etag
+        return succeed(Sent(etag))
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
         record = self._live(rendezvous_id)
@@ -288,13 +324,15 @@ class MemoryStore:
             self._forget(rendezvous_id, record)
 
     def _reclaim_expired(self, now: float) -> None:
-        # Creation order is expiry order: stop at the first live record.
-        while self._records:
-            rendezvous_id, record = next(iter(self._records.items()))
-            if record.version.expires > now:
+        # Their timers reclaim them too; this only catches those whose timer
+        # is due but has not run yet.  In creation order: once a record was
+        # created less than the shortest lifetime ago, none after it expired.
+        for rendezvous_id, record in list(self._records.items()):
+            if record.born + self._shortest_ttl > now:
                 return
-            self.expired_total += 1
-            self._forget(rendezvous_id, record)
+            if record.version.expires <= now:
+                self.expired_total += 1
+                self._forget(rendezvous_id, record)
 
     def _forget(self, rendezvous_id: str, record: _Record) -> None:
         del self._records[rendezvous_id]
