@@ -513,4 +513,3 @@ class FrozenHeap(Service):
         super().startService()  # type: ignore[no-untyped-call]
         gc.collect()
         gc.freeze()
-
