@@ -69,10 +69,10 @@ PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
 JSON = b"application/json"
 
 
-def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
+def error_body(errcode: str, message: str, extra: Mapping[str, str | bool] | None = None) -> bytes:
     """
     The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
-    C{extra} fields.
+    C{extra} fields (strings, or booleans such as a 401's C{soft_logout}).
     """
     return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
@@ -305,7 +305,7 @@ class HTTPError(Exception):
     code = 400
     errcode = "M_BAD_REQUEST"
     headers: tuple[tuple[bytes, bytes], ...] = ()
-    extra: Mapping[str, str] | None = None
+    extra: Mapping[str, str | bool] | None = None
     version: Version | None = None
 
 
@@ -403,7 +403,7 @@ class ErrorAnswers:
         Answer a refusal: set status and headers, return the JSON body.
         """
         version: Version | None = None
-        extra: Mapping[str, str] | None = None
+        extra: Mapping[str, str | bool] | None = None
         headers = request.responseHeaders
         if isinstance(error, HTTPError):
             code, errcode, message = error.code, error.errcode, str(error)
