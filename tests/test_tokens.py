@@ -88,6 +88,7 @@ class Whoami(Resource):
         self.authorizations: list[bytes] = []
         self.held: list[Request] = []
         self.lost: list[Request] = []
+        self._on_loss: list[Deferred[None]] = []
         self._arrivals: list[tuple[int, Deferred[None]]] = []
 
     @property
@@ -103,6 +104,23 @@ class Whoami(Resource):
             d.callback(None)
         else:
             self._arrivals.append((count, d))
+        return within(d)
+
+    def _lose(self, request: Request) -> None:
+        self.lost.append(request)
+        waiting, self._on_loss = self._on_loss, []
+        for d in waiting:
+            d.callback(None)
+
+    def connection_lost(self) -> Deferred[None]:
+        """
+        Fires once a call held unanswered has lost its connection.
+        """
+        d: Deferred[None] = Deferred()
+        if self.lost:
+            d.callback(None)
+        else:
+            self._on_loss.append(d)
         return within(d)
 
     def release(self) -> None:
@@ -192,12 +210,12 @@ class Whoami(Resource):
         return NOT_DONE_YET
 
     def answer_slow(self, request: Request) -> int:
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        request.notifyFinish().addErrback(lambda _: self._lose(request))
         return NOT_DONE_YET
 
     def answer_stalled(self, request: Request) -> int:
         # The head and a first part of the body, then nothing.
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        request.notifyFinish().addErrback(lambda _: self._lose(request))
         request.setHeader(b"Content-Length", b"100")
         request.write(b'{"user_id": ')
         return NOT_DONE_YET
@@ -547,9 +565,7 @@ async def test_a_homeserver_that_does_not_answer_is_503_in_time(
     assert 0.25 < real_reactor().seconds() - started < 2.0
     assert policy.lookups_in_flight == 0
     assert any("no answer within 0.3 s" in formatEvent(e) for e in events)
-    lost: Deferred[None] = Deferred()
-    real_reactor().callLater(0.2, lost.callback, None)
-    await lost
+    await homeserver.whoami.connection_lost()
     assert len(homeserver.whoami.lost) == 1
 
 
