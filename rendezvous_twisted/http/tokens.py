@@ -26,12 +26,21 @@ from typing import Any, Protocol
 
 from hyperlink import URL
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from rendezvous_twisted.core.budget import (
     MAX_HOMESERVER_IDLE_CONNECTIONS,
@@ -239,20 +248,46 @@ def answered(d: Deferred[bool], verdict: Verdict | None) -> None:
         d.errback(HomeserverUnavailableError())
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
-class _QuietPool(HTTPConnectionPool):
+@implementer(IStreamClientEndpoint)
+class _Quiet:
     """
-    A connection pool whose connections' factories log nothing: Twisted's
-    log "Starting factory" and "Stopping factory" for each new connection,
-    two lines a question for a homeserver that refuses connections.  Its
-    factory is a private attribute with no public hook
+    An endpoint whose connections' factories log nothing: Twisted's log
+    "Starting factory" and "Stopping factory" for each new connection, two
+    lines a question for a homeserver that refuses connections
     (tests/test_tokens.py fails if the lines come back).
     """
 
-    _factory = _QuietFactory
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:  # noqa: N803
+        if isinstance(protocolFactory, Factory):
+            protocolFactory.noisy = False
+        connected: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connected
+
+
+@implementer(IAgentEndpointFactory)
+class _HomeserverEndpoints:
+    """
+    Where the policy's Agent connects: the homeserver's host and port, over
+    TLS verified as a browser would for https, each connection quiet
+    (L{_Quiet}) and given up after C{timeout_seconds}.
+    """
+
+    def __init__(self, reactor: Any, timeout_seconds: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout_seconds
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, uri.host, uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"https":
+            creator = self._tls.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return _Quiet(endpoint)
 
 
 class HomeserverPolicy:
@@ -319,10 +354,12 @@ class HomeserverPolicy:
             .to_text()
             .encode("ascii")
         )
-        self._pool = _QuietPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_HOMESERVER_IDLE_CONNECTIONS
         self._pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-        self._agent = Agent(reactor, connectTimeout=timeout_seconds, pool=self._pool)
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _HomeserverEndpoints(reactor, timeout_seconds), pool=self._pool
+        )
         self._verdicts: OrderedDict[bytes, tuple[float, Verdict]] = OrderedDict()
         self._lookups: dict[bytes, _Lookup] = {}
         self._complaints = Complaints(self._clock, self.log, homeserver_url)
@@ -375,7 +412,7 @@ class HomeserverPolicy:
         for lookup in list(self._lookups.values()):
             if lookup.asking is not None:
                 lookup.asking.cancel()
-        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+        closed: Deferred[None] = self._pool.closeCachedConnections()
         return closed
 
     def _remembered(self, key: bytes) -> Verdict | None:
