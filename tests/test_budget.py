@@ -29,18 +29,22 @@ from .conftest import BufferingTransport, fired, make_site
 
 
 def test_budget_at_the_defaults() -> None:
-    """At the defaults, the budget is every cap times its price, about 1 GiB in all."""
+    """At the defaults, the budget is every cap times its price, about 1.1 GiB in all."""
     config = Config()
     items = {item.name: item for item in budget.worst_case_memory(config).items}
     assert items["rendezvous"].count == 10000
     assert items["rendezvous"].bytes_each == 10240 + 255 + budget.RECORD_OVERHEAD_BYTES
+    assert items["transactions"].count == 10000
+    assert items["transactions"].bytes_each == budget.TRANSACTION_TABLE_BYTES + 32 * (
+        255 + 26 + budget.TRANSACTION_OVERHEAD_BYTES
+    )
     assert items["parked readers"].count == config.max_connections
     assert items["rate buckets"].count == 2 * config.max_rate_buckets
     assert items["connections"].count == config.max_connections
     assert items["refused connections waiting"].count == config.max_waiting_refusals
     total = budget.worst_case_memory(config).total_bytes
     assert total == sum(item.count * item.bytes_each for item in items.values())
-    assert 900 * 2**20 < total < 1100 * 2**20
+    assert 1000 * 2**20 < total < 1200 * 2**20
 
 
 def test_budget_grows_with_each_cap() -> None:
@@ -53,6 +57,7 @@ def test_budget_grows_with_each_cap() -> None:
         {"max_connections": 8192},
         {"max_header_bytes": 32768},
         {"max_waiting_refusals": 128},
+        {"max_transactions_per_rendezvous": 64},
     ]:
         assert budget.worst_case_memory(Config(**change)).total_bytes > base, change  # type: ignore[arg-type]
 
@@ -124,6 +129,36 @@ def test_prices_bound_what_is_measured() -> None:
     limiter = RateLimiter(10, 1.0, count, clock)
     bucket = measured(count, lambda i: limiter.take(f"2001:db8:{i:x}::/64"))
     assert bucket < budget.BUCKET_BYTES
+
+
+@pytest.mark.parametrize("count", [1, 32])
+def test_transaction_price_bounds_what_is_measured(count: int) -> None:
+    """
+    The transactions a rendezvous records, each with the longest id, cost
+    less than the budget's price for them: one, or as many as the default cap.
+    """
+    rendezvous = 300
+    clock = Clock()
+    config = Config(
+        max_rendezvous=rendezvous,
+        max_rendezvous_per_address=rendezvous,
+        max_transactions_per_rendezvous=count,
+    )
+    store = MemoryStore(config, clock)
+    ids = [
+        fired(store.create(b"x", b"text/plain", "owner")).rendezvous_id for _ in range(rendezvous)
+    ]
+
+    def transactions(i: int) -> None:
+        for n in range(count):
+            # A str of its own, as parsed from a request's path.
+            transaction = "".join(f"{n:04d}".ljust(budget.TRANSACTION_ID_MAX_BYTES, "T"))
+            assert fired(store.send(ids[i], b"y", b"text/plain", ANY, transaction)).etag
+
+    per_rendezvous = measured(rendezvous, transactions)
+    assert per_rendezvous < budget.transactions_bytes(
+        config, budget.TRANSACTION_TABLE_BYTES, budget.TRANSACTION_OVERHEAD_BYTES
+    )
 
 
 def test_connection_price_bounds_a_parked_connection() -> None:
@@ -232,9 +267,32 @@ def test_rendezvous_in_redis_leave_the_process_budget() -> None:
     in_process = {item.name for item in budget.worst_case_memory(config, in_redis=True).items}
     assert "rendezvous" not in in_process
     assert "parked readers" in in_process
-    [item] = budget.redis_memory(config).items
-    assert item.count == config.max_rendezvous
+    assert "transactions" not in in_process
+    item, transactions = budget.redis_memory(config).items
+    assert item.count == transactions.count == config.max_rendezvous
     assert item.bytes_each >= config.max_bytes + config.max_content_type_bytes
+    assert transactions.bytes_each >= config.max_transactions_per_rendezvous * (255 + 26)
+
+
+def test_transactions_are_budgeted_only_while_msc4388_may_record_them() -> None:
+    """
+    Each rendezvous may record as many transactions as the cap allows, each
+    with the longest id and an ETag; with MSC4388 off, none.
+    """
+    config = Config(max_transactions_per_rendezvous=5)
+    for items, name in (
+        (budget.worst_case_memory(config).items, "transactions"),
+        (budget.redis_memory(config).items, "transactions in Redis"),
+    ):
+        [item] = [item for item in items if item.name == name]
+        assert item.count == config.max_rendezvous
+        assert item.bytes_each > 5 * (budget.TRANSACTION_ID_MAX_BYTES + budget.ETAG_BYTES)
+    off = Config(msc4388="off")
+    assert (
+        budget.worst_case_memory(off).total_bytes < budget.worst_case_memory(Config()).total_bytes
+    )
+    assert all("transactions" not in item.name for item in budget.worst_case_memory(off).items)
+    assert all("transactions" not in item.name for item in budget.redis_memory(off).items)
 
 
 def test_a_redis_stores_start_logs_both_budgets() -> None:

@@ -279,8 +279,57 @@ async def test_redis_price_bounds_what_redis_measures(
         each = (used() - before) / count
     finally:
         await store.close()
-    [item] = budget.redis_memory(config).items
+    [item] = [item for item in budget.redis_memory(config).items if item.name.startswith("rend")]
     assert config.max_bytes < each <= item.bytes_each, each
+
+
+@pytest.mark.parametrize("body", [5, 10240])
+@pytest.mark.parametrize("count", [1, 32])
+@on_reactor
+async def test_redis_transaction_price_bounds_what_redis_measures(
+    redis_url: str, redis_server: RedisServer, count: int, body: int
+) -> None:
+    """
+    The transactions a rendezvous records in Redis, each with the longest
+    id, take less of its key's memory than budget.py says: one or as many
+    as the default cap, on a small record (which they turn from a listpack
+    into a hash table) or a full-size one.
+    """
+    rendezvous = 100
+    config = Config(
+        max_rendezvous=rendezvous,
+        max_rendezvous_per_address=rendezvous,
+        max_transactions_per_rendezvous=count,
+    )
+    store = await connected(
+        redis_url,
+        max_rendezvous=rendezvous,
+        max_rendezvous_per_address=rendezvous,
+        max_transactions_per_rendezvous=count,
+    )
+
+    def usage(rendezvous_id: str) -> int:
+        key = "rendezvous:r:" + rendezvous_id
+        size: int = redis_server.command("MEMORY", "USAGE", key, "SAMPLES", "0")
+        return size
+
+    try:
+        made = [await store.create(b"x" * body, b"text/plain", "owner") for _ in range(rendezvous)]
+        before = sum(usage(version.rendezvous_id) for version in made)
+        for version in made:
+            for n in range(count):
+                transaction = f"{n:04d}".ljust(budget.TRANSACTION_ID_MAX_BYTES, "T")
+                sent = await store.send(
+                    version.rendezvous_id, b"y" * body, b"text/plain", ANY, transaction
+                )
+                assert sent.etag is not None
+        each = (sum(usage(version.rendezvous_id) for version in made) - before) / rendezvous
+    finally:
+        await store.close()
+    price = budget.transactions_bytes(
+        config, budget.REDIS_TRANSACTION_TABLE_BYTES, budget.REDIS_TRANSACTION_OVERHEAD_BYTES
+    )
+    assert count * (budget.TRANSACTION_ID_MAX_BYTES + budget.ETAG_BYTES) < each <= price, each
 
 
 @on_reactor

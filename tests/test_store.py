@@ -222,7 +222,7 @@ def park(
 async def test_store_provides_the_interface(make: Stores) -> None:
     """Each store implements every operation of the RendezvousStore protocol."""
     store, _ = await make()
-    for operation in ("create", "read", "write", "delete", "wait_for_change", "shutdown"):
+    for operation in ("create", "read", "write", "send", "delete", "wait_for_change", "shutdown"):
         assert callable(getattr(store, operation))
 
 

@@ -21,6 +21,31 @@ RECORD_OVERHEAD_BYTES = 2048
 #: its entries in the live and per-address sorted sets, and a per-address
 #: set of its own (measured ~3.0 KiB with redis-server 7.0 and jemalloc).
 REDIS_RECORD_OVERHEAD_BYTES = 4096
+#: The longest transaction id MSC4388 lets a client send (its txnId is
+#: validated as [0-9A-Za-z._~-]{1,255} before it reaches a store).
+TRANSACTION_ID_MAX_BYTES = 255
+#: An ETag as the stores mint them: 24 hex digits in quotes.
+ETAG_BYTES = 26
+#: What one rendezvous' transactions cost in a MemoryStore besides each
+#: id's and ETag's bytes: per transaction, the id's str header, the ETag's
+#: bytes header (it outlives the write that made it) and its entry in the
+#: record's dict of transactions; per rendezvous that records any, that
+#: dict.  Measured under tracemalloc with 255-character ids: 628 B in all
+#: for one transaction (~350 B besides its id and ETag, ~230 B of them the
+#: dict), 393 B each for 32 and 398 B each for 100 (~115 B besides).
+TRANSACTION_OVERHEAD_BYTES = 192
+TRANSACTION_TABLE_BYTES = 512
+#: The same in Redis: per transaction, a field t:<id> of the rendezvous'
+#: hash; per rendezvous that records any, the count n beside them, the
+#: hash table's growth, and a small record's conversion from a listpack to
+#: a hash table (the id is longer than a listpack's entries may be).
+#: Measured with MEMORY USAGE on 200 records before and after adding
+#: transactions of 255-byte ids (redis-server 7.0, jemalloc): one costs
+#: 384 B on a full-size record and 720 B on a 5-byte one (the conversion);
+#: 32 cost 390 to 401 B each, 100 cost 386 B each (~110 to 120 B besides
+#: the id and ETag).
+REDIS_TRANSACTION_OVERHEAD_BYTES = 192
+REDIS_TRANSACTION_TABLE_BYTES = 512
 #: One parked reader in the store: waiter, Deferred, poll timer
 #: (measured ~1.4 KiB).
 PARKED_READER_BYTES = 2048
@@ -213,6 +238,7 @@ def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = Fals
     connection = max(
         http11_connection_bytes(config), http2_connection_bytes(config) if http2 else 0
     )
+    # The rendezvous, and the transactions MSC4388's sends record in them.
     rendezvous = (
         ()
         if in_redis
@@ -221,6 +247,9 @@ def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = Fals
                 "rendezvous",
                 config.max_rendezvous,
                 config.max_bytes + config.max_content_type_bytes + RECORD_OVERHEAD_BYTES,
+            ),
+            *_transactions(
+                config, "transactions", TRANSACTION_TABLE_BYTES, TRANSACTION_OVERHEAD_BYTES
             ),
         )
     )
@@ -256,6 +285,25 @@ def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = Fals
     )
 
 
+def transactions_bytes(config: Config, table: int, overhead: int) -> int:
+    """
+    The most one rendezvous' recorded transactions may hold: its table, and
+    as many as it may record, each with the longest id and an ETag.
+    """
+    each = TRANSACTION_ID_MAX_BYTES + ETAG_BYTES + overhead
+    return table + config.max_transactions_per_rendezvous * each
+
+
+def _transactions(config: Config, name: str, table: int, overhead: int) -> tuple[Item, ...]:
+    """
+    The transactions that MSC4388's sends record, per rendezvous (any may
+    be MSC4388's); none while MSC4388 is off.
+    """
+    if config.msc4388 == "off":
+        return ()
+    return (Item(name, config.max_rendezvous, transactions_bytes(config, table, overhead)),)
+
+
 def redis_memory(config: Config) -> MemoryBudget:
     """
     The most memory the rendezvous of every process together may take in
@@ -268,6 +316,12 @@ def redis_memory(config: Config) -> MemoryBudget:
                 "rendezvous in Redis",
                 config.max_rendezvous,
                 config.max_bytes + config.max_content_type_bytes + REDIS_RECORD_OVERHEAD_BYTES,
+            ),
+            *_transactions(
+                config,
+                "transactions in Redis",
+                REDIS_TRANSACTION_TABLE_BYTES,
+                REDIS_TRANSACTION_OVERHEAD_BYTES,
             ),
         )
     )
