@@ -30,20 +30,21 @@ ETAG_BYTES = 26
 #: id's and ETag's bytes: per transaction, the id's str header, the ETag's
 #: bytes header (it outlives the write that made it) and its entry in the
 #: record's dict of transactions; per rendezvous that records any, that
-#: dict.  Measured under tracemalloc with 255-character ids: 628 B in all
-#: for one transaction (~350 B besides its id and ETag, ~230 B of them the
-#: dict), 393 B each for 32 and 398 B each for 100 (~115 B besides).
+#: dict.  Measured under tracemalloc on 300 rendezvous with 255-character
+#: ids (tests/test_budget.py): 628 to 677 B in all for one transaction
+#: (~350 to 400 B besides its id and ETag, ~230 B of them the dict), 393 B
+#: each for 32 and 398 B each for 100 (~115 B besides).
 TRANSACTION_OVERHEAD_BYTES = 192
 TRANSACTION_TABLE_BYTES = 512
 #: The same in Redis: per transaction, a field t:<id> of the rendezvous'
 #: hash; per rendezvous that records any, the count n beside them, the
 #: hash table's growth, and a small record's conversion from a listpack to
 #: a hash table (the id is longer than a listpack's entries may be).
-#: Measured with MEMORY USAGE on 200 records before and after adding
-#: transactions of 255-byte ids (redis-server 7.0, jemalloc): one costs
-#: 384 B on a full-size record and 720 B on a 5-byte one (the conversion);
-#: 32 cost 390 to 401 B each, 100 cost 386 B each (~110 to 120 B besides
-#: the id and ETag).
+#: Measured with MEMORY USAGE on 100 to 200 records before and after
+#: adding transactions of 255-byte ids (redis-server 7.0, jemalloc;
+#: tests/test_redis_store.py): one costs 384 B on a full-size record and
+#: 712 to 720 B on a 5-byte one (the conversion); 32 cost 390 to 401 B
+#: each, 100 cost 386 B each (~110 to 120 B besides the id and ETag).
 REDIS_TRANSACTION_OVERHEAD_BYTES = 192
 REDIS_TRANSACTION_TABLE_BYTES = 512
 #: One parked reader in the store: waiter, Deferred, poll timer
