@@ -1,11 +1,12 @@
 """
 A model-based test of the store: hypothesis drives a MemoryStore on a
-task.Clock through random creates, reads, writes, deletes, parked readers,
+task.Clock through random creates (some with lifetimes of their own),
+reads, writes, sends by transaction, deletes, parked readers,
 cancellations, clock moves and a shutdown, and after every step checks it
 against a small pure-Python model of what SPEC.md promises.
 
 The limits are tiny so that every cap is hit often.  Every time in the run
-(the epoch, TTL, poll timeout, waits and clock moves) is a multiple of 1/8 s,
+(the epoch, lifetimes, poll timeout, waits and clock moves) is a multiple of 1/8 s,
 so all the arithmetic is exact and no tie is decided by a rounding error.
 """
 
@@ -37,7 +38,9 @@ from rendezvous_twisted.core.store import (
     Full,
     NotFound,
     PreconditionFailed,
+    Sent,
     TooLarge,
+    TooManyTransactions,
     Version,
     Wakeup,
 )
@@ -51,6 +54,11 @@ PER_ADDRESS = 2
 MAX_PARKED = 5
 PER_RENDEZVOUS = 2
 MAX_BYTES = 8
+MAX_TRANSACTIONS = 3
+#: Lifetimes a create may ask for besides the config's (None): shorter and
+#: longer, so that creation order is not expiry order.
+LIFETIMES = (None, 2.5, 17.5)
+LONGEST_TTL = 17.5
 
 CONFIG = Config(
     ttl_seconds=TTL,
@@ -60,6 +68,7 @@ CONFIG = Config(
     max_parked=MAX_PARKED,
     max_parked_per_rendezvous=PER_RENDEZVOUS,
     max_bytes=MAX_BYTES,
+    max_transactions_per_rendezvous=MAX_TRANSACTIONS,
 )
 
 OWNERS = ("192.0.2.1", "192.0.2.2", "2001:db8::7")
@@ -71,6 +80,8 @@ TICK = 1 / 8
 #: How long before an event the clock stops to see that nothing came early.
 EPSILON = 1 / 64
 
+#: Transaction ids of sends: more than a rendezvous may record.
+TRANSACTIONS = st.sampled_from(["a", "b", "c", "d", "T" * 255])
 #: Which rendezvous a rule acts on (see L{StoreModel.pick}).
 WHICH = st.integers(min_value=0, max_value=9)
 #: Payloads, about one in five over the limit.
@@ -125,6 +136,9 @@ class Rendezvous:
 
     owner: str
     version: Version
+    #: What each transaction sent to it answered: its ETag, or None for a
+    #: conflict.
+    transactions: dict[str, bytes | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,7 +199,8 @@ class StoreModel(RuleBasedStateMachine):
         self.clock.advance(EPOCH)
         self.store = MemoryStore(CONFIG, self.clock)
         self.now = EPOCH
-        #: Live rendezvous in creation order, which is also expiry order.
+        #: Live rendezvous in creation order (not expiry order: lifetimes
+        #: differ).
         self.live: dict[str, Rendezvous] = {}
         #: Every id the store ever minted, in creation order.
         self.created: list[str] = []
@@ -293,18 +308,24 @@ class StoreModel(RuleBasedStateMachine):
 
     # Rules.
 
-    @rule(owner=st.sampled_from(OWNERS), body=BODIES, content_type=CONTENT_TYPES)
-    def create(self, owner: str, body: bytes, content_type: bytes) -> None:
-        result = result_of(self.store.create(body, content_type, owner))
+    @rule(
+        owner=st.sampled_from(OWNERS),
+        body=BODIES,
+        content_type=CONTENT_TYPES,
+        lifetime=st.sampled_from(LIFETIMES),
+    )
+    def create(self, owner: str, body: bytes, content_type: bytes, lifetime: float | None) -> None:
+        result = result_of(self.store.create(body, content_type, owner, lifetime))
+        ttl = TTL if lifetime is None else lifetime
         too_large = len(body) > MAX_BYTES
-        # Retry-After: when the oldest rendezvous holding the place expires.
+        # Retry-After: when the soonest to expire of those holding the place does.
         retries: set[int] = set()
-        mine = [r for r in self.live.values() if r.owner == owner]
+        mine = [r.version.expires for r in self.live.values() if r.owner == owner]
         if len(mine) >= PER_ADDRESS:
-            retries.add(retry_after(mine[0].version.expires - self.now))
+            retries.add(retry_after(min(mine) - self.now))
         if len(self.live) >= MAX_RENDEZVOUS:
-            oldest = next(iter(self.live.values()))
-            retries.add(retry_after(oldest.version.expires - self.now))
+            soonest = min(r.version.expires for r in self.live.values())
+            retries.add(retry_after(soonest - self.now))
         if too_large or retries:
             assert isinstance(result, TooLarge | Full), f"create should be refused: {result!r}"
             if isinstance(result, TooLarge):
@@ -317,12 +338,12 @@ class StoreModel(RuleBasedStateMachine):
         rendezvous_id = result.rendezvous_id
         assert rendezvous_id not in self.created, "an id was minted twice"
         assert result == Version(
-            rendezvous_id, body, content_type, result.etag, self.now, self.now + TTL
+            rendezvous_id, body, content_type, result.etag, self.now, self.now + ttl
         )
         self.mint(result)
         self.created.append(rendezvous_id)
         self.live[rendezvous_id] = Rendezvous(owner, result)
-        event("create: ok")
+        event(f"create: ok, lives {ttl}")
 
     @precondition(lambda self: bool(self.live))
     @rule(which=WHICH)
@@ -373,6 +394,58 @@ class StoreModel(RuleBasedStateMachine):
         for reader in woken:
             reader.answer(self.now, Wakeup(result, changed=True))
         event(f"write: ok, woke {len(woken)}")
+
+    @precondition(lambda self: bool(self.live))
+    @rule(
+        which=WHICH,
+        body=BODIES,
+        content_type=CONTENT_TYPES,
+        if_match=IF_MATCH,
+        transaction=TRANSACTIONS,
+    )
+    def send(
+        self, which: int, body: bytes, content_type: bytes, if_match: str, transaction: str
+    ) -> None:
+        rendezvous_id = self.pick(which)
+        condition = self.header(if_match, rendezvous_id, if_none_match=False)
+        result = result_of(
+            self.store.send(rendezvous_id, body, content_type, condition, transaction)
+        )
+        rendezvous = self.live.get(rendezvous_id)
+        if rendezvous is None:
+            assert isinstance(result, NotFound), f"send should be 404: {result!r}"
+            return
+        recorded = rendezvous.transactions
+        # The memory store's order: replay, too many, conflict, too large.
+        if transaction in recorded:
+            assert result == Sent(recorded[transaction], replayed=True)
+            event("send: replayed")
+            return
+        if len(recorded) >= MAX_TRANSACTIONS:
+            assert isinstance(result, TooManyTransactions), f"send should be refused: {result!r}"
+            event("send: TooManyTransactions")
+            return
+        if if_match not in IF_MATCH_HOLDS:
+            assert result == Sent(None)
+            recorded[transaction] = None
+            event("send: conflict")
+            return
+        if len(body) > MAX_BYTES:
+            assert isinstance(result, TooLarge), f"send should be refused: {result!r}"
+            event("send: TooLarge")
+            return
+        assert isinstance(result, Sent) and not result.replayed, f"send should write: {result!r}"
+        assert result.etag is not None
+        version = Version(
+            rendezvous_id, body, content_type, result.etag, self.now, rendezvous.version.expires
+        )
+        self.mint(version)
+        rendezvous.version = version
+        recorded[transaction] = result.etag
+        woken = self.parked_on(rendezvous_id)
+        for reader in woken:
+            reader.answer(self.now, Wakeup(version, changed=True))
+        event(f"send: ok, woke {len(woken)}")
 
     @precondition(lambda self: bool(self.live))
     @rule(which=WHICH)
@@ -519,7 +592,7 @@ class StoreModel(RuleBasedStateMachine):
             # A step already failed: let hypothesis report that, not this.
             return
         # Let every reader be answered and every rendezvous expire.
-        self.advance_by(TTL + POLL)
+        self.advance_by(LONGEST_TTL + POLL)
         assert not self.parked()
         assert self.store.parked_count == 0
         if not self.stopped:
@@ -530,6 +603,7 @@ class StoreModel(RuleBasedStateMachine):
             for d in (
                 self.store.read(rendezvous_id),
                 self.store.write(rendezvous_id, b"", TYPES[0], ANY),
+                self.store.send(rendezvous_id, b"", TYPES[0], ANY, "a"),
                 self.store.wait_for_change(rendezvous_id, ANY, POLL),
                 self.store.delete(rendezvous_id),
             ):
