@@ -415,7 +415,7 @@ def test_failed_set_ups_back_off_although_tcp_connected() -> None:
 async def test_a_redis_at_its_maxmemory_refuses_writes_but_serves_reads_and_deletes(
     own_redis: RedisServer,
 ) -> None:
-    """At maxmemory creates and writes are refused before Redis grows; reads and deletes work."""
+    """At maxmemory creates, writes and sends are refused before they run; reads, deletes work."""
 
     def used() -> int:
         info = own_redis.command("INFO", "memory").decode()
@@ -424,6 +424,7 @@ async def test_a_redis_at_its_maxmemory_refuses_writes_but_serves_reads_and_dele
     store = await connected(own_redis.url)
     try:
         kept = await store.create(b"kept", b"text/plain", "owner")
+        await store.send(kept.rendezvous_id, b"kept", b"text/plain", ANY, "before")
         limit = used() + 200_000
         own_redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
         own_redis.command("CONFIG", "SET", "maxmemory", str(limit))
@@ -442,7 +443,14 @@ async def test_a_redis_at_its_maxmemory_refuses_writes_but_serves_reads_and_dele
         own_redis.command("CONFIG", "SET", "maxmemory", str(used() // 2))
         with pytest.raises(StoreUnavailable, match="OOM"):
             await store.write(kept.rendezvous_id, b"new", b"text/plain", ANY)
+        # A send too, even a replay (Redis refuses a script that may write
+        # before it runs it): it records nothing.
+        for transaction in ("txn", "before"):
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await store.send(kept.rendezvous_id, b"new", b"text/plain", ANY, transaction)
         assert (await store.read(kept.rendezvous_id)).body == b"kept"
+        key = "rendezvous:r:" + kept.rendezvous_id
+        assert own_redis.command("HEXISTS", key, "t:txn") == 0
         await store.delete(kept.rendezvous_id)
         with pytest.raises(NotFound):
             await store.read(kept.rendezvous_id)
