@@ -30,6 +30,7 @@ from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.http import wire
 from rendezvous_twisted.http.guard import Guard
 from rendezvous_twisted.http.site import RendezvousSite
+from rendezvous_twisted.http.tokens import create_policy
 from rendezvous_twisted.ops import endpoints, environment, logs, metrics, systemd, tls
 from rendezvous_twisted.ops.environment import Setting
 from rendezvous_twisted.ops.logs import RendezvousRoot
@@ -42,6 +43,7 @@ from rendezvous_twisted.ops.service import (
     Lifecycle,
     ListenerService,
     OpenFileLimitService,
+    PolicyService,
     StartupError,
     StoppingService,
     StoreService,
@@ -50,7 +52,6 @@ from rendezvous_twisted.ops.stores import open_store
 from rendezvous_twisted.protocols import RendezvousAPI
 from rendezvous_twisted.redis.url import StoreURL, parse_store_url
 from rendezvous_twisted.version import version_line
-from rendezvous_twisted.words import quantity
 
 __all__ = [
     "ENVIRONMENT_PREFIX",
@@ -101,7 +102,7 @@ class Options(WordedOptions):
     synopsis = "[options]"
     longdesc = (
         "A rendezvous server for the Matrix log-in-with-a-QR-code handshake "
-        "(MSC3886 and MSC4108), with long-polling. Rendezvous live in this "
+        "(MSC3886, MSC4108 and MSC4388), with long-polling. Rendezvous live in this "
         "process' memory, or with --store in a Redis shared by several processes. "
         "twistd's own options (-n, --pidfile, --logfile, ...) go before 'rendezvous'."
     )
@@ -499,7 +500,8 @@ def makeService(
     store = open_store(config, reactor, options["store-url"])
     counts = Metrics()
     guard = Guard(config, reactor, counts)
-    api = RendezvousAPI(store, config, reactor, guard)
+    policy = create_policy(config, reactor)
+    api = RendezvousAPI(store, config, reactor, guard, policy)
     site = RendezvousSite(
         api.resource(),
         guard,
@@ -524,6 +526,7 @@ def makeService(
     http2 = wire.H2_AVAILABLE and any_tls
     if any_tls and not wire.H2_AVAILABLE:
         Http2Off().setServiceParent(root)  # type: ignore[no-untyped-call]
+    PolicyService(policy, config).setServiceParent(root)  # type: ignore[no-untyped-call]
     StoreService(store, config, reactor, site, lifecycle, http2=http2).setServiceParent(root)  # type: ignore[no-untyped-call]
     contexts = tls.ContextRegistry()
     # Always, and before any listener listens: SIGHUP's default action would
@@ -538,20 +541,10 @@ def makeService(
         listener.setServiceParent(root)  # type: ignore[no-untyped-call]
         listeners.append(listener)
 
-    def status() -> str:
-        return ", ".join(
-            (
-                quantity(store.rendezvous_count, "rendezvous", "rendezvous"),
-                quantity(store.parked_count, "parked reader"),
-                quantity(site.in_flight, "request") + " in flight",
-                quantity(site.connection_count, "connection"),
-            )
-        )
-
     systemd.SystemdService(
         systemd.Notifier.from_environment(environ),
         listeners,
-        status,
+        lambda: systemd.status(store, site),
         lifecycle,
         reactor,
         systemd.watchdog_interval_seconds(environ, os.getpid()),

@@ -22,6 +22,5 @@ def version_line() -> str:
     C{rendezvous-twisted 0.1.0 (Twisted 26.10.0, Python 3.11.7)}.
     """
     return (
-        f"{NAME} {__version__} "
-        f"(Twisted {twisted.__version__}, Python {platform.python_version()})"
+        f"{NAME} {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
     )

@@ -26,6 +26,7 @@ from rendezvous_twisted.core.metrics import Metrics
 from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.http.guard import Guard
 from rendezvous_twisted.http.site import RendezvousSite
+from rendezvous_twisted.http.tokens import CreatePolicy
 from rendezvous_twisted.protocols import RendezvousAPI
 
 # A real redis-server for the tests that need one: redis_server (shared),
@@ -153,13 +154,16 @@ class Harness:
     """
 
     def __init__(
-        self, store: Callable[[Config, Clock], RendezvousStore] = MemoryStore, **config: Any
+        self,
+        store: Callable[[Config, Clock], RendezvousStore] = MemoryStore,
+        policy: CreatePolicy | None = None,
+        **config: Any,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(EPOCH)
         self.config = Config(**config)
         self.store = store(self.config, self.clock)
-        self.api = RendezvousAPI(self.store, self.config, self.clock)
+        self.api = RendezvousAPI(self.store, self.config, self.clock, policy=policy)
         # StubTreq copies treq's functions onto itself at run time: Any.
         self.client: Any = StubTreq(self.api.resource())  # type: ignore[no-untyped-call]
         # StubTreq serves through a plain Site; serve through ours, so that

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from .homeserver import USER_TOKEN, homeserver
 from .test_end_to_end import HOST, LISTEN, TwistdServer, running, start_plugin_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -230,3 +231,79 @@ def test_two_pages_run_an_msc4108_exchange_across_origins(
     assert json.loads(stale["body"])["org.matrix.msc4108.errcode"] == "M_CONCURRENT_WRITE"
     assert call(a, "remove", url)["status"] == 204
     assert call(b, "read", url)["status"] == 404
+
+
+@pytest.fixture(scope="module")
+def authenticated_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwistdServer]:
+    """
+    A rendezvous server that lets only a homeserver's users create MSC4388
+    sessions, and the homeserver (a stand-in on loopback).
+    """
+    with homeserver() as hs:
+        process = start_plugin_server(
+            tmp_path_factory.mktemp("authenticated"),
+            "--msc4388=authenticated",
+            f"--homeserver={hs.url}",
+            "--poll-timeout=15",
+        )
+        process.secrets.append(USER_TOKEN.encode("ascii"))
+        yield from running(process)
+
+
+def test_two_pages_run_an_msc4388_exchange_with_an_access_token(
+    authenticated_server: TwistdServer, page_server: TwistdServer, browser: Any
+) -> None:
+    """
+    As the next Element Web will: page A, signed in, discovers and creates
+    with its access token (a preflighted Authorization header from another
+    origin); page B, the new device, reads, long-polls and sends without one.
+    """
+    api = f"http://{HOST}:{authenticated_server.port}/_matrix/client/v1/rendezvous"
+    a = open_page(browser, page_server)
+    b = open_page(browser, page_server)
+
+    anonymous = call(b, "json", "GET", api, None, None)
+    assert json.loads(anonymous["body"]) == {"create_available": False}
+    discovered = call(a, "json", "GET", api, None, USER_TOKEN)
+    assert (discovered["status"], json.loads(discovered["body"])) == (
+        200,
+        {"create_available": True},
+    )
+    created = call(a, "json", "POST", api, {"data": ""}, USER_TOKEN)
+    assert created["status"] == 200, created
+    session = json.loads(created["body"])
+    url = f"{api}/{session['id']}"
+
+    read = call(b, "json", "GET", url, None, None)
+    assert json.loads(read["body"])["sequence_token"] == session["sequence_token"]
+    a.evaluate(
+        "([url, token]) => window.rendezvous.startTokenPoll(url, token)",
+        [url, session["sequence_token"]],
+    )
+    a.wait_for_function("() => window.rendezvous.pending !== null")
+    sent = call(
+        b,
+        "json",
+        "PUT",
+        f"{url}/txn-b-1",
+        {"sequence_token": session["sequence_token"], "data": "LoginInitiateMessage"},
+        None,
+    )
+    assert sent["status"] == 200, sent
+    token = json.loads(sent["body"])["sequence_token"]
+    woken: dict[str, Any] = a.evaluate("window.rendezvous.pending")
+    assert woken.get("status") == 200, woken
+    assert json.loads(woken["body"])["data"] == "LoginInitiateMessage"
+
+    stale = call(
+        a,
+        "json",
+        "PUT",
+        f"{url}/txn-a-1",
+        {"sequence_token": session["sequence_token"], "data": "late"},
+        None,
+    )
+    assert (stale["status"], json.loads(stale["body"])["errcode"]) == (409, "M_CONCURRENT_WRITE")
+    assert json.loads(call(a, "json", "GET", url, None, None)["body"])["sequence_token"] == token
+    assert call(b, "json", "DELETE", url, None, None)["status"] == 200
+    assert call(a, "json", "GET", url, None, None)["status"] == 404

@@ -41,7 +41,7 @@ def fake_system(
     (bin_dir / "bash").symlink_to(bash)
     stand_in(
         bin_dir / "dpkg-query",
-        'for last; do :; done\n'
+        "for last; do :; done\n"
         'for p in $INSTALLED; do [ "$p" = "$last" ] && echo "ii " && exit 0; done\nexit 1\n',
     )
     stand_in(bin_dir / "id", f"echo {uid}\n")
@@ -176,10 +176,9 @@ def test_any_failure_fails_the_check_after_every_step_ran(tmp_path: Path, failin
     fail[failing] = "exit 3\n"
     stand_in(
         venv / "python",
-        f'echo "python $*" >> {ran}\n'
-        f'if [ "$2" = pytest ]; then {fail["pytest"]}fi\nexit 0\n',
+        f'echo "python $*" >> {ran}\nif [ "$2" = pytest ]; then {fail["pytest"]}fi\nexit 0\n',
     )
-    stand_in(venv / "mypy", f'echo mypy >> {ran}\n{fail["mypy"]}')
+    stand_in(venv / "mypy", f"echo mypy >> {ran}\n{fail['mypy']}")
     stand_in(venv / "ruff", f'echo "ruff $*" >> {ran}\n{fail["ruff"]}')
     environ = fake_system(tmp_path, PACKAGES, uid=1000, sudo=False)
     result = run_check(tmp_path, environ, "tests/test_tap.py", "-x")

@@ -265,7 +265,7 @@ def test_base_url_joins_an_id_under_the_prefix() -> None:
 @pytest.mark.parametrize("seconds", [119.9, 300.1, 60.0, 3600.0])
 def test_msc4388_lifetime_outside_what_the_proposal_allows_is_refused(seconds: float) -> None:
     """An MSC4388 lifetime outside 120 to 300 s is refused, naming the field."""
-    with pytest.raises(ValueError, match="msc4388_lifetime_seconds.*120 to 300"):
+    with pytest.raises(ValueError, match=r"msc4388_lifetime_seconds.*120 to 300"):
         Config(msc4388_lifetime_seconds=seconds)
 
 
@@ -303,6 +303,6 @@ def test_homeserver_must_be_an_http_url(url: str) -> None:
     ["/_matrix/client/v1/rendezvous/", "/_matrix/client/unstable/io.element.msc4388/rendezvous/"],
 )
 def test_msc4108_sessions_may_not_live_where_msc4388_sessions_do(prefix: str) -> None:
-    """MSC4108's session prefix may not be MSC4388's session path, which would make ids ambiguous."""
-    with pytest.raises(ValueError, match="msc4108_session_prefix.*MSC4388"):
+    """MSC4108's session prefix may not be MSC4388's session path (ids would be ambiguous)."""
+    with pytest.raises(ValueError, match=r"msc4108_session_prefix.*MSC4388"):
         Config(msc4108_session_prefix=prefix)

@@ -65,8 +65,11 @@ from pathlib import Path
 
 import pytest
 
+from .homeserver import USER_TOKEN, homeserver
+from .msc4388_client import STABLE_PREFIX, UNSTABLE_PREFIX, ProposalClient
 from .redis_server import RedisServer, free_port
 from .test_end_to_end import read_available
+from .test_msc4388_end_to_end import whole_exchange
 from .test_multinode import nginx_conf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,6 +97,7 @@ RUNNERS = (
     "test_the_start_command_serves",
     "test_two_terminals_with_rendezvous_cli",
     "test_a_homeserver_proxy_carries_msc4108",
+    "test_a_homeserver_proxy_carries_msc4388_to_two_processes",
     "test_the_redis_settings_serve_an_exchange",
 )
 #: Ports the docs use; each becomes a free loopback port while a block runs.
@@ -852,6 +856,65 @@ def test_a_homeserver_proxy_carries_msc4108(workspace: Workspace) -> None:
         == b'{"errcode": "M_UNRECOGNIZED"}'
     )
     workspace.stop_servers()
+
+
+def test_a_homeserver_proxy_carries_msc4388_to_two_processes(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """
+    docs/deployment.md's Synapse recipe: its two processes on one Redis, behind its nginx
+    upstream and location in a homeserver's server block, run a whole MSC4388 exchange on both
+    paths, a signed-in device creating with its access token (checked against a homeserver
+    stand-in where the recipe names Synapse's listener), and both processes serve it.
+    """
+    processes, upstream, location = claimed_by(
+        "test_a_homeserver_proxy_carries_msc4388_to_two_processes"
+    )
+    if not NGINX.exists():
+        raise RuntimeError(f"{NGINX} is missing: apt-get install nginx (as ./check does)")
+    redis_server.flushall()
+    workspace = Workspace(tmp_path, redis_server)
+    try:
+        with homeserver() as hs:
+            text = processes.text.replace("http://127.0.0.1:8008", hs.url)
+            assert text != processes.text, "the recipe names Synapse's listener"
+            started = Block(processes.page, processes.line, "sh", text, None, None)
+            assert len(workspace.start_servers(started)) == 2
+            front = free_port()
+            directory = workspace.directory
+            conf = nginx_conf(
+                directory,
+                f"""
+    access_log off;
+{workspace.substitute(upstream.text)}
+    server {{
+        listen 127.0.0.1:{front};
+        # The homeserver's own paths.
+        location /_matrix {{ return 404 '{{"errcode": "M_UNRECOGNIZED"}}'; }}
+{workspace.substitute(location.text)}
+    }}
+""",
+            )
+            nginx = Process(
+                f"exec {NGINX} -p {directory} -c {conf} -e {directory}/error.log",
+                directory, workspace.env, directory / "nginx.out",
+            )  # fmt: skip
+            workspace.servers.append(nginx)
+            workspace._wait_listening(nginx, front)
+
+            for prefix in (UNSTABLE_PREFIX, STABLE_PREFIX):
+                signed_in = ProposalClient("127.0.0.1", front, prefix, access_token=USER_TOKEN)
+                new_device = ProposalClient("127.0.0.1", front, prefix)
+                assert new_device.discover() is False
+                whole_exchange(signed_in, new_device)
+            assert _request(front, "GET", "/_matrix/client/v1/rendezvousX")[0] == 404
+            assert _request(front, "GET", "/_matrix/client/versions")[0] == 404
+            for server in workspace.servers[:2]:
+                assert re.search(r'"(GET|PUT|POST|DELETE) /', server.text()), "one served nothing"
+            workspace.stop_servers()
+    finally:
+        for server in workspace.servers:
+            server.kill()
 
 
 def json_url(body: bytes) -> str:

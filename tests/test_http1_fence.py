@@ -55,7 +55,6 @@ def test_what_we_override_or_take_over_is_unchanged(name: str) -> None:
     )
 
 
-
 @pytest.mark.parametrize(
     ("owner", "attribute"), sorted(request.PRIVATE_NAMES + channel.PRIVATE_NAMES)
 )

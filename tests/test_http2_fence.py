@@ -70,7 +70,6 @@ def test_what_we_override_or_call_is_unchanged(name: str) -> None:
     )
 
 
-
 @pytest.mark.parametrize(("owner", "attribute"), http2.PRIVATE_NAMES)
 def test_every_private_name_exists(owner: str, attribute: str) -> None:
     """Every private Twisted or h2 name the HTTP/2 limits use is still on its class or instances."""

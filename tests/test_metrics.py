@@ -208,7 +208,6 @@ def test_the_metrics_listener_answers_in_json_and_names_no_version() -> None:
     other method a JSON 405 with Allow, none of them naming Twisted or its version.
     """
 
-
     # StubTreq copies treq's functions onto itself at run time: Any.
     client: Any = StubTreq(metrics_site(Metrics(), lambda: False).resource)  # type: ignore[no-untyped-call]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.application.service import IServiceCollection
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -19,7 +19,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from rendezvous_twisted import tap
-from rendezvous_twisted.ops.service import FrozenHeap, ListenerService, StartupError
+from rendezvous_twisted.core.config import Config
+from rendezvous_twisted.ops.service import FrozenHeap, ListenerService, PolicyService, StartupError
 
 from .conftest import answered, fired
 
@@ -124,3 +125,41 @@ def test_the_server_freezes_its_heap_after_everything_else_started() -> None:
     root = tap.makeService(options, reactor=MemoryReactorClock())
     services = list(IServiceCollection(root))
     assert isinstance(services[-2], FrozenHeap)
+
+
+class _Policy:
+    """
+    A create policy that counts its closes.
+    """
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def may_create(self, authorization: object) -> Deferred[bool]:
+        return succeed(True)
+
+    def close(self) -> Deferred[None]:
+        self.closed += 1
+        return succeed(None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("off", "MSC4388 is off"),
+        ("open", "anyone may create MSC4388 sessions"),
+        ("authenticated", "only users of https://hs.example.org may create MSC4388 sessions"),
+    ],
+)
+def test_the_policy_service_says_who_may_create_and_closes_the_policy(mode: str, said: str) -> None:
+    """The start says who may create MSC4388 sessions; the stop closes the policy's connections."""
+    policy = _Policy()
+    config = Config(msc4388=mode, homeserver="https://hs.example.org")
+    service = PolicyService(policy, config)
+    with capturedLogs() as events:
+        service.startService()
+    lines = [formatEvent(event) for event in events]
+    assert any(said in line and "sessions live 300.0s" in line for line in lines), lines
+    assert policy.closed == 0
+    service.stopService()
+    assert policy.closed == 1

@@ -675,7 +675,9 @@ def test_preflight_headers_are_the_specs() -> None:
     """The preflight allows SPEC.md's methods and headers and caches for a day."""
     assert dict(PREFLIGHT) == {
         b"Access-Control-Allow-Methods": b"GET, PUT, POST, DELETE",
-        b"Access-Control-Allow-Headers": b"Content-Type, If-Match, If-None-Match, Prefer",
+        b"Access-Control-Allow-Headers": (
+            b"Authorization, Content-Type, If-Match, If-None-Match, Prefer"
+        ),
         b"Access-Control-Max-Age": b"86400",
     }
 

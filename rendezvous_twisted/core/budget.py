@@ -66,6 +66,29 @@ H2_BUFFER_BYTES = 16384 + 9 + 17 * 1024
 #: HTTP/2's initial connection window; one body may ask for more.
 H2_DEFAULT_WINDOW = 65535
 
+# MSC4388's access tokens, judged by a homeserver with --msc4388
+# authenticated (rendezvous_twisted/http/tokens.py enforces these bounds;
+# they are defined here, where they are priced, as core imports nothing
+# from http).
+#: Verdicts on access tokens remembered at once; past it the least recently
+#: used is dropped.
+MAX_TOKEN_VERDICTS = 10000
+#: One remembered verdict: its SHA-256 key, expiry and verdict, and its
+#: place in the LRU (measured ~210 bytes).
+TOKEN_VERDICT_BYTES = 320
+#: Questions to the homeserver in flight at once; past it a token that
+#: needs one is answered 503 at once.
+MAX_HOMESERVER_LOOKUPS = 32
+#: Idle connections to the homeserver kept for the next question.
+MAX_HOMESERVER_IDLE_CONNECTIONS = 4
+#: The largest answer of the homeserver read; past it, 503.
+MAX_WHOAMI_BYTES = 4096
+#: One question in flight, or one idle connection: the connection, request
+#: and response objects (measured ~18 KiB, with the stand-in homeserver's
+#: side of the connection in the same process), one socket read and the
+#: answer being read.
+HOMESERVER_LOOKUP_BYTES = 24576 + SOCKET_READ_BYTES + MAX_WHOAMI_BYTES
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -154,6 +177,24 @@ def http2_connection_bytes(config: Config) -> int:
     )
 
 
+def token_memory(config: Config) -> tuple[Item, ...]:
+    """
+    What judging MSC4388's access tokens holds (only with --msc4388
+    authenticated): the verdicts remembered, and the questions to the
+    homeserver in flight with the connections kept for them.
+    """
+    if config.msc4388 != "authenticated":
+        return ()
+    return (
+        Item("access-token verdicts", MAX_TOKEN_VERDICTS, TOKEN_VERDICT_BYTES),
+        Item(
+            "homeserver lookups",
+            MAX_HOMESERVER_LOOKUPS + MAX_HOMESERVER_IDLE_CONNECTIONS,
+            HOMESERVER_LOOKUP_BYTES,
+        ),
+    )
+
+
 def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = False) -> MemoryBudget:
     """
     The most memory the caps of C{config} let the server's own data use at
@@ -210,6 +251,7 @@ def worst_case_memory(config: Config, in_redis: bool = False, http2: bool = Fals
                 config.max_waiting_refusals,
                 WAITING_REFUSAL_BYTES + SOCKET_READ_BYTES,
             ),
+            *token_memory(config),
         )
     )
 

@@ -63,7 +63,7 @@ def render(event: LogEvent) -> str | None:
         # format(value, spec), as twisted.logger's formatter does.
         return (
             f'{event["client"]} - - "{event["method"]} {event["path"]} {event["protocol"]}" '
-            f'{event["status"]} {event["length"]} {event["duration_ms"]:.1f}ms'
+            f"{event['status']} {event['length']} {event['duration_ms']:.1f}ms"
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -31,6 +31,7 @@ from rendezvous_twisted.core.store import (
     PreconditionFailed,
     StoreUnavailable,
     TooLarge,
+    TooManyTransactions,
     Version,
 )
 
@@ -57,17 +58,21 @@ EVERY_RESPONSE: tuple[tuple[bytes, bytes], ...] = (
 #: Added to the every-response headers on a CORS preflight.
 PREFLIGHT: tuple[tuple[bytes, bytes], ...] = (
     (b"Access-Control-Allow-Methods", b"GET, PUT, POST, DELETE"),
-    (b"Access-Control-Allow-Headers", b"Content-Type, If-Match, If-None-Match, Prefer"),
+    # Authorization: MSC4388's discovery and create take an access token.
+    (
+        b"Access-Control-Allow-Headers",
+        b"Authorization, Content-Type, If-Match, If-None-Match, Prefer",
+    ),
     (b"Access-Control-Max-Age", b"86400"),
 )
 
 JSON = b"application/json"
 
 
-def error_body(errcode: str, message: str, extra: Mapping[str, str] | None = None) -> bytes:
+def error_body(errcode: str, message: str, extra: Mapping[str, str | bool] | None = None) -> bytes:
     """
     The JSON body of every error: C{{"errcode": ..., "error": ...}}, and any
-    C{extra} fields.
+    C{extra} fields (strings, or booleans such as a 401's C{soft_logout}).
     """
     return json.dumps({"errcode": errcode, "error": message, **(extra or {})}).encode("ascii")
 
@@ -186,6 +191,7 @@ _EVERY_RESPONSE_FIELDS: tuple[tuple[bytes, Sequence[bytes]], ...] = tuple(
 )
 _EVERY_RESPONSE_BY_NAME = {name.lower(): values for name, values in _EVERY_RESPONSE_FIELDS}
 
+
 class ResponseHeaders(Headers):
     """
     The response headers of a L{RendezvousRequest}: they can carry the
@@ -299,7 +305,7 @@ class HTTPError(Exception):
     code = 400
     errcode = "M_BAD_REQUEST"
     headers: tuple[tuple[bytes, bytes], ...] = ()
-    extra: Mapping[str, str] | None = None
+    extra: Mapping[str, str | bool] | None = None
     version: Version | None = None
 
 
@@ -397,7 +403,7 @@ class ErrorAnswers:
         Answer a refusal: set status and headers, return the JSON body.
         """
         version: Version | None = None
-        extra: Mapping[str, str] | None = None
+        extra: Mapping[str, str | bool] | None = None
         headers = request.responseHeaders
         if isinstance(error, HTTPError):
             code, errcode, message = error.code, error.errcode, str(error)
@@ -412,6 +418,11 @@ class ErrorAnswers:
         elif isinstance(error, TooLarge):
             code, errcode = 413, "M_TOO_LARGE"
             message = f"the payload is over {self._max_bytes} bytes"
+        elif isinstance(error, TooManyTransactions):
+            # Not a 429: waiting does not help, this session will refuse
+            # every new transaction for the rest of its life.
+            code, errcode = 400, "M_LIMIT_EXCEEDED"
+            message = "this session recorded all the transactions it may; start a new one"
         elif isinstance(error, Full):
             code, errcode, message = 429, "M_LIMIT_EXCEEDED", str(error)
             headers.setRawHeaders(b"Retry-After", [b"%d" % error.retry_after_seconds])

@@ -321,9 +321,5 @@ class RendezvousChannel(HTTPChannel):
             client=peer_host(self.transport.getPeer()) or "-",
         )
         self.site.refused("malformed")
-        self.transport.write(
-            closing_answer(400, "M_BAD_REQUEST", "malformed HTTP request")
-        )
+        self.transport.write(closing_answer(400, "M_BAD_REQUEST", "malformed HTTP request"))
         self.loseConnection()  # type: ignore[no-untyped-call]
-
-

@@ -304,4 +304,3 @@ class RendezvousSite(Site):
         self._connections.clear()
         if self._draining is not None and not self._draining.called:
             self._draining.callback(None)
-

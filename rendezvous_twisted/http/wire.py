@@ -305,5 +305,3 @@ class SiteConnection(SwitchingProtocol):
                 self._waiting = False
                 site.done_waiting()
             site.connection_lost(self)
-
-

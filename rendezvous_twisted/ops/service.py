@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from rendezvous_twisted.core.budget import worst_case_memory
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import RendezvousStore
+from rendezvous_twisted.http.tokens import ClosableCreatePolicy
 from rendezvous_twisted.words import quantity
 
 
@@ -495,6 +496,41 @@ class Http2Off(Service):
         )
 
 
+class PolicyService(Service):
+    """
+    Owns MSC4388's create policy: says at start who may create sessions,
+    and on stop closes the connections a homeserver policy holds.  Put it
+    before the store's service in its parent, so that it stops after the
+    requests in flight were answered.
+    """
+
+    log = Logger()
+
+    def __init__(self, policy: ClosableCreatePolicy, config: Config) -> None:
+        self.policy = policy
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        c = self.config
+        if c.msc4388 == "off":
+            who = "MSC4388 is off: its paths answer 404 M_UNRECOGNIZED (--msc4388)"
+        elif c.msc4388 == "open":
+            who = "anyone may create MSC4388 sessions (--msc4388 open)"
+        else:
+            who = (
+                f"only users of {c.homeserver} may create MSC4388 sessions, their access "
+                f"tokens judged by its whoami (--msc4388 authenticated)"
+            )
+        self.log.info(
+            "{who}; sessions live {lifetime}s", who=who, lifetime=c.msc4388_lifetime_seconds
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.policy.close()
+
+
 class FrozenHeap(Service):
     """
     Once the server has started, moves what is alive then (modules, classes,
@@ -513,4 +549,3 @@ class FrozenHeap(Service):
         super().startService()  # type: ignore[no-untyped-call]
         gc.collect()
         gc.freeze()
-

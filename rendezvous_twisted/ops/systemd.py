@@ -19,7 +19,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from rendezvous_twisted.core.store import RendezvousStore
 from rendezvous_twisted.ops.service import Lifecycle
+from rendezvous_twisted.words import quantity
 
 #: How often STATUS= is refreshed while serving, in seconds.
 STATUS_INTERVAL_SECONDS = 10.0
@@ -173,3 +175,25 @@ class SystemdService(Service):
         # The watchdog goes on while the stop drains connections: systemd's
         # stop timeout, not the watchdog, bounds that.
         self.lifecycle.drained.addBoth(stop_loops)
+
+
+class _Serving(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def connection_count(self) -> int: ...
+
+
+def status(store: RendezvousStore, site: _Serving) -> str:
+    """
+    The C{STATUS=} systemd shows: what the store holds and the site serves.
+    """
+    return ", ".join(
+        (
+            quantity(store.rendezvous_count, "rendezvous", "rendezvous"),
+            quantity(store.parked_count, "parked reader"),
+            quantity(site.in_flight, "request") + " in flight",
+            quantity(site.connection_count, "connection"),
+        )
+    )

@@ -18,6 +18,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed
 
 from rendezvous_twisted.core import conditions
+from rendezvous_twisted.core.conditions import Condition
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.store import NotFound, RendezvousStore, Version, Wakeup
 from rendezvous_twisted.http.answers import JSON, ForbiddenError, http_date, respond
@@ -65,6 +66,18 @@ def refuse_head(request: IRequest) -> None:
     if request.method == b"HEAD":
         mapper = IKleinRequest(request).mapper
         raise MethodNotAllowed(valid_methods=mapper.allowed_methods())
+
+
+def refuse_navigation(request: IRequest) -> None:
+    """
+    Refuse a browser opening a payload's URL itself (not a page's fetch()),
+    so that nobody can host pages or files here for people to open: 403.
+    """
+    headers = request.requestHeaders
+    mode = headers.getRawHeaders(b"Sec-Fetch-Mode")
+    destination = headers.getRawHeaders(b"Sec-Fetch-Dest")
+    if mode == [b"navigate"] or destination == [b"document"]:
+        raise ForbiddenError("payloads cannot be opened as pages")
 
 
 def body_of(request: IRequest) -> bytes:
@@ -115,17 +128,31 @@ class Generation:
         """
         refuse_head(request)
         known_id(rendezvous_id)
+        refuse_navigation(request)
         headers = request.requestHeaders
-        # A browser opening the URL itself (not a page's fetch()): refuse,
-        # so that nobody can host pages or files here for people to open.
-        mode = headers.getRawHeaders(b"Sec-Fetch-Mode")
-        destination = headers.getRawHeaders(b"Sec-Fetch-Dest")
-        if mode == [b"navigate"] or destination == [b"document"]:
-            raise ForbiddenError("payloads cannot be opened as pages")
         if_none_match = conditions.parse(headers.getRawHeaders(b"If-None-Match"))
         if if_none_match is None:
             d = self._store.read(rendezvous_id)
             return d.addCallback(self.payload, request, content_type)
+
+        def answer(wakeup: Wakeup) -> bytes:
+            version = wakeup.version
+            if wakeup.changed:
+                return self.payload(version, request, content_type)
+            return respond(request, 304, b"", version.content_type, version)
+
+        return self.long_poll(request, rendezvous_id, if_none_match).addCallback(answer)
+
+    def long_poll(
+        self, request: IRequest, rendezvous_id: str, if_none_match: Condition
+    ) -> Deferred[Wakeup]:
+        """
+        Wait for a payload that C{if_none_match} does not name (the store's
+        L{wait_for_change}), for the poll timeout or less if the client
+        prefers (RFC 7240 C{Prefer: wait}): the answer is dated when it is
+        made, and a wake by a write counts in the wake-latency metric.
+        """
+        headers = request.requestHeaders
         timeout = self._config.poll_timeout_seconds
         wait = prefer_wait(headers.getRawHeaders(b"Prefer"))
         if wait is not None:
@@ -138,27 +165,23 @@ class Generation:
             # Twisted dates every answer when its request arrived; a parked
             # one (200, 304 or 404) comes up to a poll timeout later.
             if parked:
-                request.responseHeaders.setRawHeaders(
-                    b"Date", [http_date(self._clock.seconds())]
-                )
+                request.responseHeaders.setRawHeaders(b"Date", [http_date(self._clock.seconds())])
             return result
 
-        def answer(wakeup: Wakeup) -> bytes:
+        def woke(wakeup: Wakeup) -> Wakeup:
             version = wakeup.version
-            if wakeup.changed:
-                # A wake is a write made while the reader waited: a store
-                # that answers later (Redis) answers an older payload late
-                # too, and that reader never waited for it.
-                if parked and version.last_modified >= asked:
-                    self._metrics.woke(self._clock.seconds() - version.last_modified)
-                return self.payload(version, request, content_type)
-            return respond(request, 304, b"", version.content_type, version)
+            # A wake is a write made while the reader waited: a store that
+            # answers later (Redis) answers an older payload late too, and
+            # that reader never waited for it.
+            if wakeup.changed and parked and version.last_modified >= asked:
+                self._metrics.woke(self._clock.seconds() - version.last_modified)
+            return wakeup
 
         # A client that hangs up meanwhile has this cancelled by Klein, and
         # the store's canceller frees its slot.
         waiting = self._store.wait_for_change(rendezvous_id, if_none_match, timeout)
-        answered = waiting.addBoth(dated).addCallback(answer)
-        # Had the store answered at once, answer() has run by now; if it runs
+        answered = waiting.addBoth(dated).addCallback(woke)
+        # Had the store answered at once, woke() has run by now; if it runs
         # later, the reader was parked and a write woke it.
         parked = True
         return answered

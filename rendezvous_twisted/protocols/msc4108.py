@@ -92,8 +92,9 @@ class MSC4108(Generation):
         self, app: Klein, store: RendezvousStore, config: Config, clock: IReactorTime, guard: Guard
     ) -> None:
         super().__init__(store, config, clock, guard)
-        for number, path in enumerate(sorted(CREATE_PATHS)):
-            app.route(path, methods=["POST"], endpoint=f"msc4108.create.{number}")(self.create)
+        # The stable create path is MSC4388's too: the composition routes
+        # its POSTs (rendezvous_twisted.protocols).
+        app.route(UNSTABLE_CREATE_PATH, methods=["POST"], endpoint="msc4108.create")(self.create)
         session = config.msc4108_session_prefix + "<session_id>"
         app.route(session, methods=["GET"], endpoint="msc4108.read")(self.read)
         app.route(session, methods=["PUT"], endpoint="msc4108.write")(self.write)

@@ -17,7 +17,10 @@ from rendezvous_twisted.redis.resp import RedisConnection, RedisReplyError
 # before a script runs: without it, a script whose first write frees memory
 # (ZREMRANGEBYSCORE) runs whole past the limit.  A delete, which frees
 # memory, may run there.  Times are milliseconds on the writer's clock.  A record is a
-# hash: b body, t content type, e ETag, m last modified, x expires, o owner.
+# hash: b body, t content type, e ETag, m last modified, x expires, o owner;
+# and once a send recorded one, n the count of its transactions and, for
+# each, t:<transaction id> the ETag it wrote (empty for a conflict).  They
+# live in the record so that its expiry and its DEL take them along.
 
 #: KEYS: live set, owner's set, record.  ARGV: now, expires, ttl, max
 #: rendezvous, max per owner, body, type, ETag, owner, id.
@@ -84,6 +87,43 @@ redis.call('PUBLISH', ARGV[7], ARGV[8])
 return {'ok', v[5], redis.call('PTTL', KEYS[1])}
 """
 
+#: KEYS: record.  ARGV: now, "1" if any ETag matches, "1" if the body is
+#: too large, body, type, new ETag, channel, id, the transaction's field,
+#: the most transactions a record keeps, then the strong ETags.  The order
+#: is the memory store's: gone, replay (the recorded ETag, or an empty one
+#: for a conflict), too many, conflict (recorded), too large (not), write
+#: (recorded, and published as a write is).
+_SEND = """#!lua
+local v = redis.call('HMGET', KEYS[1], 'x', 'e', ARGV[9], 'n')
+if not v[1] or tonumber(v[1]) <= tonumber(ARGV[1]) then
+  return {'nf'}
+end
+if v[3] then
+  return {'replay', v[3]}
+end
+local count = tonumber(v[4] or '0')
+if count >= tonumber(ARGV[10]) then
+  return {'many'}
+end
+if ARGV[2] ~= '1' then
+  local matched = false
+  for i = 11, #ARGV do
+    if ARGV[i] == v[2] then matched = true break end
+  end
+  if not matched then
+    redis.call('HSET', KEYS[1], ARGV[9], '', 'n', count + 1)
+    return {'conflict'}
+  end
+end
+if ARGV[3] == '1' then
+  return {'tl'}
+end
+redis.call('HSET', KEYS[1], 'b', ARGV[4], 't', ARGV[5], 'e', ARGV[6], 'm', ARGV[1],
+           ARGV[9], ARGV[6], 'n', count + 1)
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return {'ok'}
+"""
+
 #: KEYS: record, live set.  ARGV: now, channel, id, owner sets' prefix.
 _DELETE = """#!lua flags=allow-oom
 local v = redis.call('HMGET', KEYS[1], 'x', 'o')
@@ -125,5 +165,6 @@ SCRIPTS = {
     "create": Script(_CREATE),
     "read": Script(_READ),
     "write": Script(_WRITE),
+    "send": Script(_SEND),
     "delete": Script(_DELETE),
 }

@@ -4,14 +4,15 @@ many) serve the same rendezvous without sticky routing.
 
 The rules are the memory store's (L{rendezvous_twisted.core.memory}), made
 to hold across processes:
-  - create, write and delete are each one Lua script, so atomic: of two
-    writers on two nodes racing with the same If-Match, exactly one wins;
+  - create, write, send and delete are each one Lua script, so atomic: of
+    two writers on two nodes racing with the same If-Match, exactly one
+    wins, and a transaction sent on two nodes at once is evaluated once;
   - a rendezvous is a hash with Redis' own expiry (PX), set at creation and
     never extended; it is also judged expired on access by this node's
     clock against the Expires it was created with, so that no client is
     served past the Expires it was told;
   - the caps are counted in Redis, in sorted sets scored by expiry;
-  - writes and deletes publish the id on one channel, to which each process
+  - writes (sends too) and deletes publish the id on one channel, to which each process
     holds one subscription; a process with readers parked on that id reads
     it again and answers them.  Expiry is answered by each node's own timer,
     from the time the rendezvous has left.
@@ -41,8 +42,10 @@ from rendezvous_twisted.core.store import (
     NotFound,
     PreconditionFailed,
     RendezvousError,
+    Sent,
     StoreUnavailable,
     TooLarge,
+    TooManyTransactions,
     Version,
     Wakeup,
     new_etag,
@@ -239,11 +242,15 @@ class RedisStore:
     def _key(self, rendezvous_id: str) -> str:
         return self._record_prefix + rendezvous_id
 
-    def create(self, body: bytes, content_type: bytes, owner: str) -> Deferred[Version]:
+    def create(
+        self, body: bytes, content_type: bytes, owner: str, ttl_seconds: float | None = None
+    ) -> Deferred[Version]:
         if len(body) > self.max_bytes:
             return fail(TooLarge())
         now = self._now_ms()
-        ttl = round(self._config.ttl_seconds * 1000)
+        # The caps' sets are scored by expiry, whatever each one's lifetime:
+        # the first is the soonest to free a place, which Retry-After tells.
+        ttl = round((self._config.ttl_seconds if ttl_seconds is None else ttl_seconds) * 1000)
         rendezvous_id = secrets.token_urlsafe(16)
         etag = new_etag()
         d = self._script(
@@ -273,7 +280,7 @@ class RedisStore:
                     rendezvous_id, body, content_type, etag, now / 1000, (now + ttl) / 1000
                 )
             if outcome == b"exists":  # pragma: no cover - 2**-128
-                return self.create(body, content_type, owner)
+                return self.create(body, content_type, owner, ttl_seconds)
             seconds = retry_after(float(detail) / 1000 - now / 1000)
             if outcome == b"owner":
                 raise Full("too many rendezvous from this address", seconds)
@@ -341,6 +348,51 @@ class RedisStore:
             raise NotFound()
 
         return d.addCallback(written)
+
+    def send(
+        self,
+        rendezvous_id: str,
+        body: bytes,
+        content_type: bytes,
+        if_match: Condition,
+        transaction: str,
+    ) -> Deferred[Sent]:
+        too_large = len(body) > self.max_bytes
+        etag = new_etag()
+        d = self._script(
+            "send",
+            [self._key(rendezvous_id)],
+            [
+                self._now_ms(),
+                b"1" if if_match.any else b"0",
+                b"1" if too_large else b"0",
+                b"" if too_large else body,
+                content_type,
+                etag,
+                self._channel,
+                rendezvous_id,
+                # Ids are [0-9A-Za-z._~-]: none is a record's own field.
+                "t:" + transaction,
+                self._config.max_transactions_per_rendezvous,
+                *sorted(if_match.strong),
+            ],
+        )
+
+        def sent(reply: list[Any]) -> Sent:
+            outcome = reply[0]
+            if outcome == b"ok":
+                return Sent(etag)
+            if outcome == b"replay":
+                return Sent(reply[1] or None, replayed=True)
+            if outcome == b"conflict":
+                return Sent(None)
+            if outcome == b"many":
+                raise TooManyTransactions()
+            if outcome == b"tl":
+                raise TooLarge()
+            raise NotFound()
+
+        return d.addCallback(sent)
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
         d = self._script(

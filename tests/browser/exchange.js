@@ -31,6 +31,26 @@ window.rendezvous = {
   write: (url, body, type, ifMatch) =>
     call(url, { method: "PUT", body, headers: { "Content-Type": type, "If-Match": ifMatch } }),
   remove: (url) => call(url, { method: "DELETE" }),
+  // MSC4388: a JSON body (or none), and the access token if given.
+  json: (method, url, body, token) => {
+    const headers = {};
+    if (body !== null) headers["Content-Type"] = "application/json";
+    if (token) headers.Authorization = `Bearer ${token}`;
+    return call(url, {
+      method,
+      headers,
+      body: body === null ? undefined : JSON.stringify(body),
+    });
+  },
+  // An MSC4388 read held until the sequence token changes, left running.
+  startTokenPoll(url, token) {
+    this.settled = false;
+    const held = `${url}?sequence_token=${encodeURIComponent(token)}`;
+    this.pending = call(held, {}).then((result) => {
+      this.settled = true;
+      return result;
+    });
+  },
 
   // A long-poll left running, to be awaited later, and a way to ask
   // whether it has settled without waiting for it.
