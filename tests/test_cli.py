@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
 from rendezvous_twisted.client.cli import (
     ACCESS_TOKEN_VARIABLE,
@@ -41,7 +42,6 @@ from rendezvous_twisted.client.commands import Streams, qr_code
 from rendezvous_twisted.client.rendezvous import RendezvousClient
 
 from .conftest import BASE, Harness, fired
-from .test_client_msc4388 import needs_server
 from .test_end_to_end import TwistdServer, running, secret, start_plugin_server
 
 CLI = Path(sys.executable).parent / "rendezvous-cli"
@@ -187,7 +187,6 @@ def msc4388_cli(
     )
 
 
-@needs_server
 def test_msc4388_two_terminals_complete_an_exchange(server: TwistdServer) -> None:
     """
     A creates a session and waits; B runs the command A printed to read the
@@ -232,7 +231,6 @@ def test_msc4388_two_terminals_complete_an_exchange(server: TwistdServer) -> Non
     assert b"the server refused: 404 M_NOT_FOUND" in gone.stderr
 
 
-@needs_server
 def test_msc4388_send_names_its_token_and_transaction(server: TwistdServer) -> None:
     """
     send --txn-id repeated gets the first answer and writes once; a stale
@@ -258,7 +256,6 @@ def test_msc4388_send_names_its_token_and_transaction(server: TwistdServer) -> N
     assert msc4388_cli(base, "receive", "--no-wait", session_id).stdout == b"answer"
 
 
-@needs_server
 def test_msc4388_discover_prints_create_available(server: TwistdServer) -> None:
     """discover prints create_available as the server says it, on standard output."""
     result = cli("discover", "--server", f"http://127.0.0.1:{server.port}/")
@@ -317,7 +314,6 @@ def authenticated(tmp_path: Path) -> Iterator[TwistdServer]:
         thread.join(timeout=5)
 
 
-@needs_server
 def test_msc4388_access_token(authenticated: TwistdServer) -> None:
     """
     Where only a homeserver's users may create, discover and create use the
@@ -340,9 +336,9 @@ def test_msc4388_access_token(authenticated: TwistdServer) -> None:
     for env, argv in ((good, []), ({}, [f"--access-token={GOOD_TOKEN}"])):
         created = msc4388_cli(base, "create", "--data", "x", *argv, env=env)
         assert created.returncode == 0, created.stderr
-        session_id = created.stdout.decode("ascii").strip()
-        # Sessions themselves are anonymous.
-        assert msc4388_cli(base, "receive", "--no-wait", session_id).stdout == b"x"
+    # Sessions themselves are anonymous.
+    session_id = created.stdout.decode("ascii").strip()
+    assert msc4388_cli(base, "receive", "--no-wait", session_id).stdout == b"x"
 
     wrong = msc4388_cli(base, "create", "--data", "x", env=bad)
     assert (wrong.returncode, wrong.stdout) == (EXIT_REFUSED, b"")
@@ -350,12 +346,16 @@ def test_msc4388_access_token(authenticated: TwistdServer) -> None:
     assert b"the access token is not valid" in wrong.stderr
 
 
-@needs_server
-def test_msc4388_text_only(server: TwistdServer) -> None:
-    """A payload that is not UTF-8 is a usage error with msc4388, in one line."""
-    base = f"http://127.0.0.1:{server.port}"
-    result = msc4388_cli(base, "create", stdin=b"\xff\xfe")
-    assert result.returncode == EXIT_USAGE
+def test_the_console_script_says_a_mistake_in_one_line() -> None:
+    """
+    The installed script exits 2 on a mistake found after parsing (here a
+    payload that is not UTF-8 with msc4388), with one line and no traceback,
+    before any request (no server listens there).
+    """
+    result = cli(
+        "create", "--protocol", "msc4388", "--server", "http://127.0.0.1:1/", stdin=b"\xff"
+    )
+    assert (result.returncode, result.stdout) == (EXIT_USAGE, b"")
     assert result.stderr == (
         b"rendezvous-cli create: error: --protocol msc4388 sends text: the payload on "
         b"standard input is not UTF-8\n"
@@ -396,6 +396,7 @@ USAGE_MISTAKES: list[tuple[list[str], list[str]]] = [
     ),
     (["create", "--protocol", "msc5000"], ["argument --protocol: invalid choice: 'msc5000'"]),
     (["discover", "--prefix", "beta"], ["argument --prefix: invalid choice: 'beta'"]),
+    (["discover", "--protocol", "native"], ["argument --protocol: invalid choice: 'native'"]),
     (["discover", "--server", "example.org"], ["argument --server: 'example.org'"]),
     ([], ["the following arguments are required: COMMAND"]),
 ]
@@ -406,18 +407,34 @@ USAGE_MISTAKES: list[tuple[list[str], list[str]]] = [
     USAGE_MISTAKES,
     ids=[" ".join(a) or "nothing" for a, _ in USAGE_MISTAKES],
 )
-def test_a_start_up_mistake_is_one_line(arguments: list[str], expected: list[str]) -> None:
+def test_a_start_up_mistake_is_one_line(
+    arguments: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """
     A bad URL, id, timeout or choice, or an option of the other protocol,
-    exits 2 with one line naming it.
+    exits 2 with one line naming it, before any request.
     """
-    result = cli(*arguments)
-    error = result.stderr.decode()
-    assert result.returncode == EXIT_USAGE, error
-    assert "Traceback" not in error and result.stdout == b""
+    stdout = io.BytesIO()
+    failures: list[Any] = []
+    streams = Streams(io.BytesIO(b""), stdout, io.StringIO())
+    Deferred.fromCoroutine(run(Clock(), arguments, streams, http=NoRequests())).addErrback(
+        failures.append
+    )
+    [failure] = failures
+    assert failure.check(SystemExit) and failure.value.code == EXIT_USAGE
+    captured = capsys.readouterr()
+    error = captured.err
+    assert (captured.out, stdout.getvalue()) == ("", b"")
     assert len(error.splitlines()) == 1, error
     for text in expected:
         assert text in error, error
+
+
+class NoRequests:
+    """A requester for commands that must not make any request."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
+        raise AssertionError(f"{method} {url} was requested")
 
 
 # In process, on a Clock.

@@ -7,7 +7,6 @@ on a Clock, against requesters that lose answers.
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from typing import Any
 
 import pytest
@@ -38,12 +37,6 @@ from rendezvous_twisted.core.config import MSC4388_STABLE_PATH, MSC4388_UNSTABLE
 
 from .conftest import answered, fired
 from .test_client import in_reactor, live_server, parked, real_reactor
-
-#: Until the server's MSC4388 module lands on main (then this goes).
-needs_server = pytest.mark.skipif(
-    find_spec("rendezvous_twisted.protocols.msc4388") is None,
-    reason="the MSC4388 server (rendezvous_twisted/protocols/msc4388.py) is not there yet",
-)
 
 #: The errcode of a stale token under each prefix (SPEC.md's MSC4388 appendix).
 CONFLICT_ERRCODES = {
@@ -111,7 +104,6 @@ def test_the_prefixes_are_the_servers() -> None:
 # Over loopback, on the real reactor.
 
 
-@needs_server
 @in_reactor
 async def test_a_whole_exchange_between_two_devices() -> None:
     """
@@ -145,12 +137,12 @@ async def test_a_whole_exchange_between_two_devices() -> None:
         assert not isinstance(caught.value, UnrecognizedError)
 
 
-@needs_server
 @in_reactor
 async def test_receive_long_polls_and_wakes_on_the_other_sides_send() -> None:
     """
-    receive() sends ?sequence_token=, is held by the server, and returns
-    the other side's data with one GET: no polling loop.
+    receive() sends ?sequence_token= (and Prefer: wait, its bound), is held
+    by the server, and returns the other side's data with one GET: no
+    polling loop.
     """
     async with live_server() as server:
         recording = Recording()
@@ -161,11 +153,11 @@ async def test_receive_long_polls_and_wakes_on_the_other_sides_send() -> None:
         sent = await b.send(seen.session, "answer")
         payload = await receiving
         assert (payload.data, payload.session.sequence_token) == ("answer", sent.sequence_token)
-        [poll] = recording.made("GET")
+        [(_, poll, headers)] = [r for r in recording.requests if r[0] == "GET"]
         assert poll == f"{a.session_url(created)}?sequence_token={created.sequence_token}"
+        assert headers == {"Prefer": ["wait=10"]}
 
 
-@needs_server
 @in_reactor
 async def test_a_send_repeated_with_its_txn_id_gets_the_same_answer_and_writes_once() -> None:
     """Two sends with one txnId: the second is answered the first's token, and writes nothing."""
@@ -179,7 +171,6 @@ async def test_a_send_repeated_with_its_txn_id_gets_the_same_answer_and_writes_o
         assert (now.data, now.session.sequence_token) == ("answer", first.sequence_token)
 
 
-@needs_server
 @in_reactor
 async def test_a_send_whose_answer_was_lost_is_retried_with_the_same_txn_id() -> None:
     """
@@ -206,7 +197,6 @@ async def test_a_send_whose_answer_was_lost_is_retried_with_the_same_txn_id() ->
 
 
 @pytest.mark.parametrize("prefix", [UNSTABLE_PREFIX, STABLE_PREFIX])
-@needs_server
 @in_reactor
 async def test_a_stale_sequence_token_is_a_concurrent_write_error(prefix: str) -> None:
     """A send on a token someone wrote after fails with ConcurrentWriteError: 409, its errcode."""
@@ -221,7 +211,6 @@ async def test_a_stale_sequence_token_is_a_concurrent_write_error(prefix: str) -
         assert (await a.read(created.id)).data == "b was first"
 
 
-@needs_server
 @in_reactor
 async def test_the_access_token_goes_to_discovery_and_create_only() -> None:
     """Authorization: Bearer is sent on discovery and create, never on a session's URL."""
@@ -248,7 +237,6 @@ async def test_the_access_token_goes_to_discovery_and_create_only() -> None:
         assert len(recording.requests) == 6
 
 
-@needs_server
 @in_reactor
 async def test_a_parked_receive_fails_when_the_session_is_deleted() -> None:
     """A receive() held on a session that is then deleted fails with GoneWhileWaitingError."""
@@ -261,7 +249,6 @@ async def test_a_parked_receive_fails_when_the_session_is_deleted() -> None:
             await receiving
 
 
-@needs_server
 @in_reactor
 async def test_an_unknown_session_is_not_found_everywhere() -> None:
     """read, receive, send and delete of an id the server never gave fail with NotFoundError."""
@@ -279,7 +266,6 @@ async def test_an_unknown_session_is_not_found_everywhere() -> None:
             assert (caught.value.status, caught.value.errcode) == (404, "M_NOT_FOUND")
 
 
-@needs_server
 @in_reactor
 async def test_a_server_with_msc4388_off_is_unrecognized() -> None:
     """With the API switched off, discovery fails with UnrecognizedError, 404 M_UNRECOGNIZED."""

@@ -136,17 +136,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, *, protocols: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, help: str, protocols: tuple[str, ...] = (NATIVE, MSC4388)
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         # Kept to name the command's own usage in a mistake found later.
         sub.set_defaults(command_parser=sub)
-        if protocols:
-            sub.add_argument(
-                "--protocol",
-                choices=(NATIVE, MSC4388),
-                default=NATIVE,
-                help="the protocol to speak (default native)",
-            )
+        sub.add_argument(
+            "--protocol",
+            choices=protocols,
+            default=protocols[0],
+            help=f"the protocol to speak (default {protocols[0]})",
+        )
         sub.add_argument(
             "--server",
             type=_server_url,
@@ -250,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     command(
         "discover",
         "msc4388: print whether this requester may create sessions (create_available)",
-        protocols=False,
+        protocols=(MSC4388,),
     )
     return parser
 
@@ -274,7 +275,7 @@ def _check(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     that its protocol cannot do; then fill in the defaults that depend on
     the protocol.  (argparse cannot: its types see one argument at a time.)
     """
-    protocol = getattr(args, "protocol", MSC4388)
+    protocol = args.protocol
     for dest, option, owner, instead in _OPTIONS_OF:
         if owner != protocol and getattr(args, dest, None) not in (None, False):
             refuse(args, f"{option} does not go with --protocol {protocol} ({instead})")
@@ -292,7 +293,6 @@ def _check(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             f"argument ID: {target!r} is not an MSC4388 session id (letters, digits and -._~); "
             "give the id create printed, and its server with --server",
         )
-    args.protocol = protocol
     args.server = args.server or DEFAULT_SERVER
     args.prefix = args.prefix or "unstable"
     args.access_token = getattr(args, "access_token", None) or (

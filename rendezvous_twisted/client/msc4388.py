@@ -22,6 +22,7 @@ L{UnauthorizedError} (401, a refused access token), L{ForbiddenError}
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any
@@ -175,8 +176,9 @@ class MSC4388Client(HTTPClientBase):
         """
         Wait for data other than that of C{session.sequence_token} (at once
         if there is some already, or if the token is None), long-polling
-        with C{?sequence_token=}: a server that holds the poll answers when
-        the token changes, one that does not is polled once a second.  After
+        with C{?sequence_token=} (and C{Prefer: wait} with what is left of
+        the bound): a server that holds the poll answers when the token
+        changes, one that does not is polled once a second.  After
         C{timeout_seconds} in all it fails with L{ReceiveTimeout}; with
         L{GoneWhileWaitingError} when the session is deleted or expires
         meanwhile.
@@ -256,9 +258,13 @@ class MSC4388Client(HTTPClientBase):
         when C{timeout} (a receive's) is given.
         """
         url = self.session_url(session)
+        headers: dict[str, str] = {}
         if after is not None:
             url += "?sequence_token=" + quote(after, safe="")
-        response = await self._request("GET", url, timeout=timeout)
+            if timeout is not None:
+                # Ask the server not to hold the poll past our own bound.
+                headers["Prefer"] = f"wait={max(1, math.ceil(timeout))}"
+        response = await self._request("GET", url, headers, timeout=timeout)
         content = await self._content(response)
         if response.code != 200:
             raise self._gone(response, content) if timeout else self._error(response, content)
