@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import os
 import re
-import secrets
 import select
 import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +38,7 @@ from rendezvous_twisted.client.commands import Streams, qr_code
 from rendezvous_twisted.client.rendezvous import RendezvousClient
 
 from .conftest import BASE, Harness, fired
+from .homeserver import USER_TOKEN, homeserver
 from .test_end_to_end import TwistdServer, running, secret, start_plugin_server
 
 CLI = Path(sys.executable).parent / "rendezvous-cli"
@@ -266,63 +263,29 @@ def test_msc4388_discover_prints_create_available(server: TwistdServer) -> None:
     )
 
 
-#: The one access token the test homeserver knows (as @alice's).
-GOOD_TOKEN = "syt_good_token_" + secrets.token_hex(8)
-
-
-class Whoami(BaseHTTPRequestHandler):
-    """
-    A homeserver's C{/_matrix/client/v3/account/whoami}: L{GOOD_TOKEN} is
-    @alice's, any other token is unknown.
-    """
-
-    def do_GET(self) -> None:
-        if self.path != "/_matrix/client/v3/account/whoami":
-            code, body = 404, {"errcode": "M_UNRECOGNIZED", "error": "not here"}
-        elif self.headers.get("Authorization") == f"Bearer {GOOD_TOKEN}":
-            code, body = 200, {"user_id": "@alice:example.org"}
-        else:
-            code, body = 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "unknown token"}
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def authenticated(tmp_path: Path) -> Iterator[TwistdServer]:
     """
-    A C{twistd rendezvous --msc4388 authenticated} whose homeserver is a
-    L{Whoami} in this process.
+    A C{twistd rendezvous --msc4388 authenticated} whose homeserver is the
+    stand-in of L{tests.homeserver}, in this process.
     """
-    homeserver = ThreadingHTTPServer(("127.0.0.1", 0), Whoami)
-    thread = threading.Thread(target=homeserver.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{homeserver.server_address[1]}"
-        process = start_plugin_server(tmp_path, "--msc4388=authenticated", f"--homeserver={url}")
-        process.secrets.append(GOOD_TOKEN.encode())
+    with homeserver() as stand_in:
+        process = start_plugin_server(
+            tmp_path, "--msc4388=authenticated", f"--homeserver={stand_in.url}"
+        )
+        process.secrets.append(USER_TOKEN.encode())
         yield from running(process)
-    finally:
-        homeserver.shutdown()
-        homeserver.server_close()
-        thread.join(timeout=5)
 
 
 def test_msc4388_access_token(authenticated: TwistdServer) -> None:
     """
     Where only a homeserver's users may create, discover and create use the
     token of RENDEZVOUS_ACCESS_TOKEN or --access-token; without one, create
-    is refused (403, exit 1) with a hint naming the variable, and a bad one
-    is a 401.
+    is refused (403, exit 1) with a hint naming the variable, and an unknown
+    one is a 401.
     """
     base = f"http://127.0.0.1:{authenticated.port}/"
-    good = {ACCESS_TOKEN_VARIABLE: GOOD_TOKEN}
+    good = {ACCESS_TOKEN_VARIABLE: USER_TOKEN}
     bad = {ACCESS_TOKEN_VARIABLE: "syt_not_a_token"}
     assert msc4388_cli(base, "discover").stdout == b"create_available: false\n"
     assert msc4388_cli(base, "discover", env=good).stdout == b"create_available: true\n"
@@ -333,7 +296,7 @@ def test_msc4388_access_token(authenticated: TwistdServer) -> None:
     assert ACCESS_TOKEN_VARIABLE.encode() in refused.stderr
     assert len(refused.stderr.splitlines()) == 1
 
-    for env, argv in ((good, []), ({}, [f"--access-token={GOOD_TOKEN}"])):
+    for env, argv in ((good, []), ({}, [f"--access-token={USER_TOKEN}"])):
         created = msc4388_cli(base, "create", "--data", "x", *argv, env=env)
         assert created.returncode == 0, created.stderr
     # Sessions themselves are anonymous.

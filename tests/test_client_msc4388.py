@@ -169,6 +169,30 @@ async def test_a_send_repeated_with_its_txn_id_gets_the_same_answer_and_writes_o
         assert again.sequence_token == first.sequence_token
         now = await client.read(created.id)
         assert (now.data, now.session.sequence_token) == ("answer", first.sequence_token)
+        # The same data again, in a new transaction, is a new write: a new token.
+        same = await client.send(first, "answer")
+        assert same.sequence_token != first.sequence_token
+        # Transaction ids are the session's own: another session's txn-1 is new there.
+        other = await client.create("other offer")
+        await client.send(other, "other answer", txn_id="txn-1")
+        assert (await client.read(other.id)).data == "other answer"
+
+
+@in_reactor
+async def test_a_conflict_is_recorded_and_replayed_for_its_txn_id() -> None:
+    """
+    A send refused as stale is refused again when repeated with its txnId,
+    even with the token now current: a retry never writes what was refused.
+    """
+    async with live_server() as server:
+        client = msc4388(server.url)
+        created = await client.create("offer")
+        current = await client.send(created, "answer")
+        with pytest.raises(ConcurrentWriteError):
+            await client.send(created, "late", txn_id="txn-late")
+        with pytest.raises(ConcurrentWriteError):
+            await client.send(current, "late", txn_id="txn-late")
+        assert (await client.read(created.id)).data == "answer"
 
 
 @in_reactor
