@@ -1,7 +1,8 @@
 """
-Tests for L{rendezvous_twisted.http.tokens}: MSC4388's create policy judged by
-a homeserver, against a real HTTP server on loopback standing in for the
-homeserver's whoami (on the real reactor), with the verdicts' clock a Clock.
+Tests for L{rendezvous_twisted.http.tokens} and L{rendezvous_twisted.http.whoami}:
+MSC4388's create policy judged by a homeserver, against a real HTTP server on
+loopback standing in for the homeserver's whoami (on the real reactor), with
+the verdicts' clock a Clock.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -36,13 +38,12 @@ from rendezvous_twisted.http.tokens import (
     MAX_TOKEN_BYTES,
     HomeserverPolicy,
     HomeserverUnavailableError,
-    Invalid,
     InvalidTokenError,
     OpenPolicy,
     bearer_token,
     create_policy,
-    failure_kind,
 )
+from rendezvous_twisted.http.whoami import Invalid, failure_kind
 from rendezvous_twisted.ops.tls import CertificateFiles, ReloadableContext
 
 from .certificates import CA
@@ -87,6 +88,7 @@ class Whoami(Resource):
         self.authorizations: list[bytes] = []
         self.held: list[Request] = []
         self.lost: list[Request] = []
+        self._on_loss: list[Deferred[None]] = []
         self._arrivals: list[tuple[int, Deferred[None]]] = []
 
     @property
@@ -102,6 +104,23 @@ class Whoami(Resource):
             d.callback(None)
         else:
             self._arrivals.append((count, d))
+        return within(d)
+
+    def _lose(self, request: Request) -> None:
+        self.lost.append(request)
+        waiting, self._on_loss = self._on_loss, []
+        for d in waiting:
+            d.callback(None)
+
+    def connection_lost(self) -> Deferred[None]:
+        """
+        Fires once a call held unanswered has lost its connection.
+        """
+        d: Deferred[None] = Deferred()
+        if self.lost:
+            d.callback(None)
+        else:
+            self._on_loss.append(d)
         return within(d)
 
     def release(self) -> None:
@@ -162,6 +181,12 @@ class Whoami(Resource):
         body = {"user_id": "@alice:example.org", "padding": "x" * 65536}
         return json_answer(request, 200, body)
 
+    def answer_hugelength(self, request: Request) -> int:
+        # Says it is huge, and never sends it: refused on its head.
+        request.setHeader(b"Content-Length", b"10000000")
+        request.write(b'{"user_id": ')
+        return NOT_DONE_YET
+
     def answer_hugechunked(self, request: Request) -> int:
         request.setHeader(b"Content-Type", b"application/json")
         request.write(b'{"user_id": "@alice:example.org", "padding": "')
@@ -185,12 +210,12 @@ class Whoami(Resource):
         return NOT_DONE_YET
 
     def answer_slow(self, request: Request) -> int:
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        request.notifyFinish().addErrback(lambda _: self._lose(request))
         return NOT_DONE_YET
 
     def answer_stalled(self, request: Request) -> int:
         # The head and a first part of the body, then nothing.
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        request.notifyFinish().addErrback(lambda _: self._lose(request))
         request.setHeader(b"Content-Length", b"100")
         request.write(b'{"user_id": ')
         return NOT_DONE_YET
@@ -217,6 +242,15 @@ class Homeserver:
         return policy
 
 
+class QuietSite(Site):
+    """The stand-in homeserver's site, with no access log: a test's log is the policy's."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 def site(whoami: Whoami) -> Site:
     root = Resource()
     node = root
@@ -225,7 +259,7 @@ def site(whoami: Whoami) -> Site:
         node.putChild(segment, child)
         node = child
     node.putChild(b"whoami", whoami)
-    return Site(root)
+    return QuietSite(root)  # type: ignore[no-untyped-call]
 
 
 @reactor_fixture
@@ -374,6 +408,7 @@ async def test_a_token_the_homeserver_refuses_is_401(
         ("nouser", "answer without a user_id"),
         ("huge", "answer over 4096 bytes"),
         ("hugechunked", "answer over 4096 bytes"),
+        ("hugelength", "answer over 4096 bytes"),
         ("gzip", "answer not a JSON object"),
         ("redirect", "answered 302"),
     ],
@@ -477,6 +512,8 @@ async def test_a_cancelled_lookup_leaves_the_question_to_the_others(
     first.cancel()
     with pytest.raises(CancelledError):
         fired(first)
+    (lookup,) = policy._lookups.values()
+    assert lookup.waiters == [second]  # the cancelled one is not held
     homeserver.whoami.release()
     assert await within(second) is True
     assert await verdict(policy, "held.1") is True
@@ -528,9 +565,7 @@ async def test_a_homeserver_that_does_not_answer_is_503_in_time(
     assert 0.25 < real_reactor().seconds() - started < 2.0
     assert policy.lookups_in_flight == 0
     assert any("no answer within 0.3 s" in formatEvent(e) for e in events)
-    lost: Deferred[None] = Deferred()
-    real_reactor().callLater(0.2, lost.callback, None)
-    await lost
+    await homeserver.whoami.connection_lost()
     assert len(homeserver.whoami.lost) == 1
 
 
@@ -607,6 +642,20 @@ async def test_failures_are_logged_once_a_minute_per_kind(homeserver: Homeserver
         "answering 503 (2 more since the last line)",
     ]
     assert len([line for line in lines if "(429)" in line]) == 1
+
+
+@on_reactor
+async def test_connections_to_the_homeserver_log_nothing(homeserver: Homeserver) -> None:
+    """
+    A question on a new connection logs nothing (Twisted's connection pool would log its
+    factory starting and stopping); a failed one logs its one line.
+    """
+    refusing = homeserver.policy(url=f"http://127.0.0.1:{closed_port()}")
+    with capturedLogs() as events:
+        assert await verdict(homeserver.policy(), "alice.1") is True
+        await verdict(refusing, "alice.2")
+    lines = [formatEvent(e) for e in events]
+    assert len(lines) == 1 and "connection refused" in lines[0], lines
 
 
 @on_reactor
