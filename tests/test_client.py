@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, ParamSpec, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -103,6 +103,22 @@ def client() -> RendezvousClient:
     return RendezvousClient(real_reactor(), request_timeout_seconds=10)
 
 
+_T = TypeVar("_T")
+
+
+async def parked(server: LiveServer, receive: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+    """
+    Start a receive (C{receive()}) and return it once the server holds it
+    and it has not been answered.
+    """
+    waiting = server.store.next_wait()
+    receiving = receive()
+    await waiting
+    assert server.store.parked_count == 1
+    assert not answered(receiving)
+    return receiving
+
+
 # Over loopback, on the real reactor.
 
 
@@ -138,11 +154,7 @@ async def test_receive_long_polls_until_the_other_side_sends() -> None:
     async with live_server() as server:
         a, b = client(), client()
         created = await a.create(server.url, b"offer", "text/plain")
-        parked = server.store.next_wait()
-        receiving = a.receive(created, timeout_seconds=10)
-        await parked
-        assert server.store.parked_count == 1
-        assert not answered(receiving)
+        receiving = await parked(server, lambda: a.receive(created, timeout_seconds=10))
         seen = await b.read(created.url)
         sent = await b.send(seen.rendezvous, b"answer", "text/plain")
         message = await receiving
@@ -192,9 +204,7 @@ async def test_a_parked_receive_fails_when_the_rendezvous_is_cancelled() -> None
     """A receive() parked on a rendezvous that is then cancelled fails with NotFoundError."""
     async with live_server() as server:
         created = await client().create(server.url, b"x")
-        parked = server.store.next_wait()
-        receiving = client().receive(created, timeout_seconds=10)
-        await parked
+        receiving = await parked(server, lambda: client().receive(created, timeout_seconds=10))
         await client().cancel(created)
         with pytest.raises(NotFoundError):
             await receiving

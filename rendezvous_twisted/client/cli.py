@@ -6,6 +6,13 @@ C{rendezvous-cli}: try a rendezvous server from two terminals.
     rendezvous-cli send URL --data 'answer'   # (in the other terminal)
     rendezvous-cli cancel URL
 
+With C{--protocol msc4388} the same commands speak MSC4388's sessions, named
+by an id on a server (C{--server}, its base URL) instead of a URL:
+
+    rendezvous-cli create --protocol msc4388 --data 'hello' --wait   # prints the id
+    rendezvous-cli receive --protocol msc4388 --no-wait ID            # (the other terminal)
+    rendezvous-cli send --protocol msc4388 ID --data 'answer'
+
 Payloads go to standard output byte for byte, everything else to standard
 error, so that C{URL=$(rendezvous-cli create)} and
 C{rendezvous-cli receive URL > file} do what they say.  Exit codes:
@@ -17,30 +24,49 @@ L{EXIT_UNREACHABLE} (no answer from the server at all).
 from __future__ import annotations
 
 import argparse
-import io
 import math
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO, NoReturn, TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import react
 
+from rendezvous_twisted.client.commands import (
+    MSC4388,
+    NATIVE,
+    Native,
+    Sessions,
+    Side,
+    Streams,
+    perform,
+    refuse,
+    terminal,
+)
+from rendezvous_twisted.client.msc4388 import PREFIXES, MSC4388Client
 from rendezvous_twisted.client.rendezvous import (
     OCTET_STREAM,
+    ConcurrentWriteError,
+    ForbiddenError,
+    HTTPRequester,
     PreconditionFailedError,
     ReceiveTimeout,
-    Rendezvous,
     RendezvousClient,
     ServerError,
+    UnauthorizedError,
+    UnrecognizedError,
 )
 from rendezvous_twisted.version import version_line
-from rendezvous_twisted.words import quantity
 
 #: Where C{create} goes without C{--server}: where C{twistd -n rendezvous}
 #: listens by default.
 DEFAULT_SERVER = "http://127.0.0.1:8080/"
+#: Where an MSC4388 access token is read from when C{--access-token} is not
+#: given (an argument is visible to every user of the machine in C{ps}).
+ACCESS_TOKEN_VARIABLE = "RENDEZVOUS_ACCESS_TOKEN"  # noqa: S105 (a name, not a secret)
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -74,6 +100,8 @@ def _http_url(example: str) -> Callable[[str], str]:
 #: Argument types: the server's URL, and a rendezvous' URL.
 _server_url = _http_url(f"e.g. {DEFAULT_SERVER}")
 _rendezvous_url = _http_url(f"give the URL create printed, e.g. {DEFAULT_SERVER}ID")
+#: MSC4388's ids follow the Matrix opaque identifier grammar.
+_SESSION_ID = re.compile(r"[0-9A-Za-z._~-]{1,255}")
 
 
 def _seconds(text: str) -> float:
@@ -89,147 +117,239 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    An argument parser whose usage errors are one line (the usage text,
+    grown with two protocols' options, would bury the mistake).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rendezvous-cli",
-        description="Create, send to, receive from and cancel rendezvous on a rendezvous server.",
+        description="Create, send to, receive from and cancel rendezvous on a rendezvous server "
+        "(the native protocol, or MSC4388's sessions with --protocol msc4388).",
     )
     parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def payload_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument(
+    def command(
+        name: str, help: str, protocols: tuple[str, ...] = (NATIVE, MSC4388)
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        # Kept to name the command's own usage in a mistake found later.
+        sub.set_defaults(command_parser=sub)
+        sub.add_argument(
+            "--protocol",
+            choices=protocols,
+            default=protocols[0],
+            help=f"the protocol to speak (default {protocols[0]})",
+        )
+        sub.add_argument(
+            "--server",
+            type=_server_url,
+            help=f"the server's URL (default {DEFAULT_SERVER}); with msc4388, its base URL "
+            "(native send, receive and cancel take the rendezvous' URL instead)",
+        )
+        sub.add_argument(
+            "--prefix",
+            choices=tuple(PREFIXES),
+            help="msc4388: the API's path under the base URL, the unstable one (the default, "
+            "what clients in the field use) or the stable one",
+        )
+        if name in ("create", "discover"):
+            sub.add_argument(
+                "--access-token",
+                metavar="TOKEN",
+                help="msc4388: an access token for discovery and create, where the server "
+                f"lets only its users create (better: the environment's {ACCESS_TOKEN_VARIABLE},"
+                " since arguments show in ps)",
+            )
+        return sub
+
+    def payload_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
             "--data",
             help="the payload (UTF-8); without it, standard input is read "
             "(unless it is a terminal)",
         )
-        command.add_argument(
+        sub.add_argument(
             "--content-type",
-            default=OCTET_STREAM,
-            help=f"the payload's Content-Type (default {OCTET_STREAM})",
+            help=f"native: the payload's Content-Type (default {OCTET_STREAM})",
         )
 
-    create = commands.add_parser("create", help="create a rendezvous and print its URL")
-    create.add_argument(
-        "--server",
-        type=_server_url,
-        default=DEFAULT_SERVER,
-        help=f"the server's URL (default {DEFAULT_SERVER})",
-    )
+    def target(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "target",
+            metavar="URL|ID",
+            help="the rendezvous' URL create printed (native), or the session's id (msc4388)",
+        )
+
+    def waiting(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=120.0,
+            help="give up waiting after this many seconds (default 120; exit code 3)",
+        )
+
+    create = command("create", "create a rendezvous and print its URL (msc4388: its id)")
     payload_options(create)
     create.add_argument(
         "--no-qr", action="store_true", help="never print the QR code (printed to a terminal)"
     )
+    create.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait for the other side's answer and print it",
+    )
+    waiting(create)
 
-    send = commands.add_parser("send", help="replace the payload of a rendezvous")
-    send.add_argument("url", type=_rendezvous_url)
+    send = command("send", "replace the payload of a rendezvous")
+    target(send)
     payload_options(send)
     send.add_argument(
         "--if-match",
         metavar="ETAG",
-        help="write only if this ETag is current (default: the ETag read just before)",
+        help="native: write only if this ETag is current (default: the ETag read just before)",
     )
     send.add_argument(
-        "--force", action="store_true", help="write unconditionally, without If-Match"
+        "--force", action="store_true", help="native: write unconditionally, without If-Match"
+    )
+    send.add_argument(
+        "--sequence-token",
+        metavar="TOKEN",
+        help="msc4388: write only if this token is current (default: the one read just before)",
+    )
+    send.add_argument(
+        "--txn-id",
+        metavar="TXN",
+        help="msc4388: the transaction's id (default: a new random one); a send repeated with "
+        "the same id gets the first one's answer and writes nothing",
     )
 
-    receive = commands.add_parser(
-        "receive", help="wait for the next payload (long-poll) and print it"
-    )
-    receive.add_argument("url", type=_rendezvous_url)
-    receive.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=120.0,
-        help="give up after this many seconds (default 120; exit code 3)",
-    )
+    receive = command("receive", "wait for the next payload (long-poll) and print it")
+    target(receive)
+    waiting(receive)
     receive.add_argument(
         "--etag",
-        help="wait for a payload other than this one (default: the one current now)",
+        help="native: wait for a payload other than this one (default: the one current now)",
+    )
+    receive.add_argument(
+        "--sequence-token",
+        metavar="TOKEN",
+        help="msc4388: wait for data other than this token's (default: the data current now)",
     )
     receive.add_argument("--no-wait", action="store_true", help="print the current payload at once")
 
-    cancel = commands.add_parser("cancel", help="delete a rendezvous")
-    cancel.add_argument("url", type=_rendezvous_url)
+    cancel = command("cancel", "delete a rendezvous")
+    target(cancel)
+
+    command(
+        "discover",
+        "msc4388: print whether this requester may create sessions (create_available)",
+        protocols=(MSC4388,),
+    )
     return parser
 
 
-def _terminal(stdin: BinaryIO | None) -> bool:
+#: Options of one protocol only: (dest, option, protocol, what to do instead).
+_OPTIONS_OF: tuple[tuple[str, str, str, str], ...] = (
+    ("content_type", "--content-type", NATIVE, "MSC4388's data is a string, sent as JSON"),
+    ("if_match", "--if-match", NATIVE, "msc4388 sends are conditional: --sequence-token"),
+    ("force", "--force", NATIVE, "every MSC4388 send is conditional on a sequence token"),
+    ("etag", "--etag", NATIVE, "msc4388 uses --sequence-token"),
+    ("sequence_token", "--sequence-token", MSC4388, "native uses --etag or --if-match"),
+    ("txn_id", "--txn-id", MSC4388, "native writes have no transaction id"),
+    ("prefix", "--prefix", MSC4388, "the native protocol lives where --server points"),
+    ("access_token", "--access-token", MSC4388, "the native protocol takes no token"),
+)
+
+
+def _check(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     """
-    Whether standard input is missing or a terminal: nothing to read a
-    payload from.
+    Refuse, with one line naming the option, what the command line asks
+    that its protocol cannot do; then fill in the defaults that depend on
+    the protocol.  (argparse cannot: its types see one argument at a time.)
     """
-    return stdin is None or stdin.isatty()
-
-
-def _payload(args: argparse.Namespace, stdin: BinaryIO | None) -> bytes:
-    if args.data is not None:
-        data: bytes = args.data.encode("utf-8")
-        return data
-    if stdin is None or stdin.isatty():
-        return b""
-    return stdin.read()
-
-
-def qr_code(text: str) -> str | None:
-    """
-    C{text} as a QR code drawn with text characters, or None when the
-    optional C{qrcode} package (C{pip install 'rendezvous-twisted[qr]'}) is
-    not installed.
-    """
-    try:
-        import qrcode  # type: ignore[import-untyped]
-    except ImportError:
-        return None
-    code = qrcode.QRCode(border=2)
-    code.add_data(text)
-    out = io.StringIO()
-    # Inverted: dark modules as spaces on a light background, which is
-    # what a phone reads from a terminal with a dark background.
-    code.print_ascii(out=out, invert=True)
-    return out.getvalue()
-
-
-class _Streams:
-    def __init__(self, stdin: BinaryIO | None, stdout: BinaryIO, stderr: TextIO) -> None:
-        self.stdin = stdin
-        self.stdout = stdout
-        self.stderr = stderr
-
-    def say(self, message: str) -> None:
-        self.stderr.write(f"rendezvous-cli: {message}\n")
-        self.stderr.flush()
+    protocol = args.protocol
+    for dest, option, owner, instead in _OPTIONS_OF:
+        if owner != protocol and getattr(args, dest, None) not in (None, False):
+            refuse(args, f"{option} does not go with --protocol {protocol} ({instead})")
+    if protocol == NATIVE and args.command != "create" and args.server is not None:
+        refuse(args, f"--server goes with create or --protocol {MSC4388} (a URL names its server)")
+    target = getattr(args, "target", None)
+    if protocol == NATIVE and target is not None:
+        try:
+            _rendezvous_url(target)
+        except argparse.ArgumentTypeError as e:
+            refuse(args, f"argument url: {e}")
+    if protocol == MSC4388 and target is not None and not _SESSION_ID.fullmatch(target):
+        refuse(
+            args,
+            f"argument ID: {target!r} is not an MSC4388 session id (letters, digits and -._~); "
+            "give the id create printed, and its server with --server",
+        )
+    args.server = args.server or DEFAULT_SERVER
+    args.prefix = args.prefix or "unstable"
+    args.access_token = getattr(args, "access_token", None) or (
+        environ.get(ACCESS_TOKEN_VARIABLE) or None
+    )
+    if hasattr(args, "content_type"):
+        args.content_type = args.content_type or OCTET_STREAM
 
 
 async def run(
     reactor: Any,
     argv: Sequence[str],
-    streams: _Streams,
+    streams: Streams,
     client: RendezvousClient | None = None,
+    *,
+    http: HTTPRequester | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     """
     Run one command; return its exit code.  Usage errors exit through
     argparse (code 2).
+
+    @param client: the native protocol's client (one on C{http} when None).
+    @param http: what MSC4388's client (and a native one made here) makes
+        requests with (an C{HTTPClient} on the reactor when None).
+    @param environ: where L{ACCESS_TOKEN_VARIABLE} is read (C{os.environ}
+        when None).
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "send" and args.data is None and _terminal(streams.stdin):
+    args = _parser().parse_args(argv)
+    _check(args, os.environ if environ is None else environ)
+    if args.command == "send" and args.data is None and terminal(streams.stdin):
         # Nothing would be read: an empty payload typed by mistake would
         # overwrite what the other device is waiting for.
-        parser.error(
+        refuse(
+            args,
             "send needs a payload: --data TEXT, or pipe it on standard input "
-            "(--data '' sends an empty one)"
+            "(--data '' sends an empty one)",
         )
-    client = client or RendezvousClient(reactor)
+    side: Side[Any]
+    if args.protocol == MSC4388:
+        prefix = PREFIXES[args.prefix]
+        sessions = MSC4388Client(
+            reactor, args.server, http, prefix=prefix, access_token=args.access_token
+        )
+        side = Sessions(sessions, args, streams.stdin)
+    else:
+        side = Native(client or RendezvousClient(reactor, http), args, streams.stdin)
     try:
-        return await _command(args, client, streams, reactor.seconds())
+        await perform(args, side, streams, reactor.seconds())
+        return EXIT_OK
     except Exception as e:
         for kind, message, code in _FAILURES:
             if isinstance(e, kind):
-                streams.say(message.format(e))
+                streams.say(message.format(e) + _hint(e, args))
                 return code
         # Connection refused, DNS, TLS, timeouts...
-        where = args.server if args.command == "create" else args.url
+        where = args.target if args.protocol == NATIVE and args.command != "create" else args.server
         hint = "; is it running? (twistd -n rendezvous starts one)"
         if not isinstance(e, ConnectionRefusedError):
             hint = ""
@@ -239,10 +359,10 @@ async def run(
 
 
 #: What each failure prints, and the exit code it gives; the first match wins.
-_FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
+_FAILURES: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str, int], ...] = (
     (ReceiveTimeout, "nothing new: {}", EXIT_TIMEOUT),
     (
-        PreconditionFailedError,
+        (PreconditionFailedError, ConcurrentWriteError),
         "someone else wrote first ({}); receive it, then send again",
         EXIT_REFUSED,
     ),
@@ -252,61 +372,33 @@ _FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
 )
 
 
-async def _command(
-    args: argparse.Namespace, client: RendezvousClient, streams: _Streams, now: float
-) -> int:
-    if args.command == "create":
-        body = _payload(args, streams.stdin)
-        rendezvous = await client.create(args.server, body, args.content_type)
-        streams.stdout.write(rendezvous.url.encode("ascii") + b"\n")
-        streams.stdout.flush()
-        if not args.no_qr and streams.stderr.isatty():
-            drawing = qr_code(rendezvous.url)
-            if drawing is not None:
-                streams.stderr.write(drawing)
-        streams.say(f"expires in {_expires_in(now, rendezvous)}")
-        return EXIT_OK
-    if args.command == "send":
-        body = _payload(args, streams.stdin)
-        target = Rendezvous(args.url, args.if_match)
-        if args.if_match is None and not args.force:
-            # Conditional on what is there now: a write by someone else
-            # between this read and the PUT gives a 412, not a silent loss.
-            target = (await client.read(args.url)).rendezvous
-        sent = await client.send(target, body, args.content_type, if_match=not args.force)
-        streams.say(f"sent {quantity(len(body), 'byte')} ({args.content_type}); ETag {sent.etag}")
-        return EXIT_OK
-    if args.command == "receive":
-        if args.no_wait:
-            message = await client.read(args.url)
-        else:
-            seen = Rendezvous(args.url, args.etag)
-            if args.etag is None:
-                seen = (await client.read(args.url)).rendezvous
-            # Any write after that read counts as new, even one that lands
-            # before the long-poll does.
-            streams.say("waiting for a new payload")
-            message = await client.receive(seen, timeout_seconds=args.timeout)
-        streams.stdout.write(message.body)
-        streams.stdout.flush()
-        return EXIT_OK
-    assert args.command == "cancel"
-    await client.cancel(args.url)
-    streams.say("cancelled")
-    return EXIT_OK
-
-
-def _expires_in(now: float, rendezvous: Rendezvous) -> str:
-    if rendezvous.expires is None:
-        return "an unknown time"
-    return f"{max(0, round(rendezvous.expires - now))} s"
+def _hint(error: Exception, args: argparse.Namespace) -> str:
+    """
+    What to try after an MSC4388 refusal that a setting explains.
+    """
+    if args.protocol != MSC4388:
+        return ""
+    if isinstance(error, UnrecognizedError):
+        other = "stable" if args.prefix == "unstable" else "unstable"
+        return (
+            f" (the server does not serve MSC4388 under the {args.prefix} prefix: is it on? "
+            f"try --prefix {other})"
+        )
+    if isinstance(error, UnauthorizedError):
+        return f" (the access token is not valid: give another in {ACCESS_TOKEN_VARIABLE})"
+    if isinstance(error, ForbiddenError) and args.command == "create" and not args.access_token:
+        return (
+            " (this server may let only its users create: give an access token in "
+            f"{ACCESS_TOKEN_VARIABLE})"
+        )
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     The console script: run the command on the reactor, exit with its code.
     """
-    streams = _Streams(sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    streams = Streams(sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     arguments = list(sys.argv[1:] if argv is None else argv)
 
     async def _main(reactor: Any) -> None:

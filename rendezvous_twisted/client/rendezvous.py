@@ -10,17 +10,21 @@ A Twisted client for the rendezvous protocol of SPEC.md, on treq.
 
 Every method returns a Deferred (so it can be awaited in an C{async def}
 under C{Deferred.fromCoroutine} or C{task.react}).  A refusal by the server
-fails it with L{ServerError} (or its subclasses L{NotFoundError} and
-L{PreconditionFailedError}), carrying the status and the server's JSON
+fails it with L{ServerError} (or its subclass for the status: L{NotFoundError},
+L{PreconditionFailedError}...), carrying the status and the server's JSON
 C{errcode} and C{error}.  Nothing here touches the global reactor: the
 caller passes one.
+
+L{HTTPClientBase} is what this client shares with MSC4388's
+(L{rendezvous_twisted.client.msc4388}): bounded requests, typed refusals
+and the long-poll loop.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -108,6 +112,13 @@ class GoneWhileWaitingError(NotFoundError):
         )
 
 
+class UnrecognizedError(NotFoundError):
+    """
+    404 C{M_UNRECOGNIZED}: the server does not serve this API here (an
+    MSC4388 server whose API is switched off, or another prefix).
+    """
+
+
 class PreconditionFailedError(ServerError):
     """
     412: someone wrote since the ETag the writer held.  C{current_etag} is
@@ -115,6 +126,38 @@ class PreconditionFailedError(ServerError):
     """
 
     current_etag: str | None = None
+
+
+class ConcurrentWriteError(ServerError):
+    """
+    409 (MSC4388's C{M_CONCURRENT_WRITE}): someone wrote since the sequence
+    token the writer held; read the session again before sending.
+    """
+
+
+class UnauthorizedError(ServerError):
+    """
+    401 (C{M_UNKNOWN_TOKEN}, C{M_MISSING_TOKEN}): the server refused the
+    access token given.
+    """
+
+
+class ForbiddenError(ServerError):
+    """
+    403 (C{M_FORBIDDEN}): the server's policy refuses this requester (an
+    MSC4388 create without a token where only a homeserver's users may
+    create, or an address it denies).
+    """
+
+
+#: The error each status is, beyond a plain L{ServerError}.
+_KINDS: dict[int, type[ServerError]] = {
+    401: UnauthorizedError,
+    403: ForbiddenError,
+    404: NotFoundError,
+    409: ConcurrentWriteError,
+    412: PreconditionFailedError,
+}
 
 
 class ReceiveTimeout(TimeoutError):
@@ -173,9 +216,11 @@ def _expires(response: IResponse) -> float | None:
         return None
 
 
-class RendezvousClient:
+class HTTPClientBase:
     """
-    Create, send, receive and cancel rendezvous on a server.
+    What the clients of both protocols share: requests bounded in time on
+    the caller's clock, refusals turned into typed errors, and the
+    long-poll loop of a receive.
 
     @param reactor: provides L{IReactorTime} for timeouts and, when no
         C{http} is given, the reactor an C{Agent} connects with.
@@ -183,7 +228,7 @@ class RendezvousClient:
         C{StubTreq} in tests); a new C{HTTPClient} on C{Agent(reactor)}
         when None.
     @param request_timeout_seconds: bound on every request but a receive's
-        long-polls (which L{receive}'s own bound covers).
+        long-polls (which the receive's own bound covers).
     """
 
     def __init__(
@@ -196,6 +241,132 @@ class RendezvousClient:
         self._reactor = reactor
         self._http: HTTPRequester = http or HTTPClient(Agent(reactor))
         self._request_timeout = request_timeout_seconds
+
+    def _run(self, coroutine: Coroutine[Deferred[Any], Any, _T]) -> Deferred[_T]:
+        return Deferred.fromCoroutine(coroutine)
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = self._http.request(
+            method,
+            url,
+            headers={k: [v] for k, v in (headers or {}).items()},
+            data=body,
+            # Redirects would turn a PUT into something else; the protocols
+            # have none.
+            allow_redirects=False,
+        )
+        return self._bounded(d, timeout or self._request_timeout)
+
+    def _content(self, response: IResponse) -> Deferred[bytes]:
+        d: Deferred[bytes] = treq.content(response)
+        return self._bounded(d, self._request_timeout)
+
+    def _bounded(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
+        """
+        C{d}, cancelled after C{seconds} on our clock and then failing with
+        C{TimeoutError}.  (Not C{Deferred.addTimeout}: an Agent's cancelled
+        request fails with C{ResponseNeverReceived}, which it would pass on.)
+        """
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(seconds, expire)
+
+        def settle(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            if expired:
+                raise TimeoutError(f"no answer within {seconds:g} s")
+            return result
+
+        return d.addBoth(settle)
+
+    async def _poll(
+        self, timeout_seconds: float, attempt: Callable[[float], Awaitable[_T | None]]
+    ) -> _T:
+        """
+        Call C{attempt} (given the seconds left) until it returns something
+        other than None: at once after a long-poll, and after
+        L{FALLBACK_POLL_INTERVAL_SECONDS} when the server answered at once
+        (it, or a proxy, does not long-poll); L{ReceiveTimeout} after
+        C{timeout_seconds} in all.
+        """
+        clock = self._reactor
+        deadline = clock.seconds() + timeout_seconds
+        # Bounded in count as well as in time: one poll per second of the
+        # bound, and a few more, is all a well-behaved server ever needs.
+        for _ in range(int(timeout_seconds) + 10):
+            remaining = deadline - clock.seconds()
+            if remaining <= 0:
+                break
+            started = clock.seconds()
+            try:
+                result = await attempt(remaining)
+            except TimeoutError:
+                # Our own bound, not the server's: the poll is dropped (and
+                # the server drops its parked entry with the connection).
+                break
+            if result is not None:
+                return result
+            if clock.seconds() - started < _IMMEDIATE_SECONDS:
+                pause = min(FALLBACK_POLL_INTERVAL_SECONDS, deadline - clock.seconds())
+                if pause > 0:
+                    await deferLater(clock, pause, lambda: None)
+        raise ReceiveTimeout(f"no new payload within {timeout_seconds:g} s")
+
+    def _error(self, response: IResponse, content: bytes) -> ServerError:
+        """
+        The server's refusal as the error of its kind (see L{_KINDS}).
+        """
+        errcode = message = None
+        try:
+            parsed = json.loads(content)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            errcode = parsed.get("errcode")
+            message = parsed.get("error")
+        retry_after = _header(response, b"Retry-After")
+        args = (
+            response.code,
+            errcode if isinstance(errcode, str) else None,
+            message if isinstance(message, str) else None,
+            int(retry_after) if retry_after and retry_after.isdigit() else None,
+        )
+        kind = _KINDS.get(response.code, ServerError)
+        if kind is NotFoundError and errcode == "M_UNRECOGNIZED":
+            kind = UnrecognizedError
+        error = kind(*args)
+        if isinstance(error, PreconditionFailedError):
+            error.current_etag = _header(response, b"ETag")
+        return error
+
+    def _gone(self, response: IResponse, content: bytes) -> ServerError:
+        """
+        The refusal of a receive: a rendezvous not found is one that went
+        while we waited (L{GoneWhileWaitingError}).
+        """
+        error = self._error(response, content)
+        if type(error) is NotFoundError:
+            return GoneWhileWaitingError(*error.details)
+        return error
+
+
+class RendezvousClient(HTTPClientBase):
+    """
+    Create, send, receive and cancel rendezvous on a server (the native
+    protocol of SPEC.md); the parameters are L{HTTPClientBase}'s.
+    """
 
     def create(
         self, server_url: str, body: bytes = b"", content_type: str = OCTET_STREAM
@@ -302,96 +473,30 @@ class RendezvousClient:
         )
 
     async def _receive(self, rendezvous: Rendezvous, timeout_seconds: float) -> Message:
-        clock = self._reactor
-        deadline = clock.seconds() + timeout_seconds
         etag = rendezvous.etag
-        # Bounded in count as well as in time: one poll per second of the
-        # bound, and a few more, is all a well-behaved server ever needs.
-        for _ in range(int(timeout_seconds) + 10):
-            remaining = deadline - clock.seconds()
-            if remaining <= 0:
-                break
+
+        async def attempt(remaining: float) -> Message | None:
+            nonlocal etag
             headers: dict[str, str] = {}
             if etag is not None:
                 # Ask the server not to hold the poll past our own bound.
                 headers = {"If-None-Match": etag, "Prefer": f"wait={max(1, math.ceil(remaining))}"}
-            started = clock.seconds()
-            try:
-                response = await self._request("GET", rendezvous.url, headers, timeout=remaining)
-                content = await self._content(response)
-            except TimeoutError:
-                # Our own bound, not the server's: the poll is dropped (and
-                # the server drops its parked entry with the connection).
-                break
+            response = await self._request("GET", rendezvous.url, headers, timeout=remaining)
+            content = await self._content(response)
             if response.code == 200:
                 return self._message(rendezvous, response, content)
-            if response.code == 404:
-                raise GoneWhileWaitingError(*self._error(response, content).details)
             if response.code != 304:
-                raise self._error(response, content)
+                raise self._gone(response, content)
             etag = _header(response, b"ETag") or etag
-            if clock.seconds() - started < _IMMEDIATE_SECONDS:
-                pause = min(FALLBACK_POLL_INTERVAL_SECONDS, deadline - clock.seconds())
-                if pause > 0:
-                    await deferLater(clock, pause, lambda: None)
-        raise ReceiveTimeout(f"no new payload within {timeout_seconds:g} s")
+            return None
+
+        return await self._poll(timeout_seconds, attempt)
 
     async def _cancel(self, url: str) -> None:
         response = await self._request("DELETE", url)
         content = await self._content(response)
         if response.code // 100 != 2:
             raise self._error(response, content)
-
-    # Helpers.
-
-    def _run(self, coroutine: Coroutine[Deferred[Any], Any, _T]) -> Deferred[_T]:
-        return Deferred.fromCoroutine(coroutine)
-
-    def _request(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str] | None = None,
-        body: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Deferred[IResponse]:
-        d: Deferred[IResponse] = self._http.request(
-            method,
-            url,
-            headers={k: [v] for k, v in (headers or {}).items()},
-            data=body,
-            # Redirects would turn a PUT into something else; the protocol
-            # has none.
-            allow_redirects=False,
-        )
-        return self._bounded(d, timeout or self._request_timeout)
-
-    def _content(self, response: IResponse) -> Deferred[bytes]:
-        d: Deferred[bytes] = treq.content(response)
-        return self._bounded(d, self._request_timeout)
-
-    def _bounded(self, d: Deferred[_T], seconds: float) -> Deferred[_T]:
-        """
-        C{d}, cancelled after C{seconds} on our clock and then failing with
-        C{TimeoutError}.  (Not C{Deferred.addTimeout}: an Agent's cancelled
-        request fails with C{ResponseNeverReceived}, which it would pass on.)
-        """
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            d.cancel()
-
-        timer = self._reactor.callLater(seconds, expire)
-
-        def settle(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            if expired:
-                raise TimeoutError(f"no answer within {seconds:g} s")
-            return result
-
-        return d.addBoth(settle)
 
     def _message(self, rendezvous: Rendezvous, response: IResponse, content: bytes) -> Message:
         return Message(
@@ -403,27 +508,3 @@ class RendezvousClient:
                 expires=_expires(response) or rendezvous.expires,
             ),
         )
-
-    def _error(self, response: IResponse, content: bytes) -> ServerError:
-        errcode = message = None
-        try:
-            parsed = json.loads(content)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            errcode = parsed.get("errcode")
-            message = parsed.get("error")
-        retry_after = _header(response, b"Retry-After")
-        args = (
-            response.code,
-            errcode if isinstance(errcode, str) else None,
-            message if isinstance(message, str) else None,
-            int(retry_after) if retry_after and retry_after.isdigit() else None,
-        )
-        if response.code == 404:
-            return NotFoundError(*args)
-        if response.code == 412:
-            error = PreconditionFailedError(*args)
-            error.current_etag = _header(response, b"ETag")
-            return error
-        return ServerError(*args)
