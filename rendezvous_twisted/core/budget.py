@@ -80,8 +80,10 @@ SOCKET_READ_BYTES = 65536
 #: its HPACK tables and closed-stream memory (measured ~22 KiB).
 H2_CONNECTION_OVERHEAD_BYTES = 32768
 #: One open stream without its header block: Twisted's stream, the request,
-#: Klein's state, a parked reader's waiter (measured ~8.8 KiB).
-H2_STREAM_OVERHEAD_BYTES = 12288
+#: Klein's state, a parked reader's waiter (measured ~12.6 KiB on 2026-12-07 with
+#: Twisted 26.10.0, h2 4.4.1 and Klein 24.8.0, whose render holds some 2.4 KiB
+#: of Deferreds per request; ~8.8 KiB before requests went through it).
+H2_STREAM_OVERHEAD_BYTES = 16384
 #: A header list held by a stream costs this many times its bytes as Python
 #: objects (measured 1.5 at --max-header-bytes with 60 fields).
 H2_HEADER_FACTOR = 2
