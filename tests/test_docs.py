@@ -96,6 +96,7 @@ RUNNERS = (
     "test_runs_alone",
     "test_the_start_command_serves",
     "test_two_terminals_with_rendezvous_cli",
+    "test_two_terminals_with_rendezvous_cli_msc4388",
     "test_a_homeserver_proxy_carries_msc4108",
     "test_a_homeserver_proxy_carries_msc4388_to_two_processes",
     "test_the_redis_settings_serve_an_exchange",
@@ -758,6 +759,28 @@ def test_two_terminals_with_rendezvous_cli(workspace: Workspace) -> None:
         a.wait_for("waiting for a new payload", BLOCK_DEADLINE_SECONDS)
         given, count = re.subn(r"(?m)^URL=\S+$", f"URL={url}", terminal_b.text, count=1)
         assert count == 1, f"{terminal_b.where}: no URL=... line to paste into"
+        b = workspace.run(given)
+        assert_printed(_expected_lines(terminal_b), b.text(), terminal_b)
+        assert a.finish(BLOCK_DEADLINE_SECONDS) == 0, a.text()
+    finally:
+        a.kill()
+    assert "hello from B" in a.text(), a.text()
+    workspace.stop_servers()
+
+
+def test_two_terminals_with_rendezvous_cli_msc4388(workspace: Workspace) -> None:
+    """
+    rendezvous-cli's two terminals in MSC4388, as docs/clients.md gives them: A creates and
+    waits, B (given the id A printed) reads, answers and cancels, and A prints B's answer.
+    """
+    terminal_a, terminal_b = claimed_by("test_two_terminals_with_rendezvous_cli_msc4388")
+    _serve_for(terminal_a, workspace)
+    a = Process(workspace.substitute(terminal_a.text), workspace.directory, workspace.env)
+    try:
+        session = a.wait_for(r"session ([\w-]{16,}) on", BLOCK_DEADLINE_SECONDS)[1]
+        a.wait_for("waiting for the other side's answer", BLOCK_DEADLINE_SECONDS)
+        given, count = re.subn(r"(?m)^ID=\S+$", f"ID={session}", terminal_b.text, count=1)
+        assert count == 1, f"{terminal_b.where}: no ID=... line to paste into"
         b = workspace.run(given)
         assert_printed(_expected_lines(terminal_b), b.text(), terminal_b)
         assert a.finish(BLOCK_DEADLINE_SECONDS) == 0, a.text()
