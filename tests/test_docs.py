@@ -751,21 +751,12 @@ def test_two_terminals_with_rendezvous_cli(workspace: Workspace) -> None:
     (given the URL A printed, in place of the placeholder) reads, answers and cancels, and A
     prints B's answer and exits 0.
     """
-    terminal_a, terminal_b = claimed_by("test_two_terminals_with_rendezvous_cli")
-    _serve_for(terminal_a, workspace)
-    a = Process(workspace.substitute(terminal_a.text), workspace.directory, workspace.env)
-    try:
-        url = a.wait_for(r"http://127\.0\.0\.1:\d+/[\w-]{16,}", BLOCK_DEADLINE_SECONDS)[0]
-        a.wait_for("waiting for a new payload", BLOCK_DEADLINE_SECONDS)
-        given, count = re.subn(r"(?m)^URL=\S+$", f"URL={url}", terminal_b.text, count=1)
-        assert count == 1, f"{terminal_b.where}: no URL=... line to paste into"
-        b = workspace.run(given)
-        assert_printed(_expected_lines(terminal_b), b.text(), terminal_b)
-        assert a.finish(BLOCK_DEADLINE_SECONDS) == 0, a.text()
-    finally:
-        a.kill()
-    assert "hello from B" in a.text(), a.text()
-    workspace.stop_servers()
+    _two_terminals(
+        workspace,
+        "test_two_terminals_with_rendezvous_cli",
+        ("URL", r"(http://127\.0\.0\.1:\d+/[\w-]{16,})"),
+        "waiting for a new payload",
+    )
 
 
 def test_two_terminals_with_rendezvous_cli_msc4388(workspace: Workspace) -> None:
@@ -773,14 +764,31 @@ def test_two_terminals_with_rendezvous_cli_msc4388(workspace: Workspace) -> None
     rendezvous-cli's two terminals in MSC4388, as docs/clients.md gives them: A creates and
     waits, B (given the id A printed) reads, answers and cancels, and A prints B's answer.
     """
-    terminal_a, terminal_b = claimed_by("test_two_terminals_with_rendezvous_cli_msc4388")
+    _two_terminals(
+        workspace,
+        "test_two_terminals_with_rendezvous_cli_msc4388",
+        ("ID", r"session ([\w-]{16,}) on"),
+        "waiting for the other side's answer",
+    )
+
+
+def _two_terminals(workspace: Workspace, test: str, pasted: tuple[str, str], waiting: str) -> None:
+    """
+    Run the two blocks C{test} claims: terminal A in the background until it prints
+    C{waiting}, then terminal B with what A printed (C{pasted}: the variable of B's first
+    line, and the pattern whose group A prints it as) in place of the placeholder; B prints
+    what its block shows, and A prints B's answer and exits 0.
+    """
+    terminal_a, terminal_b = claimed_by(test)
+    variable, pattern = pasted
     _serve_for(terminal_a, workspace)
     a = Process(workspace.substitute(terminal_a.text), workspace.directory, workspace.env)
     try:
-        session = a.wait_for(r"session ([\w-]{16,}) on", BLOCK_DEADLINE_SECONDS)[1]
-        a.wait_for("waiting for the other side's answer", BLOCK_DEADLINE_SECONDS)
-        given, count = re.subn(r"(?m)^ID=\S+$", f"ID={session}", terminal_b.text, count=1)
-        assert count == 1, f"{terminal_b.where}: no ID=... line to paste into"
+        value = a.wait_for(pattern, BLOCK_DEADLINE_SECONDS)[1]
+        a.wait_for(waiting, BLOCK_DEADLINE_SECONDS)
+        line = rf"(?m)^{variable}=\S+$"
+        given, count = re.subn(line, f"{variable}={value}", terminal_b.text, count=1)
+        assert count == 1, f"{terminal_b.where}: no {variable}=... line to paste into"
         b = workspace.run(given)
         assert_printed(_expected_lines(terminal_b), b.text(), terminal_b)
         assert a.finish(BLOCK_DEADLINE_SECONDS) == 0, a.text()
@@ -808,6 +816,34 @@ def _request(
         connection.close()
 
 
+def homeserver_front(workspace: Workspace, port: int, locations: str, http: str = "") -> None:
+    """
+    nginx on C{port} as a homeserver's front: C{locations} (a docs block) in its server
+    block beside the homeserver's own C{location /_matrix}, and C{http} (a docs block) in
+    the http block; listening once this returns.
+    """
+    directory = workspace.directory
+    conf = nginx_conf(
+        directory,
+        f"""
+    access_log off;
+{workspace.substitute(http)}
+    server {{
+        listen 127.0.0.1:{port};
+        # The homeserver's own paths.
+        location /_matrix {{ return 404 '{{"errcode": "M_UNRECOGNIZED"}}'; }}
+{workspace.substitute(locations)}
+    }}
+""",
+    )
+    nginx = Process(
+        f"exec {NGINX} -p {directory} -c {conf} -e {directory}/error.log",
+        directory, workspace.env, directory / "nginx.out",
+    )  # fmt: skip
+    workspace.servers.append(nginx)
+    workspace._wait_listening(nginx, port)
+
+
 def test_a_homeserver_proxy_carries_msc4108(workspace: Workspace) -> None:
     """
     docs/deployment.md's nginx location, put in a homeserver's server block, carries a whole
@@ -823,25 +859,7 @@ def test_a_homeserver_proxy_carries_msc4108(workspace: Workspace) -> None:
         block,
         f"--listen tcp:8080:interface=127.0.0.1 --public-url {base}/ --trusted-proxy 127.0.0.1/32",
     )
-    directory = workspace.directory
-    conf = nginx_conf(
-        directory,
-        f"""
-    access_log off;
-    server {{
-        listen 127.0.0.1:{homeserver};
-        # The homeserver's own paths.
-        location /_matrix {{ return 404 '{{"errcode": "M_UNRECOGNIZED"}}'; }}
-{workspace.substitute(block.text)}
-    }}
-""",
-    )
-    nginx = Process(
-        f"exec {NGINX} -p {directory} -c {conf} -e {directory}/error.log",
-        directory, workspace.env, directory / "nginx.out",
-    )  # fmt: skip
-    workspace.servers.append(nginx)
-    workspace._wait_listening(nginx, homeserver)
+    homeserver_front(workspace, homeserver, block.text)
 
     create = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous"
     text = {"Content-Type": "text/plain"}
@@ -904,26 +922,7 @@ def test_a_homeserver_proxy_carries_msc4388_to_two_processes(
             started = Block(processes.page, processes.line, "sh", text, None, None)
             assert len(workspace.start_servers(started)) == 2
             front = free_port()
-            directory = workspace.directory
-            conf = nginx_conf(
-                directory,
-                f"""
-    access_log off;
-{workspace.substitute(upstream.text)}
-    server {{
-        listen 127.0.0.1:{front};
-        # The homeserver's own paths.
-        location /_matrix {{ return 404 '{{"errcode": "M_UNRECOGNIZED"}}'; }}
-{workspace.substitute(location.text)}
-    }}
-""",
-            )
-            nginx = Process(
-                f"exec {NGINX} -p {directory} -c {conf} -e {directory}/error.log",
-                directory, workspace.env, directory / "nginx.out",
-            )  # fmt: skip
-            workspace.servers.append(nginx)
-            workspace._wait_listening(nginx, front)
+            homeserver_front(workspace, front, location.text, upstream.text)
 
             for prefix in (UNSTABLE_PREFIX, STABLE_PREFIX):
                 signed_in = ProposalClient("127.0.0.1", front, prefix, access_token=USER_TOKEN)

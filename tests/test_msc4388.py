@@ -20,7 +20,7 @@ from rendezvous_twisted.core.config import MSC4388_STABLE_PATH, MSC4388_UNSTABLE
 from rendezvous_twisted.http.tokens import HomeserverUnavailableError, InvalidTokenError
 
 from .conftest import Answer, Harness, answered, fired
-from .test_web import assert_every_response_headers, assert_json_error
+from .test_web import assert_every_response_headers, assert_json_error, assert_wrong_method
 
 UNSTABLE = MSC4388_UNSTABLE_PATH
 STABLE = MSC4388_STABLE_PATH
@@ -572,11 +572,7 @@ def test_switched_off_the_stable_path_still_serves_msc4108() -> None:
 def test_other_methods_are_405_with_allow(
     harness: Harness, method: str, path: str, allow: bytes
 ) -> None:
-    answer = harness.call(method, path)
-    assert answer.code == 405
-    assert answer.header("allow") == allow
-    if method != "HEAD":
-        assert_json_error(answer, 405, "M_UNRECOGNIZED")
+    assert_wrong_method(harness, method, path, allow)
 
 
 def test_a_preflight_from_another_origin_allows_the_access_token(harness: Harness) -> None:

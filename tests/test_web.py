@@ -757,6 +757,13 @@ def test_wrong_method_is_405_with_allow(
     harness: Harness, path: str, method: str, allow: bytes
 ) -> None:
     """A method the path does not serve gets 405, an Allow header and a JSON error."""
+    assert_wrong_method(harness, method, path, allow)
+
+
+def assert_wrong_method(harness: Harness, method: str, path: str, allow: bytes) -> None:
+    """
+    C{method} on C{path} is 405 with C{Allow: allow}, and a JSON error (HEAD: no body).
+    """
     answer = harness.call(method, path)
     assert answer.code == 405
     assert answer.header("allow") == allow
