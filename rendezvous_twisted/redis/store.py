@@ -317,23 +317,9 @@ class RedisStore:
         self, rendezvous_id: str, body: bytes, content_type: bytes, if_match: Condition = ANY
     ) -> Deferred[Version]:
         now = self._now_ms()
-        too_large = len(body) > self.max_bytes
         etag = new_etag()
-        d = self._script(
-            "write",
-            [self._key(rendezvous_id)],
-            [
-                now,
-                b"1" if if_match.any else b"0",
-                b"1" if too_large else b"0",
-                b"" if too_large else body,
-                content_type,
-                etag,
-                self._channel,
-                rendezvous_id,
-                *sorted(if_match.strong),
-            ],
-        )
+        arguments = self._write_arguments(now, rendezvous_id, body, content_type, etag, if_match)
+        d = self._script("write", [self._key(rendezvous_id)], arguments)
 
         def written(reply: list[Any]) -> Version:
             outcome = reply[0]
@@ -357,26 +343,19 @@ class RedisStore:
         if_match: Condition,
         transaction: str,
     ) -> Deferred[Sent]:
-        too_large = len(body) > self.max_bytes
         etag = new_etag()
-        d = self._script(
-            "send",
-            [self._key(rendezvous_id)],
-            [
-                self._now_ms(),
-                b"1" if if_match.any else b"0",
-                b"1" if too_large else b"0",
-                b"" if too_large else body,
-                content_type,
-                etag,
-                self._channel,
-                rendezvous_id,
-                # Ids are [0-9A-Za-z._~-]: none is a record's own field.
-                "t:" + transaction,
-                self._config.max_transactions_per_rendezvous,
-                *sorted(if_match.strong),
-            ],
+        arguments = self._write_arguments(
+            self._now_ms(),
+            rendezvous_id,
+            body,
+            content_type,
+            etag,
+            if_match,
+            # Ids are [0-9A-Za-z._~-]: none is a record's own field.
+            "t:" + transaction,
+            self._config.max_transactions_per_rendezvous,
         )
+        d = self._script("send", [self._key(rendezvous_id)], arguments)
 
         def sent(reply: list[Any]) -> Sent:
             outcome = reply[0]
@@ -393,6 +372,36 @@ class RedisStore:
             raise NotFound()
 
         return d.addCallback(sent)
+
+    def _write_arguments(
+        self,
+        now: int,
+        rendezvous_id: str,
+        body: bytes,
+        content_type: bytes,
+        etag: bytes,
+        if_match: Condition,
+        *more: str | int,
+    ) -> list[Any]:
+        """
+        The ARGV of the write and send scripts: the time, whether any ETag
+        matches, whether the body is too large (then not sent), the body,
+        its type, the new ETag, the channel and id to publish, C{more},
+        then the strong ETags that match.
+        """
+        too_large = len(body) > self.max_bytes
+        return [
+            now,
+            b"1" if if_match.any else b"0",
+            b"1" if too_large else b"0",
+            b"" if too_large else body,
+            content_type,
+            etag,
+            self._channel,
+            rendezvous_id,
+            *more,
+            *sorted(if_match.strong),
+        ]
 
     def delete(self, rendezvous_id: str) -> Deferred[None]:
         d = self._script(
