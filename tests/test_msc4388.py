@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 
 from rendezvous_twisted.core.config import MSC4388_STABLE_PATH, MSC4388_UNSTABLE_PATH, Config
@@ -611,3 +613,42 @@ def test_sessions_share_the_servers_caps() -> None:
 def test_the_config_defaults_are_the_proposals() -> None:
     config = Config()
     assert (config.msc4388, config.msc4388_lifetime_seconds) == ("open", 300.0)
+
+
+# Hostile bodies: whatever arrives, a JSON answer below 500, and nobody else's session harmed.
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["data", "sequence_token", "x"]), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.binary(max_size=300) | _JSON_VALUES.map(lambda value: json.dumps(value).encode()),
+    method=st.sampled_from(["POST", "PUT", "PUT-TXN", "GET-TOKEN"]),
+    prefix=st.sampled_from(PREFIXES),
+)
+def test_any_body_is_answered_in_json_below_500(raw: bytes, method: str, prefix: str) -> None:
+    harness = Harness()
+    bystander = create(harness, "someone else's")
+    target = create(harness)
+    path = {
+        "POST": prefix,
+        "PUT": f"{prefix}/{target['id']}",
+        "PUT-TXN": f"{prefix}/{target['id']}/t1",
+        "GET-TOKEN": f"{prefix}/{target['id']}?sequence_token="
+        + raw.decode("latin-1").encode("utf-8").hex(),
+    }[method]
+    verb = method.split("-")[0]
+    answer = harness.call(verb, path, raw if verb != "GET" else None, headers=JSON_TYPE)
+    assert answer.code < 500, answer
+    assert answer.header("content-type") == b"application/json"
+    answer.json()
+    after = read(harness, bystander["id"])
+    assert after.json()["data"] == "someone else's"
+    assert after.json()["sequence_token"] == bystander["sequence_token"]
