@@ -266,6 +266,60 @@ def test_long_poll_over_http2(h2_server: tuple[TwistdServer, CA]) -> None:
     process.assert_no_trouble()
 
 
+def test_msc4388_over_http2(h2_server: tuple[TwistdServer, CA]) -> None:
+    """
+    Over one HTTP/2 connection, an MSC4388 session: created with an access
+    token, a read held on its sequence token while other streams go on and
+    woken by a send on another stream, the send's transaction replayed, a
+    stale send 409, a JSON body that is no object 400, and the delete.
+    """
+    process, ca = h2_server
+    client = H2Client(process.port, ca)
+    api = "/_matrix/client/v1/rendezvous"
+    json_type = {"content-type": "application/json"}
+    try:
+        assert client.alpn == "h2"
+        created = client.request(
+            "POST", api, {**json_type, "authorization": "Bearer not-judged"}, b'{"data": "A"}'
+        )
+        status, _, body = client.response(created)
+        assert status == 200, body
+        session = json.loads(body)
+        process.secrets.append(session["id"].encode())
+        path = f"{api}/{session['id']}"
+        token = session["sequence_token"]
+
+        held = client.request("GET", f"{path}?sequence_token={token}")
+        assert client.quiet_for(held, PARKED_PROOF_SECONDS)
+        read = client.request("GET", path)
+        assert json.loads(client.response(read)[2])["data"] == "A"
+        sent_body = json.dumps({"sequence_token": token, "data": "B"}).encode()
+        sent = client.request("PUT", f"{path}/txn-1", json_type, sent_body)
+        status, _, body = client.response(sent)
+        assert status == 200, body
+        new_token = json.loads(body)["sequence_token"]
+        status, _, body = client.response(held)
+        assert (status, json.loads(body)["data"]) == (200, "B")
+        assert json.loads(body)["sequence_token"] == new_token
+
+        replayed = client.request("PUT", f"{path}/txn-1", json_type, sent_body)
+        assert json.loads(client.response(replayed)[2]) == {"sequence_token": new_token}
+        stale = client.request("PUT", f"{path}/txn-2", json_type, sent_body)
+        assert client.response(stale)[0] == 409
+        broken = client.request("PUT", f"{path}/txn-3", json_type, b"[1, 2]")
+        status, headers, body = client.response(broken)
+        assert (status, json.loads(body)["errcode"]) == (400, "M_BAD_JSON")
+        assert headers["content-type"] == "application/json"
+        deleted = client.request("DELETE", path)
+        assert client.response(deleted)[:3:2] == (200, b"{}")
+    finally:
+        client.close()
+        process.stop()
+    process.assert_no_trouble()
+    for hidden in process.secrets:
+        assert hidden not in process.output
+
+
 #: The header deadline of the servers below: short, so that the tests can
 #: outlast it.
 HEADER_TIMEOUT_SECONDS = 1.0
