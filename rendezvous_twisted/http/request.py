@@ -21,14 +21,14 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.http import http1
-from rendezvous_twisted.http.answers import Refusal, ResponseHeaders, closing_answer
+from rendezvous_twisted.http.answers import Refusal, ResponseHeaders, closing_answer, http_date
 from rendezvous_twisted.http.clients import Client, peer_host
 
 #: The private Twisted names this module uses, each where twisted.web has no
@@ -112,12 +112,14 @@ class RendezvousRequest(Request):
     read, and that never spools a body to disk.
     """
 
-    # A slot, not one more name in the instance dict: with it a request
+    # Slots, not more names in the instance dict: with them a request
     # would outgrow the key table its class shares (see RendezvousChannel).
-    # Unset until the headers are in.
-    __slots__ = ("_in_flight",)
+    # _in_flight is unset until the headers are in.
+    __slots__ = ("_hostname", "_in_flight")
     #: The site that counts this request in flight, until it ends.
     _in_flight: RequestSite | None
+    #: What getRequestHostname() answered, once asked.
+    _hostname: bytes | None
 
     _logger = Logger()
     #: Who sent it, once the guard has resolved it (for limits, the access
@@ -133,6 +135,7 @@ class RendezvousRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._hostname = None
         # Its answer's headers: those of every answer as one prepared batch.
         self.responseHeaders = ResponseHeaders()
 
@@ -197,20 +200,31 @@ class RendezvousRequest(Request):
                 self.requestHeaders.setRawHeaders(b"Host", [target.authority])
         super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
 
+    def getRequestHostname(self) -> bytes:
+        # Asked by the guard, then by Klein's render (and werkzeug's bind
+        # gets Klein's answer): Twisted parses the Host header each time.
+        # The Host is final by then (requestReceived sets an absolute-form
+        # target's authority first); the first answer stands.
+        hostname = self._hostname
+        if hostname is None:
+            hostname = self._hostname = super().getRequestHostname()  # type: ignore[no-untyped-call]
+        return hostname
+
     def process(self) -> None:
         # Twisted's server.Request.process, but for what changes nothing
         # here, once per request: its Server header (every answer sets its
         # own), the look-up of a resource (the site's is a leaf) and of an
-        # encoder (it has none).  And "OPTIONS *", which Twisted answers
-        # itself (and any other method with a "*" target), in its own words
-        # and without the headers of every answer, goes to the resource like
-        # any other request.
+        # encoder (it has none).  Its Date is the site's reactor's time, each
+        # second formatted once (Twisted formats the wall clock anew).  And
+        # "OPTIONS *", which Twisted answers itself (and any other method
+        # with a "*" target), in its own words and without the headers of
+        # every answer, goes to the resource like any other request.
         if self._refused:
             return
         channel: Any = self.channel
         site = site_of(channel)
         self.site = channel.site
-        self.setHeader(b"Date", datetimeToString())  # type: ignore[no-untyped-call]
+        self.responseHeaders.setRawHeaders(b"Date", [http_date(site.reactor.seconds())])
         self.prepath = []
         self.sitepath: list[bytes] = []
         if self.path == http1.ASTERISK:
