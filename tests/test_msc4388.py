@@ -212,7 +212,7 @@ def test_create_policy_failures_are_answered(error: Exception, code: int, errcod
         {"max_rendezvous_per_address": 2, "create_burst": 10},
     ],
 )
-def test_creates_share_the_older_protocols_limits(limits: dict[str, float]) -> None:
+def test_creates_share_the_older_protocols_limits(limits: dict[str, Any]) -> None:
     """
     MSC4388 creates count against the same per-client create budget and
     --max-rendezvous-per-address as the others': past either, 429 with
