@@ -289,11 +289,19 @@ def test_unknown_ids_are_404_not_found(harness: Harness, session_id: str) -> Non
 # Long-polling by ?sequence_token= (the proposal's "future optimisation").
 
 
+def held_read(harness: Harness) -> tuple[dict[str, Any], Deferred[Answer]]:
+    """
+    Create a session, and start a read naming its current token (held).
+    """
+    created = create(harness)
+    path = f"{UNSTABLE}/{created['id']}?sequence_token={created['sequence_token']}"
+    return created, harness.send("GET", path)
+
+
 def test_a_read_naming_the_current_token_is_held_until_a_send() -> None:
     harness = Harness(poll_timeout_seconds=20)
-    created = create(harness)
+    created, d = held_read(harness)
     token = created["sequence_token"]
-    d = harness.send("GET", f"{UNSTABLE}/{created['id']}?sequence_token={token}")
     harness.advance(5)
     assert not answered(d)
     sent = send(harness, created["id"], token, "hello from B")
@@ -307,9 +315,8 @@ def test_a_read_naming_the_current_token_is_held_until_a_send() -> None:
 
 def test_a_held_read_answers_the_same_state_at_the_poll_timeout() -> None:
     harness = Harness(poll_timeout_seconds=20)
-    created = create(harness)
+    created, d = held_read(harness)
     token = created["sequence_token"]
-    d = harness.send("GET", f"{UNSTABLE}/{created['id']}?sequence_token={token}")
     harness.advance(19.9)
     assert not answered(d)
     harness.advance(0.1)
@@ -330,10 +337,8 @@ def test_a_read_naming_an_older_token_answers_at_once(harness: Harness) -> None:
 
 def test_a_held_read_ends_with_404_on_delete() -> None:
     harness = Harness(poll_timeout_seconds=20)
-    created = create(harness)
-    path = f"{UNSTABLE}/{created['id']}"
-    d = harness.send("GET", f"{path}?sequence_token={created['sequence_token']}")
-    assert harness.call("DELETE", path).code == 200
+    created, d = held_read(harness)
+    assert harness.call("DELETE", f"{UNSTABLE}/{created['id']}").code == 200
     harness.flush()
     assert_json_error(fired(d), 404, "M_NOT_FOUND")
 

@@ -68,6 +68,14 @@ def refuse_head(request: IRequest) -> None:
         raise MethodNotAllowed(valid_methods=mapper.allowed_methods())
 
 
+def media_type(content_type: bytes) -> bytes:
+    """
+    The media type of a C{Content-Type} value, lower-cased, its parameters
+    (a charset, say) left out: RFC 9110 8.3.1 compares types so.
+    """
+    return content_type.split(b";", 1)[0].strip(b" \t").lower()
+
+
 def refuse_navigation(request: IRequest) -> None:
     """
     Refuse a browser opening a payload's URL itself (not a page's fetch()),

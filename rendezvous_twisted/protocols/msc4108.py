@@ -34,7 +34,7 @@ from rendezvous_twisted.http.answers import (
     respond,
 )
 from rendezvous_twisted.http.guard import Guard
-from rendezvous_twisted.protocols.common import Generation, body_of, known_id
+from rendezvous_twisted.protocols.common import Generation, body_of, known_id, media_type
 
 #: Create, as Synapse and today's clients call it.
 UNSTABLE_CREATE_PATH = "/_matrix/client/unstable/org.matrix.msc4108/rendezvous"
@@ -71,7 +71,7 @@ def is_text_plain(value: bytes) -> bool:
     without case (RFC 9110 8.3.1), parameters such as a charset allowed, as a
     browser's fetch() adds one to a string body when the page sets no type.
     """
-    return value.split(b";", 1)[0].strip(b" \t").lower() == TEXT_PLAIN
+    return media_type(value) == TEXT_PLAIN
 
 
 def is_single_strong(condition: Condition) -> bool:

@@ -59,6 +59,7 @@ from rendezvous_twisted.protocols.common import (
     Generation,
     body_of,
     known_id,
+    media_type,
     refuse_head,
     refuse_navigation,
 )
@@ -94,7 +95,7 @@ def is_json(values: list[bytes] | None) -> bool:
     """
     if not values or len(values) > 1:
         return False
-    return values[0].split(b";", 1)[0].strip(b" \t").lower() == JSON
+    return media_type(values[0]) == JSON
 
 
 def _refuse_constant(name: str) -> Any:
