@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.application.service import Application
@@ -27,7 +29,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from rendezvous_twisted.core.config import Config
 from rendezvous_twisted.core.memory import MemoryStore
-from rendezvous_twisted.core.metrics import Metrics
+from rendezvous_twisted.core.metrics import DURATION_BUCKETS, Metrics
 from rendezvous_twisted.http.answers import HTTPError
 from rendezvous_twisted.http.site import redact
 from rendezvous_twisted.ops import logs
@@ -163,6 +165,62 @@ def test_odd_methods_share_one_series() -> None:
     metrics.request_done(b"FROB", 405, 0.001)
     page = samples(_render(metrics))
     assert value(page, "rendezvous_http_requests_total", method="other", status="405") == 2
+
+
+def test_requests_are_exported_as_prometheus_clients_own_counter_and_histogram() -> None:
+    """
+    The request counts and durations, counted without prometheus_client's
+    Counter and Histogram, are exported sample for sample as those would
+    export them (a duration on a bucket's bound in that bucket, a negative
+    one as zero), in both exposition formats, _created samples included.
+    """
+    reference = CollectorRegistry()
+    counter = Counter(
+        "rendezvous_http_requests",
+        "HTTP requests answered, by method and status.",
+        ["method", "status"],
+        registry=reference,
+    )
+    histogram = Histogram(
+        "rendezvous_http_request_duration_seconds",
+        "Time from a request's headers to its answer (long-polls included).",
+        buckets=DURATION_BUCKETS,
+        registry=reference,
+    )
+    metrics = Metrics()
+    answered = [
+        (b"GET", 200, 0.0004),
+        (b"GET", 200, 0.005),
+        (b"PUT", 412, 0.0050001),
+        (b"BREW", 405, 60.0),
+        (b"DELETE", 404, 61.5),
+        (b"GET", 304, -0.25),
+        (b"GET", 200, 20.0),
+    ]
+    for method, status, seconds in answered:
+        metrics.request_done(method, status, seconds)
+        name = method.decode()
+        counter.labels(name if name != "BREW" else "other", str(status)).inc()
+        histogram.observe(max(0.0, seconds))
+
+    def ours(text: str) -> list[str]:
+        # The two families' lines, each _created value replaced by its name.
+        kept = []
+        for line in text.splitlines():
+            if "rendezvous_http_request" in line:
+                kept.append(re.sub(r"(_created(\{[^}]*\})?) \S+$", r"\1 T", line))
+        return kept
+
+    ours_text = _render(metrics)
+    reference_text = generate_latest(reference).decode()
+    assert ours(ours_text) == ours(reference_text)
+    ours_openmetrics = openmetrics(metrics.registry)  # type: ignore[no-untyped-call]
+    reference_openmetrics = openmetrics(reference)  # type: ignore[no-untyped-call]
+    assert ours(ours_openmetrics.decode()) == ours(reference_openmetrics.decode())
+    page = samples(ours_text)
+    assert value(page, "rendezvous_http_request_duration_seconds_bucket", le="0.005") == 3
+    assert value(page, "rendezvous_http_request_duration_seconds_bucket", le="0.001") == 2
+    assert value(page, "rendezvous_http_request_duration_seconds_count") == len(answered)
 
 
 # Log formats.

@@ -11,17 +11,27 @@ counted as they happen.
 
 from __future__ import annotations
 
+import math
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 #: The methods counted by name; anything else is counted as "other", so that
 #: a client cannot mint new time series by inventing methods.
 METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD"))
+#: The same, as a request names them.
+_METHOD_NAMES = {method.encode("ascii"): method for method in METHODS}
 #: Refusal reasons, all exported from the start (at zero).  The last five
 #: are answered on the connection itself, below the resource: past a
 #: connection cap (429 or 503), too slow (408), unparseable (400), an HTTP/2
@@ -68,18 +78,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "rendezvous_http_requests",
-            "HTTP requests answered, by method and status.",
-            ["method", "status"],
-            registry=self.registry,
-        )
-        self._durations = Histogram(
-            "rendezvous_http_request_duration_seconds",
-            "Time from a request's headers to its answer (long-polls included).",
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
+        self._requests = _Requests()
+        self.registry.register(self._requests)
         self._refusals = Counter(
             "rendezvous_refusals",
             "Requests refused by a limit, by reason: too_large (413), full (429 at "
@@ -102,9 +102,7 @@ class Metrics:
         self.registry.register(self._sources)
 
     def request_done(self, method: bytes, status: int, duration_seconds: float) -> None:
-        name = method.decode("ascii", "replace")
-        self._requests.labels(name if name in METHODS else "other", str(status)).inc()
-        self._durations.observe(max(0.0, duration_seconds))
+        self._requests.count(method, status, duration_seconds)
 
     def refused(self, reason: str) -> None:
         self._refusals.labels(reason).inc()
@@ -117,6 +115,60 @@ class Metrics:
         Export each of C{readings}, read at scrape time, in their order.
         """
         self._sources.sources.extend(readings)
+
+
+class _Requests(Collector):
+    """
+    The requests answered, by method and status, and their durations: the
+    two metrics every request adds to, exported sample for sample as
+    prometheus_client's own Counter and Histogram would export them
+    (C{_created} included), but counted in a dict and a list: those
+    classes' label look-up, lock and bucket loop were 4 % of a request's
+    instructions.
+    """
+
+    def __init__(self) -> None:
+        #: (method, status) to its count and when it was first counted.
+        self._counts: dict[tuple[str, int], list[float]] = {}
+        #: Requests per duration bucket, the last one past every bound.
+        self._buckets = [0] * (len(DURATION_BUCKETS) + 1)
+        self._sum = 0.0
+        self._created = time.time()
+
+    def count(self, method: bytes, status: int, duration_seconds: float) -> None:
+        key = (_METHOD_NAMES.get(method, "other"), status)
+        counted = self._counts.get(key)
+        if counted is None:
+            self._counts[key] = [1, time.time()]
+        else:
+            counted[0] += 1
+        duration = duration_seconds if duration_seconds > 0.0 else 0.0
+        # A bucket counts the durations up to and including its bound.
+        self._buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self._sum += duration
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "rendezvous_http_requests",
+            "HTTP requests answered, by method and status.",
+            labels=["method", "status"],
+        )
+        for (method, status), (number, created) in self._counts.items():
+            requests.add_metric([method, str(status)], number, created=created)
+        yield requests
+        durations = HistogramMetricFamily(
+            "rendezvous_http_request_duration_seconds",
+            "Time from a request's headers to its answer (long-polls included).",
+        )
+        below = 0
+        cumulative = []
+        for bound, number in zip((*DURATION_BUCKETS, math.inf), self._buckets, strict=True):
+            below += number
+            # Its "le" as prometheus_client writes it.
+            cumulative.append(("+Inf" if bound == math.inf else repr(float(bound)), float(below)))
+        durations.add_metric([], cumulative, self._sum)
+        durations.add_sample(durations.name + "_created", {}, self._created)
+        yield durations
 
 
 class _Sources(Collector):
