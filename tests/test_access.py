@@ -55,6 +55,31 @@ def test_render_is_what_the_formatter_gives(fields: dict[str, Any]) -> None:
     assert access.render(event) == formatEvent(event)
 
 
+@pytest.mark.parametrize("fields", ACCESS)
+def test_the_event_is_the_one_logger_info_emits(fields: dict[str, Any]) -> None:
+    """
+    emit() builds its event itself: key for key, it is the event Twisted's
+    Logger.info gives for the same format and fields (so this fails should
+    Twisted's events gain, lose or change a key).
+    """
+    ours = emitted(fields)
+    with capturedLogs() as events:
+        before = time.time()
+        Logger(namespace=access.NAMESPACE).info(access.FORMAT, **fields)
+    [twisteds] = events
+    assert set(ours) == set(twisteds)
+    for key, value in twisteds.items():
+        if key == "log_logger":
+            assert type(ours[key]) is type(value)
+            assert ours[key].namespace == value.namespace
+            assert ours[key].source is value.source
+        elif key == "log_time":
+            assert before - 5 <= ours[key] <= value
+        else:
+            assert ours[key] == value, key
+            assert type(ours[key]) is type(value), key
+
+
 def test_render_declines_other_events() -> None:
     """Events of another format, or missing a field, are left to the formatter."""
     event = emitted(ACCESS[0])

@@ -13,7 +13,9 @@ C{twisted.logger}'s formatter was the largest single cost of a request.
 
 from __future__ import annotations
 
-from twisted.logger import LogEvent, Logger
+from time import time
+
+from twisted.logger import LogEvent, Logger, LogLevel
 
 #: The namespace the access events are logged in (and may be filtered on).
 NAMESPACE = "rendezvous_twisted.access"
@@ -37,17 +39,29 @@ def emit(
 ) -> None:
     """
     Log one answered request.  The caller has redacted C{path}.
+
+    The event is the one C{_log.info(FORMAT, ...)} would emit, key for key
+    (tests/test_access.py compares them), handed to the logger's observer
+    as L{Logger.emit} does, but without its check that the level is one of
+    L{LogLevel}'s, which sorts the levels anew for every event.
     """
-    _log.info(
-        # Shaped like the common log format (the date is the event's own).
-        FORMAT,
-        client=client,
-        method=method,
-        path=path,
-        protocol=protocol,
-        status=status,
-        length=length,
-        duration_ms=duration_ms,
+    _log.observer(
+        {
+            "client": client,
+            "method": method,
+            "path": path,
+            "protocol": protocol,
+            "status": status,
+            "length": length,
+            "duration_ms": duration_ms,
+            "log_logger": _log,
+            "log_level": LogLevel.info,
+            "log_namespace": NAMESPACE,
+            "log_source": None,
+            # Shaped like the common log format (the date is the event's own).
+            "log_format": FORMAT,
+            "log_time": time(),
+        }
     )
 
 
