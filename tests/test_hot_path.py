@@ -88,3 +88,49 @@ def test_host_is_parsed_once_per_request(monkeypatch: pytest.MonkeyPatch) -> Non
     read = served.ask(b"GET %s HTTP/1.1\r\nHost: two.test\r\n\r\n" % path)
     assert read.status == 200 and read.body == b"hi"
     assert parsed == [b"one.test", b"two.test"]
+
+
+class CountingTransport(StringTransport):
+    """A transport that counts how often its addresses are asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=PEER, hostAddress=IPv4Address("TCP", "192.0.2.1", 80))
+        self.asked: list[str] = []
+
+    def getPeer(self) -> Any:
+        self.asked.append("peer")
+        return super().getPeer()
+
+    def getHost(self) -> Any:
+        # A TCP transport calls getsockname() and builds an address here.
+        self.asked.append("host")
+        return super().getHost()
+
+
+def test_a_connections_addresses_are_asked_once() -> None:
+    """
+    Every request of a connection has its client and host addresses, and
+    the transport is asked for each once per connection, not per request.
+    """
+    served = Served()
+    transport = CountingTransport()
+    protocol: Any = served.site.buildProtocol(PEER)
+    protocol.makeConnection(transport)
+    asked_at_start = len(transport.asked)
+    requests: list[Any] = []
+    original = served.site.resource.render
+
+    def render(request: Any) -> Any:
+        requests.append(request)
+        return original(request)
+
+    served.site.resource.render = render  # type: ignore[method-assign]
+    for _ in range(3):
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [answer.status for answer in answers(transport.value())] == [405] * 3
+    assert len(requests) == 3
+    for request in requests:
+        assert request.getClientAddress() == PEER
+        assert request.getHost() == IPv4Address("TCP", "192.0.2.1", 80)
+    assert transport.asked.count("host") <= 1
+    assert transport.asked[asked_at_start:].count("peer") <= 1

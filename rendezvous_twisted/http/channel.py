@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, INegotiated, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    INegotiated,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -65,6 +71,8 @@ class RendezvousChannel(HTTPChannel):
         "MAX_LENGTH",
         "_chunks",
         "_deadline",
+        "_host",
+        "_peer",
         "_refusal",
         "_secure",
         "_transport_full",
@@ -97,6 +105,8 @@ class RendezvousChannel(HTTPChannel):
         self._transport_full = False
         self._unread = None
         self._secure: bool | None = None
+        self._peer: IAddress | None = None
+        self._host: IAddress | None = None
         # A slot hides its bases' class default: start from that default.
         self.totalHeadersSize = HTTPChannel.totalHeadersSize
         self.maxHeaders = HTTPChannel.maxHeaders
@@ -110,6 +120,23 @@ class RendezvousChannel(HTTPChannel):
         if secure is None:
             secure = self._secure = bool(super().isSecure())  # type: ignore[no-untyped-call]
         return secure
+
+    def getPeer(self) -> IAddress:
+        # Asked for every request (its client), and answered by the TCP
+        # transport with a new address object each time; the peer is the
+        # connection's for its whole life.
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()  # type: ignore[no-untyped-call]
+        return peer
+
+    def getHost(self) -> IAddress:
+        # Asked for every request (its host), and answered by the TCP
+        # transport with a getsockname() call and a new address object.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()  # type: ignore[no-untyped-call]
+        return host
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would just hang up; say why, like every refusal.
