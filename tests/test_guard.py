@@ -264,6 +264,100 @@ def test_keep_alive_requests_each_get_a_fresh_deadline() -> None:
     assert not transport.disconnecting
 
 
+def test_a_keep_alive_connection_keeps_one_timer_for_its_deadlines() -> None:
+    """
+    The header, body and idle deadlines of a connection share one timer: a
+    hundred requests on one connection, a tenth of a second apart, set a
+    timer a handful of times (about once per shortest timeout), never one
+    per request, and the connection never holds more than one.
+    """
+    harness = Harness(
+        header_timeout_seconds=2,
+        body_timeout_seconds=3,
+        idle_timeout_seconds=5,
+        request_burst=1000,
+    )
+    clock = Clock()
+    set_timers: list[Any] = []
+    original = clock.callLater
+
+    def call_later(delay: float, f: Any, *args: Any, **kwargs: Any) -> Any:
+        call = original(delay, f, *args, **kwargs)
+        set_timers.append(call)
+        return call
+
+    clock.callLater = call_later  # type: ignore[method-assign,assignment]
+    channel, transport = connect(harness, clock)
+
+    def channels_timers() -> list[Any]:
+        calls: Any = clock.getDelayedCalls()
+        return [c for c in calls if getattr(c.func, "__self__", None) is channel]
+
+    for n in range(100):
+        request = b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n"
+        if n % 2:
+            request = b"PUT /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+        channel.dataReceived(request)
+        assert transport.value().startswith((b"HTTP/1.1 204 ", b"HTTP/1.1 404 "))
+        transport.clear()
+        assert len(channels_timers()) <= 1
+        clock.advance(0.1)
+    mine = [c for c in set_timers if getattr(c.func, "__self__", None) is channel]
+    # 10 seconds in all, the shortest timeout 2: about 5 (before: 250, two
+    # per request and one more per body).
+    assert len(mine) <= 7, len(mine)
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "idle"),
+    [(2.0, 10.0, 15.0), (10.0, 2.0, 15.0), (10.0, 10.0, 3.0), (4.0, 6.0, 5.0), (6.0, 4.0, 5.0)],
+)
+def test_each_deadline_falls_when_it_is_due_whatever_the_others(
+    header: float, body: float, idle: float
+) -> None:
+    """
+    Whichever timeout is the shortest, each deadline closes the connection
+    exactly when it falls due, not a moment before or after: a silent new
+    connection (header deadline or idle timeout), a kept-alive connection
+    after its answer (idle timeout, from its last byte), and a body that
+    never comes (body deadline or idle timeout, from the headers' last
+    byte).  The request deadlines answer 408 first; the idle timeout just
+    closes.
+    """
+    harness = Harness(
+        header_timeout_seconds=header, body_timeout_seconds=body, idle_timeout_seconds=idle
+    )
+
+    def closes_after(seconds: float, clock: Clock, transport: StringTransport) -> None:
+        clock.advance(seconds - 0.001)
+        assert not transport.disconnecting
+        clock.advance(0.001)
+        assert transport.disconnecting
+
+    clock = Clock()
+    _, transport = connect(harness, clock)
+    clock.advance(0.5)
+    closes_after(min(header, idle) - 0.5, clock, transport)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") is (header < idle)
+
+    clock = Clock()
+    channel, transport = connect(harness, clock)
+    clock.advance(1)
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
+    transport.clear()
+    closes_after(idle, clock, transport)
+    assert transport.value() == b""
+
+    clock = Clock()
+    channel, transport = connect(harness, clock)
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\n")
+    clock.advance(1)
+    channel.dataReceived(b"Content-Length: 5\r\n\r\nabc")
+    closes_after(min(body, idle), clock, transport)
+    assert transport.value().startswith(b"HTTP/1.1 408 ") is (body < idle)
+
+
 def test_too_many_headers_is_a_json_400() -> None:
     """
     More header lines than max_headers gets a JSON 400 and a close; max_headers itself is served.

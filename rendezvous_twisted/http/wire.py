@@ -279,7 +279,7 @@ class SiteConnection(SwitchingProtocol):
     def switching(self) -> None:
         # The HTTP/1.1 channel is put away, never to see connectionLost:
         # its deadline would write an HTTP/1.1 408 into HTTP/2.
-        self.http11._disarm()
+        self.http11.stop_deadlines()
 
     def make_h2(self) -> Any:
         refusal, self._refusal = self._refusal, None
