@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from twisted.internet.address import IPv4Address as TCP4Address
@@ -122,6 +122,14 @@ class Client:
     address: IPAddress | None
     key: str
     secure: bool | None = None
+    #: Its address as the logs show it (None when unknown), written once:
+    #: the access log shows it for every request, and an address object
+    #: writes itself anew each time.
+    text: str | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Frozen: set as dataclasses' own __init__ sets fields.
+        object.__setattr__(self, "text", None if self.address is None else str(self.address))
 
 
 class ClientResolver:

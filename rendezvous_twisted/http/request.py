@@ -101,8 +101,8 @@ def client_address(request: IRequest) -> str | None:
     it for logs.
     """
     resolved = request.sender if isinstance(request, RendezvousRequest) else None
-    if resolved is not None and resolved.address is not None:
-        return str(resolved.address)
+    if resolved is not None and resolved.text is not None:
+        return resolved.text
     return peer_host(request.getClientAddress())
 
 
