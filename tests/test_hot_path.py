@@ -94,17 +94,19 @@ class CountingTransport(StringTransport):
     """A transport that counts how often its addresses are asked for."""
 
     def __init__(self) -> None:
-        super().__init__(peerAddress=PEER, hostAddress=IPv4Address("TCP", "192.0.2.1", 80))
+        super().__init__(  # type: ignore[no-untyped-call]
+            peerAddress=PEER, hostAddress=IPv4Address("TCP", "192.0.2.1", 80)
+        )
         self.asked: list[str] = []
 
     def getPeer(self) -> Any:
         self.asked.append("peer")
-        return super().getPeer()
+        return super().getPeer()  # type: ignore[no-untyped-call]
 
     def getHost(self) -> Any:
         # A TCP transport calls getsockname() and builds an address here.
         self.asked.append("host")
-        return super().getHost()
+        return super().getHost()  # type: ignore[no-untyped-call]
 
 
 def test_a_connections_addresses_are_asked_once() -> None:
@@ -124,10 +126,11 @@ def test_a_connections_addresses_are_asked_once() -> None:
         requests.append(request)
         return original(request)
 
-    served.site.resource.render = render  # type: ignore[method-assign]
+    served.site.resource.render = render
     for _ in range(3):
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert [answer.status for answer in answers(transport.value())] == [405] * 3
+    written: bytes = transport.value()  # type: ignore[no-untyped-call]
+    assert [answer.status for answer in answers(written)] == [405] * 3
     assert len(requests) == 3
     for request in requests:
         assert request.getClientAddress() == PEER
